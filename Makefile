@@ -1,0 +1,35 @@
+# Newcomers: `make demo` then `make test`. Everything lives in .venv.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The CPU build of torch: an unpinned `torch` pulls a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: install test demo render-demo bench clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+install: $(PY)  ## create .venv and install the project with its test tools
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e ".[capture,test]"
+
+test: install  ## run the test suite (CPU, offline)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+demo: install  ## LatentMAS on the built-in tiny model, capture + heatmaps into charts/
+	HF_HUB_OFFLINE=1 $(PY) run.py --method latent_mas --model_name tiny-qwen3 --task gsm8k \
+		--max_samples 2 --device cpu --show_heatmaps --show_heatmaps_singlelayer
+	@echo "charts written to $(CURDIR)/charts/"
+
+bench:  ## CPU benchmarks (render speed, capture overhead)
+	$(PY) bench/render_speed.py
+	$(PY) bench/capture_overhead.py
+
+clean:  ## remove run outputs (keeps .venv)
+	rm -rf runs captures charts/*.png charts/*.svg charts/*.pdf

@@ -1,0 +1,180 @@
+"""Capture: watch LatentMAS hand-offs and stream their similarity matrices into a capture file.
+
+The matrices are computed on the device when a hand-off happens (no host sync);
+they reach the host once per batch, when the batch's results are written.
+Capture never draws.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shlex
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import latentmas
+from latentmas.shared_cache import LATENT
+
+from .format import LATENT_TOKEN, CaptureWriter, Handoff, ProblemRecord, Segment, handoff_name
+from .similarity import layer_similarities
+
+DEFAULT_TRANSITIONS = ("planner_to_critic", "critic_to_refiner", "refiner_to_judger")
+
+
+@dataclass
+class _Pending:
+    """A hand-off seen during the current batch, still on the device.
+
+    similarities: [batch, num_layers, T]; the rest [batch, T].
+    """
+
+    from_agent: str
+    to_agent: str
+    similarities: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    token_ids: torch.Tensor
+    segment_ids: torch.Tensor
+    segments: list
+
+
+def run_attributes(cfg, lm) -> dict:
+    """Self-description stored with every capture."""
+    device = lm.device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    knn = cfg.knn_settings() or {}
+    return {
+        "package_version": latentmas.__version__,
+        "command": shlex.join(sys.argv),
+        "model_name": cfg.model_name,
+        "random_weights": cfg.random_weights,
+        "num_layers": lm.num_layers,
+        "num_attention_heads": lm.num_heads,
+        "num_key_value_heads": lm.num_kv_heads,
+        "head_dim": lm.head_dim,
+        "hidden_size": lm.hidden_size,
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "device": device_name,
+        "method": cfg.method,
+        "task": cfg.task,
+        "prompt": cfg.prompt,
+        "latent_steps": cfg.latent_steps,
+        "latent_space_realign": cfg.latent_space_realign,
+        "knn_filter": cfg.knn_filter,
+        "knn_percentage": knn.get("percentage", 0.0),
+        "knn_min_keep": knn.get("min_keep", 0),
+        "knn_strategy": knn.get("strategy", ""),
+        "similarity": cfg.similarity,
+        "seed": cfg.seed,
+        "generate_bs": cfg.generate_bs,
+        "started_at": now(),
+    }
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def parse_transitions(spec: str | None) -> tuple[str, ...] | None:
+    """'planner_to_critic,critic_to_refiner' -> names; 'all' -> None (every hand-off); None -> the default three."""
+    if spec is None or spec == "":
+        return DEFAULT_TRANSITIONS
+    if spec == "all":
+        return None
+    names = tuple(s.strip() for s in spec.split(",") if s.strip())
+    from latentmas.prompts import AGENTS
+
+    known = {handoff_name(a, b) for a, b in zip(AGENTS, AGENTS[1:])}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown transition {unknown[0]!r}; choose from {', '.join(sorted(known))} or all")
+    return names
+
+
+class CaptureRecorder:
+    """A `HandoffObserver` that writes each finished batch to a `CaptureWriter`."""
+
+    def __init__(self, writer: CaptureWriter, lm, similarity: str = "seed", transitions=DEFAULT_TRANSITIONS):
+        self.writer = writer
+        self.lm = lm
+        self.similarity = similarity
+        self.transitions = transitions
+        self._pending: list[_Pending] = []
+        self._token_text: dict[int, str] = {}
+
+    @classmethod
+    def open(cls, path, cfg, lm, transitions=DEFAULT_TRANSITIONS, overwrite=False, dtype="float16"):
+        identity = dict(cfg.identity(), transitions=list(transitions) if transitions else "all", capture_dtype=dtype)
+        writer = CaptureWriter.open(path, run_attributes(cfg, lm), identity, lm.num_layers, dtype, overwrite)
+        return cls(writer, lm, cfg.similarity, transitions)
+
+    @property
+    def completed_numbers(self) -> set[int]:
+        return self.writer.completed_numbers
+
+    # -- HandoffObserver -------------------------------------------------------------
+    def on_handoff(self, event) -> None:
+        name = handoff_name(event.from_agent, event.to_agent)
+        if self.transitions is not None and name not in self.transitions:
+            return
+        shared = event.shared
+        similarities = layer_similarities(shared.layer_keys(), event.query, self.similarity)
+        self._pending.append(_Pending(
+            event.from_agent, event.to_agent, similarities, shared.mask, shared.positions, shared.token_ids,
+            shared.segment_ids, list(shared.segments)))
+
+    # -- writing -----------------------------------------------------------------------
+    def write_batch(self, results) -> None:
+        """Write each problem of the batch just solved, with the hand-offs seen for it."""
+        pending = [self._to_host(p) for p in self._pending]
+        self._pending = []
+        for row, result in enumerate(results):
+            handoffs = [self._handoff(p, row) for p in pending]
+            self.writer.append(ProblemRecord(
+                number=result.number, question=result.question, gold=result.gold,
+                prediction=result.prediction, correct=result.correct, handoffs=handoffs))
+
+    def _to_host(self, p: _Pending) -> dict:
+        return {
+            "from_agent": p.from_agent, "to_agent": p.to_agent, "segments": p.segments,
+            "similarities": p.similarities.cpu().numpy(), "mask": p.mask.cpu().numpy(),
+            "positions": p.positions.cpu().numpy(), "token_ids": p.token_ids.cpu().numpy(),
+            "segment_ids": p.segment_ids.cpu().numpy(),
+        }
+
+    def _handoff(self, p: dict, row: int) -> Handoff:
+        real = p["mask"][row]
+        segment_ids = p["segment_ids"][row][real]
+        return Handoff(
+            from_agent=p["from_agent"], to_agent=p["to_agent"],
+            layer_similarities=p["similarities"][row][:, real],
+            positions=p["positions"][row][real],
+            tokens=[self._text(int(t)) for t in p["token_ids"][row][real]],
+            segments=_segments(segment_ids, p["segments"]),
+        )
+
+    def _text(self, token_id: int) -> str:
+        if token_id == LATENT:
+            return LATENT_TOKEN
+        if token_id not in self._token_text:
+            self._token_text[token_id] = self.lm.tokenizer.decode([token_id])
+        return self._token_text[token_id]
+
+    def finish(self, summary: dict) -> None:
+        self.writer.finish(now(), summary)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _segments(segment_ids: np.ndarray, keys) -> list[Segment]:
+    """Run-length encode per-column segment ids `[T]` into Segment ranges."""
+    if segment_ids.size == 0:
+        return []
+    starts = np.flatnonzero(np.diff(segment_ids)) + 1
+    bounds = np.concatenate([[0], starts, [segment_ids.size]])
+    return [Segment(keys[segment_ids[a]].agent, keys[segment_ids[a]].kind, int(a), int(b))
+            for a, b in zip(bounds[:-1], bounds[1:])]

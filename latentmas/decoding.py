@@ -1,0 +1,112 @@
+"""Decoding text on a shared cache: temperature / top-p sampling, one generator per problem."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+from .shared_cache import SegmentKey, SharedCache
+
+
+@dataclass
+class Sampling:
+    """temperature <= 0 means greedy. ignore_eos decodes exactly max_new_tokens (benchmarks)."""
+
+    max_new_tokens: int = 2048
+    temperature: float = 0.6
+    top_p: float = 0.95
+    ignore_eos: bool = False
+
+
+def problem_generators(numbers: list[int], seed: int, device: torch.device) -> list[torch.Generator]:
+    """One RNG per problem, seeded by (seed, problem number), so batching never changes a draw."""
+    return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + n) for n in numbers]
+
+
+class Sampler:
+    """Picks next tokens from logits `[batch, vocab]` -> `[batch]`.
+
+    Sampling draws an exponential race (argmax p_i / E_i, E_i ~ Exp(1)), which is
+    an exact draw from p, with each row's noise from that row's own generator.
+    """
+
+    def __init__(self, sampling: Sampling, generators: list[torch.Generator]):
+        self.greedy = sampling.temperature <= 0
+        self.generators = generators
+        self.warpers = [] if self.greedy else [TemperatureLogitsWarper(sampling.temperature)]
+        if not self.greedy and sampling.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(sampling.top_p))
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.greedy:
+            return logits.argmax(dim=-1)
+        for warp in self.warpers:
+            logits = warp(None, logits)
+        probs = logits.softmax(dim=-1)
+        noise = torch.stack([
+            torch.empty(probs.shape[1], device=probs.device).exponential_(generator=g) for g in self.generators
+        ])
+        return (probs / noise).argmax(dim=-1)
+
+
+def eos_ids(lm) -> set[int]:
+    """Every id that ends a turn for this model (tokenizer eos, config eos, `<|im_end|>`)."""
+    ids = set()
+    for value in (lm.tokenizer.eos_token_id, getattr(lm.model.generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    im_end = lm.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != lm.tokenizer.unk_token_id:
+        ids.add(im_end)
+    return ids
+
+
+@torch.no_grad()
+def generate(
+    shared: SharedCache,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    agent: str,
+    sampling: Sampling,
+    generators: list[torch.Generator],
+) -> list[list[int]]:
+    """Prefill a left-padded prompt `[batch, n]` on `shared`, then decode.
+
+    Returns each row's generated ids, cut after its first end-of-turn token.
+    """
+    lm = shared.lm
+    embed = lm.model.get_input_embeddings()
+    sampler = Sampler(sampling, generators)
+    stop = torch.tensor(sorted(eos_ids(lm)), device=lm.device)
+    logits = shared.extend(embed(prompt_ids), prompt_mask, prompt_ids, SegmentKey(agent, "prompt"), logits=True)
+    batch = prompt_ids.shape[0]
+    finished = torch.zeros(batch, dtype=torch.bool, device=lm.device)
+    ones = torch.ones(batch, 1, dtype=torch.bool, device=lm.device)
+    steps = []
+    for step in range(sampling.max_new_tokens):
+        token = sampler(logits)
+        steps.append(token)
+        if not sampling.ignore_eos:
+            finished |= torch.isin(token, stop)
+            if step % 8 == 7 and bool(finished.all()):  # one host sync every 8 tokens
+                break
+        if step + 1 < sampling.max_new_tokens:
+            ids = token[:, None]
+            logits = shared.extend(embed(ids), ones, ids, SegmentKey(agent, "output"), logits=True)
+    if not steps:
+        return [[] for _ in range(batch)]
+    generated = torch.stack(steps, dim=1).tolist()
+    stops = set(stop.tolist()) if not sampling.ignore_eos else set()
+    return [_cut_after_stop(row, stops) for row in generated]
+
+
+def _cut_after_stop(ids: list[int], stops: set[int]) -> list[int]:
+    for i, token in enumerate(ids):
+        if token in stops:
+            return ids[: i + 1]
+    return ids

@@ -1,0 +1,144 @@
+"""The KV cache that agents share, with the bookkeeping capture and kNN need.
+
+Every column of the cache (one cached token) carries, per batch element:
+whether it is real or padding, its original position (RoPE position; kNN
+filtering removes columns but never renumbers the rest), the token id it came
+from (`LATENT` for latent steps), and the segment it belongs to (which agent's
+prompt or latent steps). Batches are left-padded; padding columns are masked
+out of attention, so each problem's real columns do not depend on its batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from .models import LoadedModel
+
+LATENT = -1  # token id of a latent step's column
+PAD = -2  # token id of a padding column
+
+
+@dataclass(frozen=True)
+class SegmentKey:
+    """Which agent wrote a column, and how ("prompt" or "latent"; "output" for decoded text)."""
+
+    agent: str
+    kind: str
+
+
+def _cache_kwarg(module: torch.nn.Module) -> str:
+    """transformers renamed `past_key_values` to `cache` during 5.x; use whichever this version takes."""
+    parameters = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+class SharedCache:
+    """A `DynamicCache` plus per-column state, all `[batch, T]`.
+
+    mask:        bool, True for real columns
+    positions:   long, original position of each column (-1 for padding)
+    token_ids:   long, token id, `LATENT` or `PAD`
+    segment_ids: long, index into `segments`
+    """
+
+    def __init__(self, lm: LoadedModel, batch_size: int):
+        self.lm = lm
+        self.cache = DynamicCache(config=lm.model.config)
+        device = lm.device
+        empty = lambda dtype: torch.zeros(batch_size, 0, dtype=dtype, device=device)  # noqa: E731
+        self.mask = empty(torch.bool)
+        self.positions = empty(torch.long)
+        self.token_ids = empty(torch.long)
+        self.segment_ids = empty(torch.long)
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.segments: list[SegmentKey] = []
+        self._decoder = lm.model.base_model
+        self._cache_kwarg = _cache_kwarg(self._decoder)
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def length(self) -> int:
+        """T, the number of columns (padding included)."""
+        return self.mask.shape[1]
+
+    def layer_keys(self) -> list[torch.Tensor]:
+        """Per layer `[batch, kv_heads, T, head_dim]`."""
+        return [layer.keys for layer in self.cache.layers]
+
+    def _segment_index(self, segment: SegmentKey) -> int:
+        if segment not in self.segments:
+            self.segments.append(segment)
+        return self.segments.index(segment)
+
+    @torch.no_grad()
+    def extend(
+        self,
+        inputs_embeds: torch.Tensor,
+        mask: torch.Tensor,
+        token_ids: torch.Tensor,
+        segment: SegmentKey,
+        logits: bool = False,
+    ) -> torch.Tensor:
+        """Run the model on new columns and append them to the cache.
+
+        inputs_embeds: [batch, n, hidden]; mask: [batch, n] bool (left padding);
+        token_ids: [batch, n] (`LATENT` for latent steps).
+        Returns the last column's final hidden state `[batch, hidden]` (after the
+        final norm), or its next-token logits `[batch, vocab]` when `logits=True`.
+        The last column must be real for every batch element.
+        """
+        mask = mask.to(torch.bool)
+        positions = self.next_position[:, None] + mask.long().cumsum(dim=1) - 1
+        positions = positions.masked_fill(~mask, 0)
+        full_mask = torch.cat([self.mask, mask], dim=1)
+        kwargs = {
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": full_mask.long(),
+            "position_ids": positions,
+            self._cache_kwarg: self.cache,
+            "use_cache": True,
+        }
+        if logits:
+            out = self.lm.model(**kwargs, logits_to_keep=1)
+            result = out.logits[:, -1, :]
+        else:
+            out = self._decoder(**kwargs)
+            result = out.last_hidden_state[:, -1, :]
+        self.mask = full_mask
+        self.positions = torch.cat([self.positions, positions.masked_fill(~mask, -1)], dim=1)
+        self.token_ids = torch.cat([self.token_ids, token_ids.masked_fill(~mask, PAD)], dim=1)
+        index = self._segment_index(segment)
+        self.segment_ids = torch.cat([self.segment_ids, torch.full_like(token_ids, index)], dim=1)
+        self.next_position = self.next_position + mask.long().sum(dim=1)
+        return result
+
+    @torch.no_grad()
+    def keep(self, keep: torch.Tensor) -> None:
+        """Keep only the columns where `keep` [batch, T] is True, in their original order.
+
+        Rows keep different numbers of columns, so each row is packed to the right
+        and left-padded to the longest row; every layer's keys and values follow.
+        """
+        keep = keep & self.mask
+        new_length = int(keep.sum(dim=1).max())
+        # A stable sort on the flag moves kept columns to the end, in order.
+        order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, self.length - new_length:]
+        for layer in self.cache.layers:
+            index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            layer.keys = layer.keys.gather(2, index)
+            layer.values = layer.values.gather(2, index)
+        self.mask = keep.gather(1, order)
+        self.positions = self.positions.gather(1, order).masked_fill(~self.mask, -1)
+        self.token_ids = self.token_ids.gather(1, order).masked_fill(~self.mask, PAD)
+        self.segment_ids = self.segment_ids.gather(1, order)
+
+    def real_columns(self, row: int) -> torch.Tensor:
+        """Indices of the real columns of one batch element, `[T_row]`."""
+        return self.mask[row].nonzero().squeeze(1)
