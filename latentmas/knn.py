@@ -43,16 +43,22 @@ class KnnFilter:
         from_newest = mask.flip(1).long().cumsum(1).flip(1)
         recent = mask & (from_newest <= recent_count[:, None])
         older = mask & ~recent
-        key = self._key(scores.float(), generators).masked_fill(~older, -math.inf)
+        key = self._key(scores.float(), mask, generators).masked_fill(~older, -math.inf)
         rank = key.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
         chosen = older & (rank < (k - recent_count)[:, None])
         return recent | chosen
 
-    def _key(self, scores: torch.Tensor, generators) -> torch.Tensor:
+    def _key(self, scores: torch.Tensor, mask: torch.Tensor, generators) -> torch.Tensor:
+        """Higher key = kept first. Random keys are drawn for a row's real columns only,
+        so neither the draw nor the generator's state depends on the batch's padding."""
         if self.strategy == "top":
             return scores
         if self.strategy == "bottom":
             return -scores
         if generators is None or len(generators) != scores.shape[0]:
             raise ValueError("knn strategy 'random' needs one generator per batch row")
-        return torch.stack([torch.rand(scores.shape[1], generator=g, device=scores.device) for g in generators])
+        key = torch.zeros_like(scores)
+        for row, generator in enumerate(generators):
+            real = mask[row]
+            key[row, real] = torch.rand(int(real.sum()), generator=generator, device=scores.device)
+        return key

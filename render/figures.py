@@ -93,67 +93,56 @@ def _gap_note(gaps: L.Gaps) -> str:
     if not len(gaps):
         return ""
     runs = "run" if len(gaps) == 1 else "runs"
-    return f"kNN removed {gaps.removed} positions in {len(gaps)} {runs} (▼ under the map)"
+    return f"kNN removed {gaps.removed} positions in {len(gaps)} {runs} (▲ under the map)"
 
 
 # -- shared pieces --------------------------------------------------------------------------
 
-def _draw_band(fig: Figure, rect, segments: Sequence, num_columns: int, plot_w_in: float) -> None:
-    """The coloured segment band above the heatmap, with labels above it."""
-    ax = fig.add_axes(rect)
-    colours = np.empty((1, num_columns, 3))
-    colours[:] = _UNCOVERED
-    for seg in segments:
-        start, stop = max(0, int(seg.start)), min(num_columns, int(seg.stop))
-        if stop > start:
-            colours[0, start:stop] = agent_color(seg.agent, seg.kind)
-    ax.imshow(colours, aspect="auto", interpolation="nearest", extent=(-0.5, num_columns - 0.5, 0, 1))
-    cuts = L.segment_boundaries(segments, num_columns)
-    if cuts:
-        ax.vlines(np.asarray(cuts) - 0.5, 0, 1, colors="white", linewidth=1.0)
-    ax.set_xlim(-0.5, num_columns - 0.5)
-    ax.set_ylim(0, 1)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_linewidth(0.5)
-    to_axes_y = blended_transform_factory(ax.transData, ax.transAxes)
-    row_height = L.LABEL_ROW_IN / L.BAND_IN
-    for label in L.place_segment_labels(segments, num_columns, plot_w_in):
-        ax.text(label.x, 1.15 + label.row * row_height, label.text, transform=to_axes_y,
+def _draw_band(ax, lay: L.Layout, segments: Sequence, num_columns: int) -> None:
+    """The coloured segment band above the heatmap frame, with labels above it.
+
+    Drawn by the heatmap axes outside its frame (x in data units, y in axes fractions).
+    """
+    y0, y1 = lay.band
+    over = blended_transform_factory(ax.transData, ax.transAxes)
+    bars = [(s.start - 0.5, s.stop - s.start) for s in segments if s.stop > s.start]
+    colours = [agent_color(s.agent, s.kind) for s in segments if s.stop > s.start]
+    ax.broken_barh([(-0.5, num_columns)], (y0, y1 - y0), transform=over, clip_on=False,
+                   facecolors=[_UNCOVERED], edgecolors="0.3", linewidth=0.5)
+    ax.broken_barh(bars, (y0, y1 - y0), transform=over, clip_on=False, facecolors=colours,
+                   edgecolors="white", linewidth=0.8)
+    for label in L.place_segment_labels(segments, num_columns, lay.plot_width_in):
+        ax.text(label.x, y1 + 0.25 * lay.label_row + label.row * lay.label_row, label.text, transform=over,
                 ha="center", va="bottom", fontsize=L.SEGMENT_LABEL_PT, clip_on=False)
-    ax.text(-0.006, 0.5, "segments", transform=ax.transAxes, ha="right", va="center", fontsize=7, color="0.3")
+    ax.text(-0.006, (y0 + y1) / 2, "segments", transform=ax.transAxes, ha="right", va="center", fontsize=7,
+            color="0.3", clip_on=False)
 
 
-def _draw_rug(fig: Figure, rect, gaps: L.Gaps, num_columns: int):
-    """Tick marks under the heatmap where kNN filtering removed cache positions."""
-    ax = fig.add_axes(rect)
-    ax.plot(gaps.columns - 0.5, np.full(len(gaps), 0.55), linestyle="none", marker="v", markersize=5,
-            color="black")
-    ax.set_xlim(-0.5, num_columns - 0.5)
-    ax.set_ylim(0, 1)
-    ax.set_yticks([])
-    for side in ("top", "left", "right"):
-        ax.spines[side].set_visible(False)
-    ax.text(-0.006, 0.5, "kNN gaps", transform=ax.transAxes, ha="right", va="center", fontsize=7, color="0.3")
-    return ax
+def _draw_rug(ax, lay: L.Layout, gaps: L.Gaps) -> None:
+    """Marks just under the heatmap frame where kNN filtering removed cache positions."""
+    under = blended_transform_factory(ax.transData, ax.transAxes)
+    ax.plot(gaps.columns - 0.5, np.full(len(gaps), lay.rug), transform=under, clip_on=False, linestyle="none",
+            marker="^", markersize=5, color="black")
+    ax.text(-0.006, lay.rug, "kNN gaps", transform=ax.transAxes, ha="right", va="center", fontsize=7,
+            color="0.3", clip_on=False)
 
 
-def _x_axis(ax, num_columns: int, plot_w_in: float, tokens: Sequence[str] | None, token_labels: bool) -> None:
-    """Ticks and label of the bottom x axis: column numbers, or the token strings when they fit."""
+def _x_axis(ax, lay: L.Layout, num_columns: int, tokens: Sequence[str] | None, token_labels: bool) -> None:
+    """Ticks and label of the x axis: column numbers, or the token strings when they fit."""
+    ax.tick_params(axis="x", pad=lay.tick_pad_pt)
     if token_labels and tokens is not None:
         ax.set_xticks(np.arange(num_columns))
         ax.set_xticklabels([L.format_token(t) for t in tokens], rotation=90, fontsize=L.TOKEN_LABEL_PT)
         ax.set_xlabel("KV cache token (column; tick labels are the cached tokens)", fontsize=9)
     else:
-        ax.set_xticks(L.column_ticks(num_columns, plot_w_in))
+        ax.set_xticks(L.column_ticks(num_columns, lay.plot_width_in))
         ax.tick_params(axis="x", labelsize=L.TICK_PT)
         ax.set_xlabel(f"KV cache token (column 0 … {num_columns - 1})", fontsize=9)
 
 
 def _heatmap_axes(fig: Figure, lay: L.Layout, data: np.ndarray, cmap_name: str, vmin: float, vmax: float,
                   segments: Sequence, gaps: L.Gaps, tokens, token_labels: bool):
-    """Heatmap, segment band, boundaries, gap rug and x axis; returns (heat axes, image)."""
+    """Heatmap, segment band, boundaries, gap marks and x axis; returns (heat axes, image)."""
     rows, num_columns = data.shape
     ax = fig.add_axes(lay.heat)
     extra = {"interpolation_stage": "rgba"} if lay.interpolation == "antialiased" else {}
@@ -165,12 +154,10 @@ def _heatmap_axes(fig: Figure, lay: L.Layout, data: np.ndarray, cmap_name: str, 
     if cuts:
         ax.vlines(np.asarray(cuts) - 0.5, -0.5, rows - 0.5, colors="black", linewidth=0.7, alpha=0.6)
     if lay.band is not None:
-        _draw_band(fig, lay.band, segments, num_columns, lay.plot_width_in)
-    bottom_ax = ax
+        _draw_band(ax, lay, segments, num_columns)
     if lay.rug is not None:
-        ax.tick_params(axis="x", labelbottom=False)
-        bottom_ax = _draw_rug(fig, lay.rug, gaps, num_columns)
-    _x_axis(bottom_ax, num_columns, lay.plot_width_in, tokens, lay.token_labels and token_labels)
+        _draw_rug(ax, lay, gaps)
+    _x_axis(ax, lay, num_columns, tokens, lay.token_labels and token_labels)
     return ax, image
 
 
@@ -249,6 +236,7 @@ def multi_layer_heatmap(
     ax.set_ylabel("layer (0 = first, at the bottom)", fontsize=9)
     cax = fig.add_axes(lay.cbar)
     bar = fig.colorbar(image, cax=cax)
+    bar.set_ticks(np.linspace(scale.vmin, scale.vmax, 5))
     bar.set_label(f"{scale.label} [{scale.vmin:g}, {scale.vmax:g}]", fontsize=9)
     bar.ax.tick_params(labelsize=L.TICK_PT)
     _title(fig, lay, lines)
@@ -321,5 +309,5 @@ def save_figure(fig: Figure, path, fmt: str = "png", dpi: float | None = None) -
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Gg]lyph.*missing.*")
         warnings.filterwarnings("ignore", message=".*missing from font.*")
-        kwargs = {"pil_kwargs": {"compress_level": 4}} if fmt == "png" else {}
+        kwargs = {"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}
         fig.savefig(path, format=fmt, dpi=dpi or fig.dpi, **kwargs)

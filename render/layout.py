@@ -80,9 +80,11 @@ class Layout:
     width_in: float
     height_in: float
     heat: tuple[float, float, float, float]
-    band: tuple[float, float, float, float] | None
-    rug: tuple[float, float, float, float] | None
+    band: tuple[float, float] | None    # (y0, y1) of the segment band, in heatmap-axes fractions (> 1)
+    rug: float | None                   # y of the kNN gap marks, in heatmap-axes fractions (< 0)
     cbar: tuple[float, float, float, float]
+    label_row: float                    # height of one segment-label row, in heatmap-axes fractions
+    tick_pad_pt: float                  # x tick label padding (room for the rug)
     title_y: float                      # figure fraction of the top of the title
     plot_width_in: float
     interpolation: str                  # 'nearest' or 'antialiased'
@@ -117,9 +119,10 @@ def heatmap_layout(num_layers: int, num_columns: int, dpi: float, *, title_lines
                    strip: bool = False) -> Layout:
     """Geometry of a multi-layer heatmap (strip=False) or a single-layer strip (strip=True).
 
-    Top to bottom: title, segment labels, segment band, heatmap, kNN gap rug, x ticks
+    Top to bottom: title, segment labels, segment band, heatmap, kNN gap marks, x ticks
     (or token labels), x label, and for a strip a horizontal colour bar. The colour bar of
-    a multi-layer heatmap stands at its right.
+    a multi-layer heatmap stands at its right. Band, labels and gap marks are drawn by the
+    heatmap axes itself outside its frame (one axes is much faster than three).
     """
     labels_fit = token_labels and 0 < num_columns <= max_labelled_tokens()
     plot_w = plot_width_in(num_columns, labels_fit)
@@ -146,8 +149,9 @@ def heatmap_layout(num_layers: int, num_columns: int, dpi: float, *, title_lines
 
     heat_bottom = bottom
     heat = rect(LEFT_IN, heat_bottom, plot_w, plot_h)
-    band = rect(LEFT_IN, heat_bottom + plot_h + 0.02, plot_w, BAND_IN) if has_segments else None
-    rug = rect(LEFT_IN, heat_bottom - RUG_IN, plot_w, RUG_IN) if has_gaps else None
+    band_y0 = 1 + 0.03 / plot_h
+    band = (band_y0, band_y0 + BAND_IN / plot_h) if has_segments else None
+    rug = -(RUG_IN / 2 + 0.01) / plot_h if has_gaps else None
     if strip:
         cbar_w = min(3.0, plot_w)
         cbar = rect(LEFT_IN + plot_w - cbar_w, 0.28, cbar_w, 0.11)
@@ -157,6 +161,7 @@ def heatmap_layout(num_layers: int, num_columns: int, dpi: float, *, title_lines
     rows = 1 if strip else num_layers
     return Layout(
         width_in=width, height_in=height, heat=heat, band=band, rug=rug, cbar=cbar, title_y=title_y,
+        label_row=LABEL_ROW_IN / plot_h, tick_pad_pt=3.5 + (RUG_IN * 72 if has_gaps else 0),
         plot_width_in=plot_w, interpolation=_interpolation(num_columns, rows, plot_w, plot_h, dpi),
         token_labels=labels_fit,
     )
@@ -178,10 +183,10 @@ def nice_step(span: int, max_ticks: int) -> int:
 
 
 def column_ticks(num_columns: int, plot_w_in: float) -> np.ndarray:
-    """Column indices to label on the x axis: about one every 0.7 in, on a 1-2-5 grid."""
+    """Column indices to label on the x axis: at most one every 1.1 in, on a 1-2-5 grid."""
     if num_columns <= 0:
         return np.zeros(0, dtype=int)
-    max_ticks = max(2, min(30, int(plot_w_in / 0.7)))
+    max_ticks = max(2, min(20, int(plot_w_in / 1.1)))
     step = nice_step(num_columns, max_ticks)
     return np.arange(0, num_columns, step)
 
@@ -190,7 +195,7 @@ def layer_ticks(num_layers: int, plot_h_in: float) -> np.ndarray:
     """Layer indices to label on the y axis: every layer when they fit, always 0 and usually L-1."""
     if num_layers <= 0:
         return np.zeros(0, dtype=int)
-    max_ticks = max(2, int(plot_h_in / 0.17))
+    max_ticks = max(2, int(plot_h_in / 0.3))
     step = nice_step(num_layers, max_ticks) if num_layers > max_ticks else 1
     ticks = list(range(0, num_layers, step))
     last = num_layers - 1

@@ -177,7 +177,8 @@ def test_choice_comparison_is_case_insensitive() -> None:
 
 def test_gpqa_shuffle_is_deterministic_and_varied() -> None:
     task = get_task("gpqa")
-    record = {"Question": "Pick", "Correct Answer": "right", "Incorrect Answer 1": "w1", "Incorrect Answer 2": "w2", "Incorrect Answer 3": "w3"}
+    record = {"Question": "Pick", "Correct Answer": "right"}
+    record.update({f"Incorrect Answer {i}": f"w{i}" for i in (1, 2, 3)})
     golds = set()
     for index in range(20):
         question, gold = task.parse_record(record, index=index, seed=0)
@@ -202,14 +203,16 @@ def test_medqa_latentmas_shape() -> None:
     """The LatentMAS copy repeats the options inside `question` and gives the answer as text."""
     options = ["A. Hemolytic uremic syndrome", "B. Oral ulcers", "C. Colorectal cancer", "D. Pancreatic cancer"]
     block = "\n".join(options)
-    record = {"idx": 0, "question": f"Stem text?\n{block}\n\n{block}", "options": options, "answer": "Colorectal cancer"}
+    question = f"Stem text?\n{block}\n\n{block}"
+    record = {"idx": 0, "question": question, "options": options, "answer": "Colorectal cancer"}
     question, gold = get_task("medqa").parse_record(record)
     assert gold == "C"
     assert question == "Stem text?\n" + block
 
 
 def test_medqa_hub_shape() -> None:
-    record = {"question": "Q?", "options": {"A": "one", "B": "two", "C": "three", "D": "four"}, "answer": "four", "answer_idx": "D"}
+    options = {"A": "one", "B": "two", "C": "three", "D": "four"}
+    record = {"question": "Q?", "options": options, "answer": "four", "answer_idx": "D"}
     assert get_task("medqa").parse_record(record) == ("Q?\nA. one\nB. two\nC. three\nD. four", "D")
     with pytest.raises(ValueError):
         get_task("medqa").parse_record({"question": "Q?", "options": ["x", "y"], "answer": "z"})
@@ -218,7 +221,8 @@ def test_medqa_hub_shape() -> None:
 def test_arc_shapes_agree() -> None:
     task = get_task("arc_easy")
     hf = {"question": "Q?", "choices": {"text": ["a", "b", "c"], "label": ["1", "2", "3"]}, "answerKey": "3"}
-    original = {"question": {"stem": "Q?", "choices": [{"label": "A", "text": "a"}, {"label": "B", "text": "b"}, {"label": "C", "text": "c"}]}, "answerKey": "C"}
+    choices = [{"label": label, "text": text} for label, text in zip("ABC", "abc")]
+    original = {"question": {"stem": "Q?", "choices": choices}, "answerKey": "C"}
     assert task.parse_record(hf) == task.parse_record(original) == ("Q?\nA. a\nB. b\nC. c", "C")
     with pytest.raises(KeyError):
         task.parse_record({"question": "Q?", "choices": hf["choices"]})
@@ -231,7 +235,8 @@ def test_arc_shapes_agree() -> None:
 def test_bundled_file_loads_and_golds_score(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     problems = load_problems(name)
     notice = capsys.readouterr().err.strip()
-    assert notice == f"notice: hub unavailable (HF_HUB_OFFLINE=1); using {len(problems)} bundled {name} problems from data/{name}.jsonl"
+    using = f"using {len(problems)} bundled {name} problems from data/{name}.jsonl"
+    assert notice == f"notice: hub unavailable (HF_HUB_OFFLINE=1); {using}"
     assert len(problems) >= 6
     assert [p.number for p in problems] == list(range(1, len(problems) + 1))
     task = get_task(name)
@@ -281,7 +286,8 @@ def test_json_list_and_wrapped_list_match_jsonl(tmp_path: Path) -> None:
         loaded = load_problems("gsm8k", str(tmp_path / name))
         assert [(p.number, p.question, p.gold) for p in loaded] == [(p.number, p.question, p.gold) for p in jsonl]
     # pretty-printed JSON records are located by the line they start on
-    assert [p.source for p in load_problems("gsm8k", str(tmp_path / "b.json"))] == [f"{tmp_path / 'b.json'}:2", f"{tmp_path / 'b.json'}:6"]
+    sources = [p.source for p in load_problems("gsm8k", str(tmp_path / "b.json"))]
+    assert sources == [f"{tmp_path / 'b.json'}:2", f"{tmp_path / 'b.json'}:6"]
 
 
 def test_shared_medqa_copy_if_present() -> None:
@@ -393,7 +399,7 @@ def fake_datasets(monkeypatch: pytest.MonkeyPatch, rows: list[dict] | Exception)
     monkeypatch.setitem(sys.modules, "datasets", module)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=2.0: True)
+    monkeypatch.setattr(loading, "_hub_reachable", lambda dataset_id, timeout=2.0: True)
     return calls
 
 
@@ -430,7 +436,7 @@ def test_hub_failure_falls_back(monkeypatch: pytest.MonkeyPatch, capsys: pytest.
 
 def test_unreachable_hub_skips_datasets(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     calls = fake_datasets(monkeypatch, [GSM_RECORD])
-    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=2.0: False)
+    monkeypatch.setattr(loading, "_hub_reachable", lambda dataset_id, timeout=2.0: False)
     assert load_problems("gsm8k")[0].source.startswith("bundled:")
     assert calls == []
     assert "cannot reach the hub" in capsys.readouterr().err
@@ -444,12 +450,47 @@ def test_offline_switches_skip_the_hub(monkeypatch: pytest.MonkeyPatch, variable
     assert calls == []
 
 
-def test_probe_fails_fast_on_unroutable_host(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_probe_fails_fast_when_nothing_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A listener that accepts but never replies (like a silent proxy) must not hold the loader."""
+    import socket
     import time
 
-    monkeypatch.delenv("HTTPS_PROXY", raising=False)
-    monkeypatch.delenv("https_proxy", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", "https://10.255.255.1:9")  # blackhole address
-    start = time.monotonic()
-    assert loading._hub_reachable(timeout=0.5) is False
-    assert time.monotonic() - start < 2.0
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        start = time.monotonic()
+        assert loading._hub_reachable("openai/gsm8k", timeout=0.5) is False
+        assert time.monotonic() - start < 1.5
+    finally:
+        server.close()
+
+
+def test_probe_accepts_any_http_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    import http.server
+    import threading
+
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:  # noqa: N802 - http.server naming
+            seen.append(self.path)
+            self.send_response(401)  # gated datasets answer 401
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        assert loading._hub_reachable("Idavidrein/gpqa", timeout=2.0) is True
+        assert seen == ["/api/datasets/Idavidrein/gpqa"]
+    finally:
+        server.shutdown()
+        server.server_close()

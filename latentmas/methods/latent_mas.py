@@ -52,16 +52,16 @@ def mean_embedding(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (embeds.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
-_LATENT_INPUTS: dict[tuple[int, bool], LatentInput] = {}
+_LATENT_INPUT: list = [None, None, None]  # model, realign, LatentInput of the last call
 
 
 def latent_input_for(lm, realign: bool) -> LatentInput:
     """The realignment is solved once per model and reused across batches."""
-    key = (id(lm.model), realign)
-    if key not in _LATENT_INPUTS:
-        _LATENT_INPUTS.clear()
-        _LATENT_INPUTS[key] = LatentInput(lm, realign)
-    return _LATENT_INPUTS[key]
+    model, cached_realign, latent_input = _LATENT_INPUT
+    if model is not lm.model or cached_realign != realign:
+        latent_input = LatentInput(lm, realign)
+        _LATENT_INPUT[:] = [lm.model, realign, latent_input]
+    return latent_input
 
 
 def knn_filter_of(cfg) -> KnnFilter | None:

@@ -100,7 +100,14 @@ def load_model(
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra).to(device)
     except (OSError, ValueError) as error:
-        hint = "" if Path(path).exists() else " (not a local folder; the hub may be unreachable: set HF_HUB_OFFLINE=1 to fail fast)"
+        if Path(path).exists():
+            hint = ""
+        elif path.startswith((".", "/", "~")):
+            hint = " (no such local folder)"
+        elif offline():
+            hint = " (not a local folder, and HF_HUB_OFFLINE is set so the hub is not asked)"
+        else:
+            hint = " (not a local folder, and the hub did not provide it: set HF_HUB_OFFLINE=1 to fail fast)"
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"cannot load model {name!r}{hint}: {first_line}") from None
     tokenizer.padding_side = "left"

@@ -2,7 +2,8 @@
 from the small bundled sample files in `<repo>/data/`.
 
 The hub is tried only when the optional `datasets` package is importable, the
-offline switches are off and the hub host answers within about two seconds;
+offline switches are off and the hub answers an HTTP probe within about two
+seconds;
 anything else falls back to the bundled file with a one-line notice on stderr.
 """
 
@@ -11,10 +12,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import sys
 import threading
-import urllib.parse
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -137,29 +138,30 @@ def _datasets_installed() -> bool:
         return False
 
 
-def _hub_reachable(timeout: float = _HUB_PROBE_SECONDS) -> bool:
-    """Whether a TCP connection to the hub (or the HTTPS proxy) opens within `timeout`.
+def _hub_reachable(dataset_id: str, timeout: float = _HUB_PROBE_SECONDS) -> bool:
+    """Whether the hub answers an HTTP HEAD for the dataset within `timeout` seconds.
 
-    Runs in a daemon thread so a slow DNS lookup cannot hold us up either.
+    Any HTTP status counts as an answer (a gated dataset answers 401). The probe
+    runs in a daemon thread so a slow DNS lookup or a silent proxy cannot hold
+    us past the deadline.
     """
-    target = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    url = urllib.parse.urlsplit(target if "//" in target else f"//{target}")
-    if not url.hostname:
-        return False
-    port = url.port or (80 if url.scheme == "http" else 443)
-    opened: list[bool] = []
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    request = urllib.request.Request(f"{endpoint}/api/datasets/{dataset_id}", method="HEAD")
+    answered: list[bool] = []
 
     def probe() -> None:
         try:
-            with socket.create_connection((url.hostname, port), timeout=timeout):
-                opened.append(True)
-        except OSError:
+            urllib.request.urlopen(request, timeout=timeout).close()
+            answered.append(True)
+        except urllib.error.HTTPError:
+            answered.append(True)
+        except Exception:  # noqa: BLE001 - unreachable for any reason
             pass
 
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
     thread.join(timeout)
-    return bool(opened)
+    return bool(answered)
 
 
 def hub_records(task: Task) -> tuple[list[Located] | None, str]:
@@ -171,7 +173,7 @@ def hub_records(task: Task) -> tuple[list[Located] | None, str]:
             return None, f"{name}=1"
     if not _datasets_installed():
         return None, "the 'datasets' package is not installed"
-    if not _hub_reachable():
+    if not _hub_reachable(task.hub.dataset_id):
         return None, "cannot reach the hub"
     hub = task.hub
     try:
@@ -199,7 +201,9 @@ def bundled_file(task: Task) -> tuple[Path, str]:
     return path, display
 
 
-def to_problems(task: Task, records: list[Located], max_samples: int = -1, seed: int = 0, source: str | None = None) -> list[Problem]:
+def to_problems(
+    task: Task, records: list[Located], max_samples: int = -1, seed: int = 0, source: str | None = None
+) -> list[Problem]:
     """Parse every record (so bad data is reported even past the cut), then keep the first `max_samples`.
 
     Each problem's source is `source` when given, else the record's location.
@@ -220,7 +224,9 @@ def to_problems(task: Task, records: list[Located], max_samples: int = -1, seed:
     return [Problem(number, question, gold, origin) for number, (question, gold, origin) in enumerate(parsed, start=1)]
 
 
-def load_problems(task: Task | str, data_file: str | None = None, max_samples: int = -1, seed: int = 0) -> list[Problem]:
+def load_problems(
+    task: Task | str, data_file: str | None = None, max_samples: int = -1, seed: int = 0
+) -> list[Problem]:
     """Problems of `task` from `data_file`, else the hub, else the bundled sample file.
 
     `max_samples=-1` keeps all; otherwise the first N. `seed` only affects
@@ -234,5 +240,6 @@ def load_problems(task: Task | str, data_file: str | None = None, max_samples: i
         return to_problems(task, records, max_samples, seed, source=f"hub:{task.hub.dataset_id}")
     path, display = bundled_file(task)
     problems = to_problems(task, read_records(path, display), max_samples, seed, source=f"bundled:{display}")
-    print(f"notice: hub unavailable ({reason}); using {len(problems)} bundled {task.name} problems from {display}", file=sys.stderr)
+    count = f"{len(problems)} bundled {task.name} problems"
+    print(f"notice: hub unavailable ({reason}); using {count} from {display}", file=sys.stderr)
     return problems

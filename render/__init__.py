@@ -1,0 +1,46 @@
+"""Render stage: capture files -> heatmap figures, on CPU, without torch or transformers.
+
+Importing `render` is cheap: the public names below load their module (and matplotlib)
+on first use.
+
+    render_capture(path, out_dir="charts", ...) -> list[Path]   # every figure of a capture
+    multi_layer_heatmap(layer_similarities, ...) -> Figure       # [num_layers, T] -> heatmap
+    single_layer_strip(layer_similarities, ...) -> Figure        # middle layer, min-max normalised
+    render_command, info_command                                 # click commands 'render' and 'info'
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "render_capture": "batch",
+    "RenderError": "batch",
+    "RenderOptions": "batch",
+    "figure_filename": "batch",
+    "parse_problem_spec": "batch",
+    "parse_transitions": "batch",
+    "multi_layer_heatmap": "figures",
+    "single_layer_strip": "figures",
+    "empty_figure": "figures",
+    "normalise_row": "figures",
+    "save_figure": "figures",
+    "scale_for": "colormaps",
+    "render_command": "cli",
+    "info_command": "cli",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'render' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,454 @@
+"""Render every figure of a capture file: planning, file names, parallel workers, progress.
+
+The unit of work is one problem (its selected hand-offs, each drawn as a multi-layer
+heatmap and/or a single-layer strip). Each worker process opens the capture itself, so
+only small, picklable task descriptions cross process boundaries; workers are started
+with the 'spawn' method (safe with h5py, and the same on every OS).
+"""
+
+from __future__ import annotations
+
+import difflib
+import multiprocessing
+import os
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+
+from capture.format import CaptureError, CaptureReader, Handoff
+
+from .colormaps import DEFAULT_MODE, DEFAULT_SINGLE_CMAP, UnknownColormap, check_cmap
+from .figures import DEFAULT_DPI, multi_layer_heatmap, pretty_handoff, save_figure, single_layer_strip
+from .layout import max_labelled_tokens
+
+KINDS = ("multi", "single")
+FORMATS = ("png", "svg", "pdf")
+
+
+class RenderError(CaptureError):
+    """A render that cannot go on, or figures that failed; the message is one line.
+
+    written: the figures that were written before (or despite) the error.
+    """
+
+    def __init__(self, message: str, written: Sequence[Path] = ()):
+        super().__init__(message)
+        self.written = list(written)
+
+
+# -- parsing -----------------------------------------------------------------------------
+
+def parse_problem_spec(spec: str | Iterable[int] | None) -> set[int] | None:
+    """'1-5,9' -> {1, 2, 3, 4, 5, 9}; None or '' -> None (all problems). Raises ValueError."""
+    if spec is None:
+        return None
+    if not isinstance(spec, str):
+        return {int(n) for n in spec}
+    if not spec.strip():
+        return None
+    numbers: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if not match:
+            raise ValueError(f"bad problem spec {spec!r}: {part!r} is not a number or a range like 1-5")
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) is not None else first
+        if last < first:
+            raise ValueError(f"bad problem spec {spec!r}: range {part!r} runs backwards")
+        if last - first > 10_000_000:
+            raise ValueError(f"bad problem spec {spec!r}: range {part!r} is too large")
+        numbers.update(range(first, last + 1))
+    return numbers
+
+
+def parse_transitions(spec: str | Iterable[str] | None) -> list[str] | None:
+    """'planner_to_critic, critic_to_refiner' -> list of names; None, '' or 'all' -> None (all)."""
+    if spec is None:
+        return None
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
+    names = [n for n in names if n]
+    if not names or names == ["all"]:
+        return None
+    return names
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "unnamed"
+
+
+def figure_filename(kind: str, handoff: str, problem: int, fmt: str = "png", occurrence: int = 1) -> str:
+    """File name of one figure, as in the reference: 'heatmap_planner_to_critic_problem3.png'.
+
+    kind 'single' gives 'heatmap_singlelayer_planner_to_critic_problem3.png'. A hand-off that
+    occurs again in the same problem gets '_2', '_3', ... after the problem number.
+    """
+    prefix = "heatmap_singlelayer_" if kind == "single" else "heatmap_"
+    suffix = f"_{occurrence}" if occurrence > 1 else ""
+    return f"{prefix}{_safe(handoff)}_problem{int(problem)}{suffix}.{fmt}"
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+# -- opening ---------------------------------------------------------------------------
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def superblock_eof(path: Path) -> int | None:
+    """The end-of-file address an HDF5 file's superblock (at offset 0) records, or None if unknown."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(96)
+    except OSError:
+        return None
+    if not head.startswith(_HDF5_SIGNATURE) or len(head) < 16:
+        return None
+    version = head[8]
+    if version in (0, 1):
+        size, base_at = head[13], (24 if version == 0 else 28)
+    elif version in (2, 3):
+        size, base_at = head[9], 12
+    else:
+        return None
+    if size not in (2, 4, 8) or len(head) < base_at + 3 * size:
+        return None
+    base = int.from_bytes(head[base_at:base_at + size], "little")
+    return base + int.from_bytes(head[base_at + 2 * size:base_at + 3 * size], "little")
+
+
+def open_capture(path: str | os.PathLike) -> CaptureReader:
+    """CaptureReader(path), after refusing a truncated file with a one-line CaptureError.
+
+    A truncated file must not reach the reader: its fallback open in SWMR mode skips HDF5's
+    end-of-file check, and reads past the end then retry for minutes. A live writer can lag
+    its superblock for a moment, so a short file is looked at again before it is refused.
+    """
+    path = Path(path)
+    stored = superblock_eof(path) if path.is_file() else None
+    for attempt in range(4):
+        if stored is None:
+            break
+        size = path.stat().st_size
+        if size >= stored:
+            break
+        if attempt == 3:
+            raise CaptureError(f"{path} is truncated ({size:,} of {stored:,} bytes) and cannot be read")
+        time.sleep(0.25)
+        stored = superblock_eof(path)
+    return CaptureReader(path)
+
+
+# -- tasks -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """How figures are drawn and written (picklable, sent to workers)."""
+
+    kinds: tuple[str, ...] = KINDS
+    cmap: str | None = None
+    single_cmap: str = DEFAULT_SINGLE_CMAP
+    vmin: float | None = None
+    vmax: float | None = None
+    dpi: float = DEFAULT_DPI
+    fmt: str = "png"
+    token_labels: bool = False
+
+
+@dataclass(frozen=True)
+class Task:
+    """One problem of one capture: hand-offs (index within the problem, name, occurrence) to draw."""
+
+    capture: Path
+    problem: int
+    handoffs: tuple[tuple[int, str, int], ...]
+    out_dir: Path
+    options: RenderOptions
+    mode: str
+    notes: tuple[str, ...] = ()
+
+    @property
+    def num_figures(self) -> int:
+        return len(self.handoffs) * len(self.options.kinds)
+
+
+@dataclass
+class TaskResult:
+    written: list[Path] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def plan_tasks(reader: CaptureReader, out_dir: Path, options: RenderOptions, problems: set[int] | None = None,
+               transitions: Sequence[str] | None = None) -> tuple[list[Task], list[str]]:
+    """The tasks for the selected problems and hand-offs, and warnings about what was asked but absent."""
+    attrs = reader.attrs
+    mode = str(attrs.get("similarity") or DEFAULT_MODE)
+    model = str(attrs.get("model_name") or "")
+    notes = (f"model: {model}",) if model else ()
+    numbers = reader.problem_numbers
+    warnings: list[str] = []
+    if problems is not None:
+        missing = sorted(problems - set(numbers))
+        if missing:
+            warnings.append(f"{reader.path}: no problem {_ranges(missing)} "
+                            f"(it holds {_ranges(numbers) if numbers else 'no problems yet'})")
+        numbers = [n for n in numbers if n in problems]
+    wanted = set(transitions) if transitions is not None else None
+    seen_names: set[str] = set()
+    tasks = []
+    for number in numbers:
+        names = reader.problem(number).handoff_names
+        seen_names.update(names)
+        counts: dict[str, int] = {}
+        chosen = []
+        for index, name in enumerate(names):
+            counts[name] = counts.get(name, 0) + 1
+            if wanted is None or name in wanted:
+                chosen.append((index, name, counts[name]))
+        if chosen:
+            tasks.append(Task(reader.path, number, tuple(chosen), out_dir, options, mode, notes))
+    if wanted is not None and numbers:
+        absent = sorted(wanted - seen_names)
+        if absent and len(absent) == len(wanted):
+            close = difflib.get_close_matches(absent[0], sorted(seen_names), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise RenderError(f"{reader.path} has no hand-off {', '.join(absent)}{hint} "
+                              f"(it has {', '.join(sorted(seen_names)) or 'none'})")
+        if absent:
+            warnings.append(f"{reader.path}: no hand-off {', '.join(absent)} in the selected problems")
+    return tasks, warnings
+
+
+def _ranges(numbers: Sequence[int]) -> str:
+    numbers = sorted(numbers)
+    if not numbers:
+        return "none"
+    parts, start, prev = [], numbers[0], numbers[0]
+    for n in list(numbers[1:]) + [None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if n is not None:
+            start = prev = n
+    return ", ".join(parts)
+
+
+# -- drawing one hand-off ---------------------------------------------------------------------
+
+def _write(fig, path: Path, options: RenderOptions) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_figure(fig, tmp, options.fmt, options.dpi)
+    os.replace(tmp, path)
+
+
+def build_figure(kind: str, handoff: Handoff, problem: int, options: RenderOptions, mode: str = DEFAULT_MODE,
+                 occurrence: int = 1, notes: Sequence[str] = ()):
+    """The Figure of one kind ('multi' or 'single') for one hand-off, exactly as the batch writes it."""
+    heading = f"{pretty_handoff(handoff.from_agent, handoff.to_agent)} · problem {problem}"
+    if occurrence > 1:
+        heading += f" (#{occurrence})"
+    common = dict(title=heading, segments=handoff.segments, positions=handoff.positions, tokens=handoff.tokens,
+                  mode=mode, dpi=options.dpi, token_labels=options.token_labels, notes=notes)
+    if kind == "multi":
+        return multi_layer_heatmap(handoff.layer_similarities, cmap=options.cmap, vmin=options.vmin,
+                                   vmax=options.vmax, **common)
+    return single_layer_strip(handoff.layer_similarities, cmap=options.single_cmap, **common)
+
+
+def render_handoff(handoff: Handoff, problem: int, out_dir: Path, options: RenderOptions, mode: str = DEFAULT_MODE,
+                   occurrence: int = 1, notes: Sequence[str] = (),
+                   on_figure: Callable[[], None] | None = None) -> TaskResult:
+    """Draw and write the figures of one hand-off (the kinds in `options`)."""
+    result = TaskResult()
+    width = handoff.num_columns
+    if options.token_labels and width > max_labelled_tokens():
+        result.notices.append(f"token labels: T = {width} > {max_labelled_tokens()}")
+    for kind in options.kinds:
+        path = out_dir / figure_filename(kind, handoff.name, problem, options.fmt, occurrence)
+        fig = build_figure(kind, handoff, problem, options, mode, occurrence, notes)
+        _write(fig, path, options)
+        fig.clear()
+        result.written.append(path)
+        if on_figure is not None:
+            on_figure()
+    return result
+
+
+def render_task(task: Task, reader: CaptureReader | None = None,
+                on_figure: Callable[[], None] | None = None) -> TaskResult:
+    """Draw one problem's figures; errors come back as one-line messages, never raised.
+
+    Opens the capture itself unless an open `reader` is given (workers open their own).
+    """
+    result = TaskResult()
+    own = reader is None
+    try:
+        if own:
+            reader = open_capture(task.capture)
+    except CaptureError as error:
+        result.errors.append(str(error))
+        return result
+    try:
+        wanted = {index: (name, occurrence) for index, name, occurrence in task.handoffs}
+        handoffs = reader.handoffs(task.problem)
+        for index in range(max(wanted) + 1):
+            try:
+                handoff = next(handoffs)
+            except StopIteration:
+                break
+            except (OSError, KeyError, ValueError, CaptureError) as error:
+                result.errors.append(f"{task.capture}: problem {task.problem} could not be read ({_one_line(error)})")
+                break
+            if index not in wanted:
+                continue
+            name, occurrence = wanted[index]
+            try:
+                part = render_handoff(handoff, task.problem, task.out_dir, task.options, task.mode, occurrence,
+                                      task.notes, on_figure)
+            except Exception as error:  # one bad figure must not stop the others
+                result.errors.append(f"problem {task.problem} {name}: {type(error).__name__}: {_one_line(error)}")
+                continue
+            result.written += part.written
+            result.notices += part.notices
+    finally:
+        if own:
+            reader.close()
+    return result
+
+
+# -- a whole capture -----------------------------------------------------------------------------
+
+def _stderr(message: str) -> None:
+    from tqdm import tqdm
+    tqdm.write(message, file=sys.stderr)
+
+
+def check_options(kinds: Sequence[str], cmap: str | None, single_cmap: str, vmin: float | None,
+                  vmax: float | None, dpi: float, fmt: str, jobs: int) -> None:
+    """Raise RenderError (one line) for options that cannot work."""
+    bad_kinds = [k for k in kinds if k not in KINDS]
+    if bad_kinds or not kinds:
+        raise RenderError(f"unknown figure kind {', '.join(bad_kinds) or '(none)'}; use {' or '.join(KINDS)}")
+    if fmt not in FORMATS:
+        raise RenderError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    try:
+        for name in (cmap, single_cmap):
+            if name is not None:
+                check_cmap(name)
+    except UnknownColormap as error:
+        raise RenderError(str(error)) from None
+    if vmin is not None and vmax is not None and not vmin < vmax:
+        raise RenderError(f"vmin ({vmin:g}) must be below vmax ({vmax:g})")
+    if not (10 <= dpi <= 600):
+        raise RenderError(f"dpi {dpi:g} is out of range (10 to 600)")
+    if jobs < 0:
+        raise RenderError("jobs must be 0 (all cores) or more")
+
+
+def render_capture(
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike = "charts",
+    kinds: Sequence[str] = KINDS,
+    problems: str | Iterable[int] | None = None,
+    transitions: str | Iterable[str] | None = None,
+    cmap: str | None = None,
+    single_cmap: str = DEFAULT_SINGLE_CMAP,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    dpi: float = DEFAULT_DPI,
+    fmt: str = "png",
+    jobs: int = 1,
+    token_labels: bool = False,
+    progress: bool = True,
+    warn: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Render the figures of one capture file into `out_dir`; returns the paths written.
+
+    kinds: 'multi' (all layers, `cmap` on vmin..vmax, by default RdYlGn on -1..1 for cosine
+           modes and a sequential map on 0..max for attention) and/or 'single' (middle layer,
+           min-max normalised, `single_cmap`).
+    problems: numbers or a spec like '1-5,9' (None: all committed problems).
+    transitions: hand-off names like 'planner_to_critic' (None: all present).
+    jobs: worker processes (1: in this process; 0: one per core).
+    warn: called with one-line warnings (default: printed to stderr).
+
+    Raises CaptureError (unreadable capture) or RenderError (bad options, or some figures
+    failed; `.written` lists those that did not), each with a one-line message.
+    """
+    warn = warn or _stderr
+    kinds = tuple(kinds)
+    check_options(kinds, cmap, single_cmap, vmin, vmax, dpi, fmt, jobs)
+    try:
+        wanted_problems = parse_problem_spec(problems)
+    except ValueError as error:
+        raise RenderError(str(error)) from None
+    options = RenderOptions(kinds, cmap, single_cmap, vmin, vmax, dpi, fmt, token_labels)
+    out_dir = Path(out_dir)
+    with open_capture(path) as reader:
+        try:
+            tasks, warnings = plan_tasks(reader, out_dir, options, wanted_problems, parse_transitions(transitions))
+        except (OSError, KeyError) as error:
+            raise RenderError(f"{path} could not be read ({_one_line(error)})") from None
+        for line in warnings:
+            warn(f"warning: {line}")
+        if not tasks:
+            if not reader.problem_numbers:
+                warn(f"warning: {path} has no committed problems yet; nothing to render")
+                return []
+            raise RenderError(f"nothing to render in {path}: no problem matches --problems "
+                              f"(it holds {_ranges(reader.problem_numbers)})")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise RenderError(f"cannot create output folder {out_dir}: {error.strerror or error}") from None
+        total = sum(t.num_figures for t in tasks)
+        workers = min(jobs or os.cpu_count() or 1, len(tasks))
+        results = _run(tasks, reader if workers <= 1 else None, workers, total, progress, Path(path).name)
+    written = [p for r in results for p in r.written]
+    skipped = [n for r in results for n in r.notices]
+    if skipped:
+        warn(f"note: --token-labels: token strings fit only up to T = {max_labelled_tokens()}; "
+             f"{len(skipped)} hand-offs have more tokens and show column numbers instead")
+    errors = [e for r in results for e in r.errors]
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise RenderError(f"{len(errors)} of {len(tasks)} problems could not be fully rendered: {errors[0]}{more}",
+                          written)
+    return written
+
+
+def _run(tasks: list[Task], reader: CaptureReader | None, workers: int, total: int, progress: bool,
+         label: str) -> list[TaskResult]:
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="fig", desc=label, file=sys.stderr, disable=not progress,
+              dynamic_ncols=True, leave=False) as bar:
+        if workers <= 1:
+            return [render_task(task, reader, on_figure=lambda: bar.update(1)) for task in tasks]
+        results: list[TaskResult | None] = [None] * len(tasks)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            futures = {pool.submit(render_task, task): i for i, task in enumerate(tasks)}
+            try:
+                for future in as_completed(futures):
+                    i = futures[future]
+                    try:
+                        results[i] = future.result()
+                    except Exception as error:  # a worker that died (e.g. killed for memory)
+                        results[i] = TaskResult(errors=[f"problem {tasks[i].problem}: worker failed "
+                                                        f"({type(error).__name__}: {_one_line(error)})"])
+                    bar.update(tasks[i].num_figures)
+            except KeyboardInterrupt:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+        return [r for r in results if r is not None]

@@ -1,0 +1,231 @@
+"""Capture stage: what lands in the HDF5 file, streaming, resume, batches, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from capture.format import LATENT_TOKEN, CaptureError, CaptureReader, CaptureWriter, Handoff, ProblemRecord
+from capture.recorder import CaptureRecorder
+from latentmas.config import RunConfig
+from latentmas.methods import get_method
+from latentmas.methods.common import encode
+from latentmas.prompts import AGENTS, agent_prompt
+from latentmas.tasks import get_task, load_problems
+
+ROOT = Path(__file__).resolve().parents[1]
+TRANSITIONS = ("planner_to_critic", "critic_to_refiner", "refiner_to_judger")
+
+
+def _config(**overrides) -> RunConfig:
+    settings = dict(model_name="tiny-qwen3", device="cpu", max_new_tokens=8, temperature=0.0, latent_steps=4)
+    settings.update(overrides)
+    return RunConfig(**settings)
+
+
+def _capture(lm, path, cfg, problems, batch_size):
+    task = get_task(cfg.task)
+    recorder = CaptureRecorder.open(path, cfg, lm, TRANSITIONS, overwrite=True)
+    solve = get_method("latent_mas")
+    for start in range(0, len(problems), batch_size):
+        batch = problems[start:start + batch_size]
+        recorder.write_batch(solve(lm, batch, task, cfg, observer=recorder))
+    recorder.finish({"done": True})
+    recorder.close()
+
+
+@pytest.fixture(scope="module")
+def gsm8k_problems(offline):
+    return load_problems("gsm8k", max_samples=3)
+
+
+def test_capture_holds_every_handoff_with_cache_context(tiny_lm, gsm8k_problems, tmp_path):
+    cfg = _config()
+    path = tmp_path / "run.h5"
+    _capture(tiny_lm, path, cfg, gsm8k_problems, batch_size=1)
+    task = get_task("gsm8k")
+    with CaptureReader(path) as capture:
+        assert capture.problem_numbers == [1, 2, 3]
+        assert capture.attrs["num_layers"] == tiny_lm.num_layers
+        assert capture.finished_at
+        for problem in gsm8k_problems:
+            handoffs = list(capture.handoffs(problem.number))
+            assert [h.name for h in handoffs] == list(TRANSITIONS)
+            # what each agent wrote into the cache: its prompt, then its latent steps
+            expected_tokens: list[str] = []
+            for agent, handoff in zip(AGENTS, handoffs):
+                prompt = agent_prompt(agent, problem.question, task.answer_instruction)
+                _, ids, _ = encode(tiny_lm, [prompt], think=False)
+                expected_tokens += [tiny_lm.tokenizer.decode([i]) for i in ids[0].tolist()]
+                expected_tokens += [LATENT_TOKEN] * cfg.latent_steps
+                T = len(expected_tokens)
+                assert handoff.layer_similarities.shape == (tiny_lm.num_layers, T)
+                assert np.all(np.abs(handoff.layer_similarities.astype(np.float32)) <= 1.0 + 1e-3)
+                assert handoff.tokens == expected_tokens
+                np.testing.assert_array_equal(handoff.positions, np.arange(T))
+                # segments tile the columns: prompt then latent, agent by agent
+                assert handoff.segments[0].start == 0 and handoff.segments[-1].stop == T
+                assert all(a.stop == b.start for a, b in zip(handoff.segments, handoff.segments[1:]))
+                for seg in handoff.segments:
+                    is_latent = [t == LATENT_TOKEN for t in handoff.tokens[seg.start:seg.stop]]
+                    assert all(is_latent) if seg.kind == "latent" else not any(is_latent)
+                    if seg.kind == "latent":
+                        assert seg.stop - seg.start == cfg.latent_steps
+
+
+def test_matrices_do_not_depend_on_batch_size(tiny_lm, gsm8k_problems, tmp_path):
+    cfg = _config()
+    one, three = tmp_path / "bs1.h5", tmp_path / "bs3.h5"
+    _capture(tiny_lm, one, cfg, gsm8k_problems, batch_size=1)
+    _capture(tiny_lm, three, cfg, gsm8k_problems, batch_size=3)
+    with CaptureReader(one) as a, CaptureReader(three) as b:
+        assert a.problem_numbers == b.problem_numbers == [1, 2, 3]
+        for number in a.problem_numbers:
+            for ha, hb in zip(a.handoffs(number), b.handoffs(number)):
+                assert ha.tokens == hb.tokens
+                np.testing.assert_array_equal(ha.positions, hb.positions)
+                # float16 storage: equal up to one rounding step
+                np.testing.assert_allclose(ha.layer_similarities.astype(np.float32),
+                                           hb.layer_similarities.astype(np.float32), atol=2e-3)
+
+
+def test_knn_positions_leave_gaps(tiny_lm, gsm8k_problems, tmp_path):
+    cfg = _config(knn_filter=True, knn_percentage=0.5, knn_min_keep=3)
+    path = tmp_path / "knn.h5"
+    _capture(tiny_lm, path, cfg, gsm8k_problems[:1], batch_size=1)
+    with CaptureReader(path) as capture:
+        first = capture.handoff(1, "planner_to_critic")
+        assert np.all(np.diff(first.positions) > 0)  # original order kept
+        assert first.positions[-1] > first.num_columns - 1  # gaps where tokens were dropped
+        assert first.tokens[-3:] == [LATENT_TOKEN] * 3  # the most recent always stay
+
+
+def _capture_command(path: Path, samples: int, extra=()):
+    return [sys.executable, "-m", "latentmas", "capture", "--model_name", "tiny-qwen3", "--device", "cpu",
+            "--task", "gsm8k", "--max_samples", str(samples), "--max_new_tokens", "48", "--latent_steps", "4",
+            "--capture_file", str(path), "--output_dir", str(path.parent / "runs"), *extra]
+
+
+def test_kill_keeps_finished_problems_and_rerun_resumes(tmp_path, tiny_lm_cache_env):
+    path = tmp_path / "killed.h5"
+    env = dict(os.environ, **tiny_lm_cache_env, HF_HUB_OFFLINE="1")
+    process = subprocess.Popen(_capture_command(path, 6), cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    seen = 0
+    while time.monotonic() < deadline and process.poll() is None:
+        if path.exists():
+            try:
+                with CaptureReader(path) as capture:
+                    seen = len(capture.problem_numbers)
+            except CaptureError:
+                seen = 0
+            if seen >= 2:
+                break
+        time.sleep(0.05)
+    assert process.poll() is None, "capture finished before it could be killed; make problems slower"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    with CaptureReader(path) as capture:
+        survivors = capture.problem_numbers
+        assert len(survivors) >= seen >= 2
+        assert survivors == list(range(1, len(survivors) + 1))
+        for number in survivors:
+            assert len(list(capture.handoffs(number))) == 3
+        assert not capture.finished_at
+    # rerun the same command: finished problems are kept, the rest appended, no duplicates
+    subprocess.run(_capture_command(path, 6), cwd=tmp_path, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with CaptureReader(path) as capture:
+        assert capture.problem_numbers == [1, 2, 3, 4, 5, 6]
+        assert capture.finished_at
+        assert capture.summary["total"] == 6
+    # another configuration is refused, and the file is left as it was
+    refused = subprocess.run(_capture_command(path, 6, ["--latent_steps", "2"]), cwd=tmp_path, env=env,
+                             capture_output=True, text=True)
+    assert refused.returncode != 0
+    assert "latent_steps: file has 4, now 2" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    with CaptureReader(path) as capture:
+        assert capture.problem_numbers == [1, 2, 3, 4, 5, 6]
+
+
+def _record(number: int, width: int = 5) -> ProblemRecord:
+    rng = np.random.default_rng(number)
+    handoff = Handoff("planner", "critic", rng.uniform(-1, 1, (4, width)), np.arange(width),
+                      ["t"] * width, [])
+    return ProblemRecord(number, f"q{number}", "1", "1", True, [handoff])
+
+
+def test_write_error_keeps_earlier_problems(tmp_path, monkeypatch):
+    path = tmp_path / "full.h5"
+    writer = CaptureWriter.open(path, {}, {"a": 1}, num_layers=4)
+    writer.append(_record(1))
+    writer.append(_record(2))
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", disk_full)
+    with pytest.raises(CaptureError, match="could not write problem 3 .*No space left"):
+        writer.append(_record(3))
+    monkeypatch.undo()
+    writer.close()
+    with CaptureReader(path) as capture:
+        assert capture.problem_numbers == [1, 2]
+        np.testing.assert_allclose(capture.handoff(2, "planner_to_critic").layer_similarities,
+                                   _record(2).handoffs[0].layer_similarities, atol=1e-3)
+
+
+def test_unwritable_path_is_one_clear_line(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.raises(CaptureError) as error:
+        CaptureWriter.open(blocked / "run.h5", {}, {}, num_layers=2)
+    assert "\n" not in str(error.value) and "run.h5" in str(error.value)
+
+
+def test_other_schema_and_not_hdf5_are_refused(tmp_path):
+    path = tmp_path / "old.h5"
+    writer = CaptureWriter.open(path, {}, {"a": 1}, num_layers=4)
+    writer.append(_record(1))
+    writer.close()
+    with h5py.File(path, "r+") as f:
+        f.attrs["schema_version"] = 99
+    with pytest.raises(CaptureError, match="schema 99"):
+        CaptureWriter.open(path, {}, {"a": 1}, num_layers=4)
+    with h5py.File(path, "r+") as f:
+        f.attrs["schema_version"] = 1
+    with CaptureReader(path) as capture:  # untouched by the refusal
+        assert capture.problem_numbers == [1]
+    text = tmp_path / "notes.h5"
+    text.write_text("hello")
+    with pytest.raises(CaptureError, match="not an HDF5 file"):
+        CaptureWriter.open(text, {}, {}, num_layers=2)
+
+
+def test_resume_rebuilds_from_committed_rows(tmp_path):
+    path = tmp_path / "resume.h5"
+    writer = CaptureWriter.open(path, {"model_name": "m"}, {"a": 1}, num_layers=4)
+    writer.append(_record(1))
+    writer.close()
+    writer = CaptureWriter.open(path, {"model_name": "ignored"}, {"a": 1}, num_layers=4)
+    assert writer.completed_numbers == {1}
+    writer.append(_record(2))
+    writer.close()
+    with CaptureReader(path) as capture:
+        assert capture.problem_numbers == [1, 2]
+        assert capture.attrs["model_name"] == "m"
+        for n in (1, 2):
+            np.testing.assert_allclose(capture.handoff(n, "planner_to_critic").layer_similarities,
+                                       _record(n).handoffs[0].layer_similarities, atol=1e-3)
+

@@ -1,0 +1,339 @@
+"""Render stage: figures, layout, batch rendering (no torch anywhere in here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib import colormaps
+from matplotlib.colors import to_rgb
+from matplotlib.image import imread
+
+from capture.format import CaptureReader, CaptureWriter, Handoff, ProblemRecord, Segment
+from render import layout
+from render.batch import RenderOptions, build_figure, figure_filename, parse_problem_spec, render_capture
+from render.colormaps import NAN_COLOR, scale_for
+from render.figures import multi_layer_heatmap, normalise_row, single_layer_strip
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).resolve().parent / "golden" / "pixel_stats.json"
+AGENTS = ("planner", "critic", "refiner", "judger")
+
+
+# -- synthetic captures (also used by test_render_cli.py) -------------------------------------------
+
+def make_handoffs(number: int, num_layers: int, widths, rng, matrix=None, gap_every: int = 0) -> list[Handoff]:
+    """Hand-offs planner->critic->refiner->judger with T = widths[i]; matrix(i, L, T) overrides values."""
+    handoffs = []
+    for i, width in enumerate(widths):
+        values = (matrix(i, num_layers, width) if matrix is not None
+                  else rng.uniform(-1, 1, (num_layers, width)))
+        positions = np.arange(width, dtype=np.int64)
+        if gap_every and width:
+            positions = positions + positions // gap_every * 3  # 3 positions removed every gap_every columns
+        half = width // 2
+        segments = [Segment(AGENTS[i], "prompt", 0, half), Segment(AGENTS[i], "latent", half, width)] if width else []
+        tokens = [f"t{j}" if j < half else "<latent>" for j in range(width)]
+        handoffs.append(Handoff(AGENTS[i], AGENTS[i + 1], np.asarray(values), positions, tokens, segments))
+    return handoffs
+
+
+def write_capture(path: Path, numbers=(1, 2), num_layers: int = 6, widths=(12, 20, 28), matrix=None,
+                  attrs: dict | None = None, finish: bool = True, seed: int = 0, gap_every: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    run_attrs = {"model_name": "toy/model", "method": "latent_mas", "similarity": "seed",
+                 "num_layers": num_layers, "latent_steps": 4, "knn_filter": bool(gap_every)}
+    run_attrs.update(attrs or {})
+    with CaptureWriter.open(path, run_attrs, {"seed": seed}, num_layers, dtype="float32", overwrite=True) as writer:
+        for number in numbers:
+            handoffs = make_handoffs(number, num_layers, widths, rng, matrix, gap_every)
+            writer.append(ProblemRecord(number, f"question {number}", str(number), str(number + number % 2),
+                                        number % 2 == 0, handoffs))
+        if finish:
+            writer.finish("2025-01-01T00:00:00", {"accuracy": 0.5})
+    return path
+
+
+def heat_pixels(fig, image: np.ndarray) -> np.ndarray:
+    """The heatmap area (fig.axes[0]) of a rendered image [H, W, 3|4], inset by 2 px."""
+    left, bottom, width, height = fig.axes[0].get_position().bounds
+    h, w = image.shape[:2]
+    x0, x1 = int(np.ceil(left * w)) + 2, int(np.floor((left + width) * w)) - 2
+    y0, y1 = int(np.ceil((1 - bottom - height) * h)) + 2, int(np.floor((1 - bottom) * h)) - 2
+    return image[y0:y1, x0:x1, :3]
+
+
+def rgb255(colour) -> np.ndarray:
+    return np.asarray(to_rgb(colour)) * 255
+
+
+def draw(fig) -> np.ndarray:
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba(), dtype=float)
+
+
+# -- file names --------------------------------------------------------------------------------------
+
+def test_figure_filenames_follow_the_reference_naming():
+    assert figure_filename("multi", "planner_to_critic", 3) == "heatmap_planner_to_critic_problem3.png"
+    assert figure_filename("single", "critic_to_refiner", 12) == "heatmap_singlelayer_critic_to_refiner_problem12.png"
+    assert figure_filename("multi", "planner_to_critic", 3, "svg", occurrence=2) == \
+        "heatmap_planner_to_critic_problem3_2.svg"
+
+
+def test_render_capture_names_files_by_the_stored_problem_numbers(tmp_path):
+    capture = write_capture(tmp_path / "run.h5", numbers=(4, 7))
+    written = render_capture(capture, tmp_path / "charts", progress=False)
+    names = sorted(p.name for p in written)
+    expected = sorted(
+        f"heatmap_{prefix}{name}_problem{n}.png"
+        for n in (4, 7) for prefix in ("", "singlelayer_")
+        for name in ("planner_to_critic", "critic_to_refiner", "refiner_to_judger"))
+    assert names == expected
+    assert sorted(p.name for p in (tmp_path / "charts").iterdir()) == expected
+    assert not list((tmp_path / "charts").glob("*.tmp"))
+
+
+def test_problem_and_transition_selection(tmp_path):
+    capture = write_capture(tmp_path / "run.h5", numbers=(1, 2, 3, 5))
+    written = render_capture(capture, tmp_path / "out", kinds=("multi",), problems="2-3,5",
+                             transitions="critic_to_refiner", progress=False)
+    assert sorted(p.name for p in written) == [
+        f"heatmap_critic_to_refiner_problem{n}.png" for n in (2, 3, 5)]
+
+
+def test_parse_problem_spec():
+    assert parse_problem_spec("1-5,9") == {1, 2, 3, 4, 5, 9}
+    assert parse_problem_spec(" 3 , 7-8 ") == {3, 7, 8}
+    assert parse_problem_spec(None) is None
+    assert parse_problem_spec([2, 4]) == {2, 4}
+    for bad in ("x", "1-", "5-1", "1,,2", "-3", "1-2-3"):
+        with pytest.raises(ValueError):
+            parse_problem_spec(bad)
+
+
+# -- colours and orientation ------------------------------------------------------------------------
+
+def test_top_layers_green_bottom_layers_red_in_the_png(tmp_path):
+    """+1 in the top half of the layers, -1 in the bottom half: RdYlGn's extreme green must be above its red."""
+    num_layers, width = 8, 40
+
+    def halves(i, num_layers, width):
+        values = np.full((num_layers, width), -1.0)
+        values[num_layers // 2:] = 1.0
+        return values
+
+    capture = write_capture(tmp_path / "run.h5", numbers=(1,), num_layers=num_layers, widths=(width,),
+                            matrix=halves)
+    out = render_capture(capture, tmp_path / "charts", kinds=("multi",), progress=False)
+    png = imread(out[0]) * 255
+    with CaptureReader(capture) as reader:
+        handoff = next(reader.handoffs(1))
+    fig = build_figure("multi", handoff, 1, RenderOptions(), "seed", notes=("model: toy/model",))
+    assert png.shape[:2] == (round(fig.get_figheight() * fig.dpi), round(fig.get_figwidth() * fig.dpi))
+    area = heat_pixels(fig, png)
+    rows = area.shape[0]
+    top, bottom = area[: rows // 2 - 2], area[rows // 2 + 2:]
+    green = np.asarray(colormaps["RdYlGn"](1.0)[:3]) * 255
+    red = np.asarray(colormaps["RdYlGn"](0.0)[:3]) * 255
+    # every pixel away from the segment boundary line is exactly the extreme colour
+    assert np.median(np.abs(top - green).max(axis=-1)) <= 2
+    assert np.median(np.abs(bottom - red).max(axis=-1)) <= 2
+    assert (np.abs(top - green).max(axis=-1) <= 2).mean() > 0.9
+    assert (np.abs(bottom - red).max(axis=-1) <= 2).mean() > 0.9
+
+
+def test_pixel_statistics_match_golden():
+    """Per-layer mean colour of a pinned random matrix (ramp from -0.9 at layer 0 to +0.9 at the top).
+
+    Catches a flipped layer axis, a wrong or reversed colormap or a wrong scale. Regenerate with
+    LATENTMAS_UPDATE_GOLDEN=1 after an intended visual change.
+    """
+    rng = np.random.default_rng(0)
+    num_layers, width = 12, 80
+    ramp = np.linspace(-0.9, 0.9, num_layers)[:, None]
+    values = np.clip(ramp + rng.normal(0, 0.05, (num_layers, width)), -1, 1)
+    fig = multi_layer_heatmap(values, title="golden")
+    area = heat_pixels(fig, draw(fig))
+    # one mean colour per layer band, top of the image = highest layer
+    bands = np.array_split(area, num_layers, axis=0)
+    means = np.array([band[1:-1].reshape(-1, 3).mean(axis=0) for band in bands])[::-1]  # layer 0 first
+    # independent of the golden file: each layer's colour is RdYlGn at its mean value
+    expected = np.array([np.asarray(colormaps["RdYlGn"]((v + 1) / 2)[:3]) * 255 for v in ramp[:, 0]])
+    assert np.abs(means - expected).max() < 25
+    assert means[0, 0] > means[0, 1] and means[-1, 1] > means[-1, 0]  # red at layer 0, green at the top
+    stats = {"layer_mean_rgb": np.round(means, 1).tolist(), "shape": list(area.shape)}
+    if os.environ.get("LATENTMAS_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(stats, indent=1) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    assert golden["shape"] == stats["shape"]
+    assert np.abs(np.asarray(golden["layer_mean_rgb"]) - means).max() <= 3.0
+
+
+def test_attention_mode_uses_a_sequential_scale_from_zero():
+    values = np.array([[0.0, 0.1], [0.2, 0.4]])
+    scale = scale_for("attention", values)
+    assert (scale.cmap, scale.vmin, scale.vmax) == ("viridis", 0.0, 0.4)
+    assert scale_for("seed", values).cmap == "RdYlGn"
+    assert (scale_for("seed", values).vmin, scale_for(None, values).vmax) == (-1.0, 1.0)
+    fig = multi_layer_heatmap(values, mode="attention")
+    image = fig.axes[0].images[0]
+    assert image.get_cmap().name.startswith("viridis") and image.norm.vmax == pytest.approx(0.4)
+
+
+# -- single layer --------------------------------------------------------------------------------
+
+def test_single_layer_title_has_the_raw_range_and_uses_the_middle_layer():
+    values = np.zeros((5, 4))
+    values[2] = [-0.234, 0.891, 0.5, 0.0]   # layer 5 // 2 = 2
+    fig = single_layer_strip(values, title="Planner → Critic · problem 1")
+    title = fig.get_suptitle()
+    assert "Range: [-0.234, 0.891]" in title
+    assert "layer 2 of 5" in title
+    drawn = np.asarray(fig.axes[0].images[0].get_array())
+    assert drawn.shape == (1, 4)
+    assert drawn.min() == pytest.approx(0) and drawn.max() == pytest.approx(1)
+    assert drawn[0, 1] == pytest.approx(1)
+
+
+def test_constant_row_gives_zeros_not_nan():
+    normalised, lo, hi = normalise_row(np.full(7, 0.42))
+    assert np.array_equal(normalised, np.zeros(7)) and lo == hi == pytest.approx(0.42)
+    fig = single_layer_strip(np.full((3, 7), 0.42))
+    drawn = np.ma.getdata(fig.axes[0].images[0].get_array())
+    assert not np.isnan(drawn).any() and (drawn == 0).all()
+    assert "Range: [0.420, 0.420]" in fig.get_suptitle()
+
+
+def test_normalise_row_keeps_nan_and_ignores_it_for_the_range():
+    normalised, lo, hi = normalise_row(np.array([np.nan, 1.0, 3.0]))
+    assert np.isnan(normalised[0]) and normalised[1:].tolist() == [0.0, 1.0] and (lo, hi) == (1.0, 3.0)
+    normalised, lo, hi = normalise_row(np.array([np.nan, np.nan]))
+    assert np.isnan(normalised).all() and np.isnan(lo)
+
+
+# -- NaN, empty, gaps, segments -------------------------------------------------------------------------
+
+def test_nan_cells_are_grey_and_counted_in_the_title():
+    values = np.random.default_rng(0).uniform(-1, 1, (6, 30))
+    values[1, 3:15] = np.nan
+    fig = multi_layer_heatmap(values, title="x")
+    assert "12 NaN cells" in fig.get_suptitle()
+    area = heat_pixels(fig, draw(fig))
+    grey = (np.abs(area - rgb255(NAN_COLOR)).max(axis=-1) <= 1).mean()
+    assert 0.03 < grey < 0.1   # 12 of 180 cells
+    strip = single_layer_strip(values, title="x")
+    assert "NaN" not in strip.get_suptitle()  # the middle layer (3) has none
+
+
+def test_empty_handoff_draws_a_message_not_a_traceback(tmp_path):
+    fig = multi_layer_heatmap(np.zeros((6, 0)), title="Planner → Critic · problem 1")
+    texts = [t.get_text() for t in fig.texts]
+    assert "empty cache (T = 0)" in texts
+    assert "empty cache (T = 0)" in [t.get_text() for t in single_layer_strip(np.zeros((6, 0))).texts]
+    capture = write_capture(tmp_path / "run.h5", numbers=(1,), widths=(0, 5))
+    written = render_capture(capture, tmp_path / "charts", progress=False)
+    assert len(written) == 4 and all(p.stat().st_size > 0 for p in written)
+
+
+def test_knn_gaps_are_found_and_marked():
+    gaps = layout.find_gaps(np.array([0, 1, 2, 6, 7, 9]))
+    assert gaps.columns.tolist() == [3, 5] and gaps.removed == 4
+    assert layout.find_gaps(np.array([2, 3])).columns.tolist() == [0]
+    assert len(layout.find_gaps(np.arange(5))) == 0
+    fig = multi_layer_heatmap(np.zeros((4, 6)), positions=np.array([0, 1, 2, 6, 7, 9]))
+    assert "kNN removed 4 positions in 2 runs" in fig.get_suptitle()
+    marks = [line for line in fig.axes[0].lines if line.get_marker() == "^"]
+    assert len(marks) == 1 and marks[0].get_xdata().tolist() == [2.5, 4.5]
+
+
+def test_segment_labels_do_not_overlap():
+    segments = [Segment("planner", "prompt", 0, 900), Segment("planner", "latent", 900, 910),
+                Segment("critic", "prompt", 910, 1990), Segment("critic", "latent", 1990, 2000)]
+    placed = layout.place_segment_labels(segments, 2000, layout.plot_width_in(2000))
+    assert len(placed) == 4
+    in_per_column = layout.plot_width_in(2000) / 2000
+    for row in {p.row for p in placed}:
+        spans = sorted(((p.x + 0.5) * in_per_column - layout.text_width_in(p.text, layout.SEGMENT_LABEL_PT) / 2,
+                        (p.x + 0.5) * in_per_column + layout.text_width_in(p.text, layout.SEGMENT_LABEL_PT) / 2)
+                       for p in placed if p.row == row)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    assert layout.segment_boundaries(segments, 2000) == [900, 910, 1990]
+
+
+# -- sizes ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("width", [1, 40, 450, 2000, 2900, 20000])
+def test_figure_size_is_bounded_and_tokens_get_a_pixel_up_to_the_cap(width):
+    fig = multi_layer_heatmap(np.zeros((36, width)), dpi=100)
+    px_w, px_h = fig.get_figwidth() * 100, fig.get_figheight() * 100
+    assert px_w <= 2400 and px_h <= 1000
+    heat_w_px = fig.axes[0].get_position().width * px_w
+    if width <= 2000:
+        assert heat_w_px / width >= 1.0
+    assert fig.axes[0].images[0].get_interpolation() == ("nearest" if width <= 2000 else "antialiased")
+
+
+def test_token_labels_only_where_they_fit():
+    tokens = [f"tok{i}" for i in range(30)]
+    fig = multi_layer_heatmap(np.zeros((4, 30)), tokens=tokens, token_labels=True)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == tokens
+    many = [f"tok{i}" for i in range(layout.max_labelled_tokens() + 1)]
+    fig = multi_layer_heatmap(np.zeros((4, len(many))), tokens=many, token_labels=True)
+    assert len(fig.axes[0].get_xticks()) < 20
+    assert layout.format_token("a\nb$c") == "a↵b\\$c"
+
+
+def test_token_labels_notice_for_long_handoffs(tmp_path):
+    capture = write_capture(tmp_path / "run.h5", numbers=(1,), widths=(10, layout.max_labelled_tokens() + 5))
+    notes = []
+    render_capture(capture, tmp_path / "charts", token_labels=True, progress=False, warn=notes.append)
+    assert len(notes) == 1 and "token strings fit only up to" in notes[0] and "1 hand-offs" in notes[0]
+
+
+# -- parallel rendering --------------------------------------------------------------------------
+
+def test_jobs_2_writes_the_same_figures_as_jobs_1(tmp_path):
+    capture = write_capture(tmp_path / "run.h5", numbers=(1, 2, 3))
+    one = render_capture(capture, tmp_path / "one", progress=False)
+    two = render_capture(capture, tmp_path / "two", jobs=2, progress=False)
+    assert [p.name for p in one] == [p.name for p in two]
+    for a, b in zip(one, two):
+        assert imread(a).shape == imread(b).shape
+        assert np.array_equal(imread(a), imread(b))
+
+
+# -- the documented h5py example ---------------------------------------------------------------------
+
+def documented_example() -> str:
+    text = (REPO / "docs" / "capture-format.md").read_text()
+    match = re.search(r"<!-- minimal-capture-example.*?-->\s*```python\n(.*?)```", text, re.S)
+    assert match, "docs/capture-format.md lost its minimal-capture example"
+    return match.group(1)
+
+
+def test_documented_h5py_example_writes_a_file_the_renderer_accepts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(documented_example(), "capture-format.md", "exec"), {"__name__": "docs_example"})
+    path = tmp_path / "minimal_capture.h5"
+    with CaptureReader(path) as reader:
+        assert reader.problem_numbers == [1]
+        handoff = next(reader.handoffs(1))
+        assert handoff.layer_similarities.shape == (4, 6)
+        assert [s.kind for s in handoff.segments] == ["prompt", "latent"]
+    written = render_capture(path, tmp_path / "charts", token_labels=True, progress=False)
+    assert sorted(p.name for p in written) == ["heatmap_planner_to_critic_problem1.png",
+                                               "heatmap_singlelayer_planner_to_critic_problem1.png"]
+
+
+# -- no torch ------------------------------------------------------------------------------------
+
+def test_render_sources_never_import_torch_or_transformers():
+    pattern = re.compile(r"^\s*(import|from)\s+(torch|transformers)\b", re.M)
+    for source in (REPO / "render").glob("*.py"):
+        assert not pattern.search(source.read_text()), source
