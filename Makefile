@@ -24,7 +24,7 @@ test: install  ## run the test suite (CPU, offline)
 
 demo: install  ## LatentMAS on the built-in tiny model, capture + heatmaps into charts/
 	HF_HUB_OFFLINE=1 $(PY) run.py --method latent_mas --model_name tiny-qwen3 --task gsm8k \
-		--max_samples 2 --device cpu --show_heatmaps --show_heatmaps_singlelayer
+		--max_samples 2 --max_new_tokens 256 --device cpu --show_heatmaps --show_heatmaps_singlelayer
 	@echo "charts written to $(CURDIR)/charts/"
 
 bench:  ## CPU benchmarks (render speed, capture overhead)

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -151,6 +152,51 @@ def _decode(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def superblock_eof(path: Path) -> int | None:
+    """The end-of-file address an HDF5 file's superblock (at offset 0) records, or None if unknown."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(96)
+    except OSError:
+        return None
+    if not head.startswith(_HDF5_SIGNATURE) or len(head) < 16:
+        return None
+    version = head[8]
+    if version in (0, 1):
+        size, base_at = head[13], (24 if version == 0 else 28)
+    elif version in (2, 3):
+        size, base_at = head[9], 12
+    else:
+        return None
+    if size not in (2, 4, 8) or len(head) < base_at + 3 * size:
+        return None
+    base = int.from_bytes(head[base_at:base_at + size], "little")
+    return base + int.from_bytes(head[base_at + 2 * size:base_at + 3 * size], "little")
+
+
+def _refuse_truncated(path: Path) -> None:
+    """Raise if the file is shorter than its superblock says.
+
+    Needed before an SWMR open, which skips HDF5's own end-of-file check (reads past
+    the end then retry for minutes). A live writer can lag its superblock for a
+    moment, so a short file is looked at again before it is refused.
+    """
+    stored = superblock_eof(path)
+    for attempt in range(4):
+        if stored is None:
+            return
+        size = path.stat().st_size
+        if size >= stored:
+            return
+        if attempt == 3:
+            raise CaptureError(f"{path} is truncated ({size:,} of {stored:,} bytes) and cannot be read")
+        time.sleep(0.25)
+        stored = superblock_eof(path)
+
+
 def _open_for_reading(path: Path) -> h5py.File:
     """Open a capture read-only; a file still being written (or whose writer died) opens in SWMR mode."""
     if not path.exists():
@@ -160,6 +206,7 @@ def _open_for_reading(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as plain_error:
+        _refuse_truncated(path)
         try:
             return h5py.File(path, "r", swmr=True)
         except OSError:
@@ -372,6 +419,7 @@ class ProblemSummary:
     prediction: str
     correct: bool | None
     handoff_names: list[str]
+    handoff_columns: list[int]  # T of each hand-off, in the same order
 
 
 class CaptureReader:
@@ -453,7 +501,7 @@ class CaptureReader:
         return ProblemSummary(
             number=number, question=_decode(p["question"][row]), gold=_decode(p["gold"][row]),
             prediction=_decode(p["prediction"][row]), correct=None if correct < 0 else bool(correct),
-            handoff_names=names)
+            handoff_names=names, handoff_columns=[int(t) for t in h["num_columns"][first:first + count]])
 
     def handoffs(self, problem: int) -> Iterator[Handoff]:
         """Every hand-off of one problem, in run order, with its matrix."""

@@ -1,12 +1,15 @@
 """Capture: watch LatentMAS hand-offs and stream their similarity matrices into a capture file.
 
-The matrices are computed on the device when a hand-off happens (no host sync);
-they reach the host once per batch, when the batch's results are written.
-Capture never draws.
+The matrices are computed on the device (no host sync): for the "seed" mode when a
+hand-off happens; for "query" and "attention" during the incoming agent's prompt
+prefill, which `watch_prefill` wraps in hooks (`capture.hooks.PrefillProbe`), one
+`[batch, T]` row per layer as the layers run. They reach the host once per batch,
+when the batch's results are written. Capture never draws.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import shlex
 import sys
@@ -19,7 +22,8 @@ import latentmas
 from latentmas.shared_cache import LATENT
 
 from .format import LATENT_TOKEN, CaptureWriter, Handoff, ProblemRecord, Segment, handoff_name
-from .similarity import layer_similarities
+from .hooks import PrefillProbe
+from .similarity import MODES, PREFILL_MODES, layer_similarities
 
 DEFAULT_TRANSITIONS = ("planner_to_critic", "critic_to_refiner", "refiner_to_judger")
 
@@ -28,12 +32,13 @@ DEFAULT_TRANSITIONS = ("planner_to_critic", "critic_to_refiner", "refiner_to_jud
 class _Pending:
     """A hand-off seen during the current batch, still on the device.
 
-    similarities: [batch, num_layers, T]; the rest [batch, T].
+    similarities: [batch, num_layers, T], None until the incoming prefill has been
+    watched (modes "query" and "attention"); the rest [batch, T], taken at the hand-off.
     """
 
     from_agent: str
     to_agent: str
-    similarities: torch.Tensor
+    similarities: torch.Tensor | None
     mask: torch.Tensor
     positions: torch.Tensor
     token_ids: torch.Tensor
@@ -67,6 +72,7 @@ def run_attributes(cfg, lm) -> dict:
         "knn_percentage": knn.get("percentage", 0.0),
         "knn_min_keep": knn.get("min_keep", 0),
         "knn_strategy": knn.get("strategy", ""),
+        "knn_score": getattr(cfg, "knn_score", "seed") if knn else "",
         "similarity": cfg.similarity,
         "seed": cfg.seed,
         "generate_bs": cfg.generate_bs,
@@ -95,14 +101,18 @@ def parse_transitions(spec: str | None) -> tuple[str, ...] | None:
 
 
 class CaptureRecorder:
-    """A `HandoffObserver` that writes each finished batch to a `CaptureWriter`."""
+    """A `PrefillObserver` (hand-offs, and prefills for "query"/"attention") that writes each finished
+    batch to a `CaptureWriter`."""
 
     def __init__(self, writer: CaptureWriter, lm, similarity: str = "seed", transitions=DEFAULT_TRANSITIONS):
         self.writer = writer
         self.lm = lm
+        if similarity not in MODES:
+            raise ValueError(f"unknown similarity mode {similarity!r}; choose from {', '.join(MODES)}")
         self.similarity = similarity
         self.transitions = transitions
         self._pending: list[_Pending] = []
+        self._awaiting: list[tuple[object, _Pending]] = []  # (event, entry) whose prefill is still to come
         self._token_text: dict[int, str] = {}
 
     @classmethod
@@ -121,16 +131,45 @@ class CaptureRecorder:
         if self.transitions is not None and name not in self.transitions:
             return
         shared = event.shared
-        similarities = layer_similarities(shared.layer_keys(), event.query, self.similarity)
-        self._pending.append(_Pending(
-            event.from_agent, event.to_agent, similarities, shared.mask, shared.positions, shared.token_ids,
-            shared.segment_ids, list(shared.segments)))
+        similarities = None
+        if self.similarity not in PREFILL_MODES:
+            similarities = layer_similarities(shared.layer_keys(), event.query, self.similarity)
+        pending = _Pending(event.from_agent, event.to_agent, similarities, shared.mask, shared.positions,
+                           shared.token_ids, shared.segment_ids, list(shared.segments))
+        self._pending.append(pending)
+        if similarities is None:
+            self._awaiting.append((event, pending))
+
+    @contextlib.contextmanager
+    def watch_prefill(self, event):
+        """Hooks around the incoming agent's prompt prefill ("query"/"attention" modes; a no-op otherwise).
+
+        The probe's columns are the T of `on_handoff`'s snapshot: nothing changes the cache in between.
+        """
+        entry = next((p for e, p in self._awaiting if e is event), None)
+        if entry is None:
+            yield
+            return
+        self._awaiting = [(e, p) for e, p in self._awaiting if e is not event]
+        probe = PrefillProbe(event.shared, event.prompt_mask, self.similarity)
+        if probe.width != entry.mask.shape[1]:
+            raise RuntimeError(f"{entry.from_agent}_to_{entry.to_agent}: the cache changed between the hand-off "
+                               "and the prefill")
+        with probe:
+            yield
+        entry.similarities = probe.result()
 
     # -- writing -----------------------------------------------------------------------
     def write_batch(self, results) -> None:
         """Write each problem of the batch just solved, with the hand-offs seen for it."""
-        pending = [self._to_host(p) for p in self._pending]
-        self._pending = []
+        seen, self._pending, self._awaiting = self._pending, [], []
+        unwatched = [p for p in seen if p.similarities is None]
+        if unwatched:
+            p = unwatched[0]
+            raise RuntimeError(f"similarity {self.similarity!r} needs the incoming agent's prefill, but "
+                               f"{handoff_name(p.from_agent, p.to_agent)}'s was never watched "
+                               "(call watch_prefill(event) around it)")
+        pending = [self._to_host(p) for p in seen]
         for row, result in enumerate(results):
             handoffs = [self._handoff(p, row) for p in pending]
             self.writer.append(ProblemRecord(

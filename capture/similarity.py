@@ -1,4 +1,23 @@
-"""How an incoming agent's query relates to each cached token, per layer (torch, on the device)."""
+"""How an incoming agent's query relates to each cached token, per layer (torch, on the device).
+
+Three modes (`MODES`), all `[batch, num_layers, T]` float32 over the T cache columns that
+exist at a hand-off:
+
+- "seed": the seed's cosine between the incoming agent's mean prompt input embedding (cut
+  into head-sized chunks and averaged) and head-averaged keys. Known at the hand-off
+  (`layer_similarities`).
+- "query": the cosine between the incoming agent's real attention queries (layer input norm
+  -> q_proj -> q_norm -> RoPE at the tokens' positions) and the cached keys of each query
+  head's own GQA group, averaged over real prompt tokens and heads; in [-1, 1]
+  (`query_similarities`, one layer at a time).
+- "attention": the attention probability each cached column receives from the incoming
+  agent's real prompt tokens, as the model computes it (softmax over the cache plus the
+  causal prompt part, scaled by `module.scaling`), averaged over heads and real prompt
+  tokens; in [0, 1], each row sums to at most 1 (`attention_received`, one layer at a time).
+
+"query" and "attention" need the incoming agent's prefill; `capture.hooks` collects them
+from it. The functions here are pure tensor maths with no host synchronisation.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +26,18 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-MODES = ("seed",)
+MODES = ("seed", "query", "attention")
+PREFILL_MODES = ("query", "attention")  # modes computed from the incoming agent's prefill
+
+# Largest score block (elements) `attention_received` materialises at once; bigger layers are
+# chunked over kv-head groups so the fp32 scores stay a few hundred MiB at most.
+ATTENTION_CHUNK_ELEMENTS = 1 << 26
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown similarity mode {mode!r}; choose from {', '.join(MODES)}")
+    return mode
 
 
 def reduce_query(query: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -30,12 +60,110 @@ def layer_similarities(keys: Sequence[torch.Tensor], query: torch.Tensor, mode: 
     device in fp32 with no host synchronisation.
 
     mode "seed": keys averaged over heads, query reduced to head_dim (`reduce_query`).
+    The other modes need the incoming agent's prefill: see `query_similarities`,
+    `attention_received` and `capture.hooks`.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown similarity mode {mode!r}; choose from {', '.join(MODES)}")
+    check_mode(mode)
+    if mode != "seed":
+        raise ValueError(f"similarity mode {mode!r} needs the incoming agent's prefill, not just its mean "
+                         "embedding: collect it with capture.hooks.PrefillProbe")
     if not keys:
         raise ValueError("layer_similarities needs at least one layer of keys")
     head_dim = keys[0].shape[-1]
     head_mean_keys = torch.stack([k.mean(dim=1, dtype=torch.float32) for k in keys], dim=1)  # [B, L, T, D]
     q = reduce_query(query.to(head_mean_keys.device), head_dim)  # [B, D]
     return F.cosine_similarity(head_mean_keys, q[:, None, None, :], dim=-1)
+
+
+def _check_shapes(queries: torch.Tensor, keys: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[int, int, int]:
+    """-> (batch, kv_heads, heads per kv head)."""
+    if queries.ndim != 4 or keys.ndim != 4:
+        raise ValueError(f"queries and keys must be [batch, heads, tokens, head_dim], got {tuple(queries.shape)} "
+                         f"and {tuple(keys.shape)}")
+    batch, heads, n, head_dim = queries.shape
+    kv_heads = keys.shape[1]
+    if keys.shape[0] != batch or keys.shape[3] != head_dim or heads % kv_heads:
+        raise ValueError(f"queries {tuple(queries.shape)} do not fit keys {tuple(keys.shape)}")
+    if tuple(prompt_mask.shape) != (batch, n):
+        raise ValueError(f"prompt_mask {tuple(prompt_mask.shape)} does not fit queries {tuple(queries.shape)}")
+    return batch, kv_heads, heads // kv_heads
+
+
+def _token_weights(prompt_mask: torch.Tensor) -> torch.Tensor:
+    """[batch, n] bool -> [batch, n] fp32: 1 / (real tokens) on real tokens, 0 on padding."""
+    real = prompt_mask.to(torch.float32)
+    return real / real.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
+def query_similarities(queries: torch.Tensor, keys: torch.Tensor, prompt_mask: torch.Tensor,
+                       kv_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cosine between the prompt's attention queries and each cached key, for one layer.
+
+    queries: `[batch, heads, n, head_dim]`, the incoming prompt's queries after q_proj, q_norm
+             and RoPE (what the attention kernel receives).
+    keys: `[batch, kv_heads, T, head_dim]`, the cached keys (after k_norm and RoPE).
+    prompt_mask: `[batch, n]` bool, False for the prompt's padding (left padding).
+    kv_mask: `[batch, T]` bool, False for padding columns, which are set to 0.
+    Returns float32 `[batch, T]` in [-1, 1]: cos(q[b, h, i], k[b, h // group, t]) averaged
+    over real prompt tokens i and all heads h (query head h reads kv head h // (heads // kv_heads)).
+
+    The mean of cosines is the dot product of the mean unit query with each unit key,
+    so the work is O(heads·n·D + kv_heads·T·D), never `[heads, n, T]`.
+    """
+    batch, kv_heads, group = _check_shapes(queries, keys, prompt_mask)
+    unit_q = F.normalize(queries.float(), dim=-1)
+    mean_q = torch.einsum("bhnd,bn->bhd", unit_q, _token_weights(prompt_mask))  # [B, H, D]
+    mean_q = mean_q.view(batch, kv_heads, group, -1).mean(dim=2)  # [B, KV, D]: the group's heads
+    unit_k = F.normalize(keys.float(), dim=-1)
+    sims = torch.einsum("bkd,bktd->bt", mean_q, unit_k) / kv_heads
+    if kv_mask is not None:
+        sims = sims.masked_fill(~kv_mask.to(torch.bool), 0.0)
+    return sims
+
+
+def attention_received(queries: torch.Tensor, keys: torch.Tensor, prompt_mask: torch.Tensor,
+                       kv_mask: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention probability each cached column receives from the prompt, for one layer.
+
+    queries: `[batch, heads, n, head_dim]`, the prompt's queries (after q_norm and RoPE).
+    keys: `[batch, kv_heads, T + n, head_dim]`, every key the prompt attends to: the T cached
+          columns, then the prompt's own n columns (the layer's cache right after the prefill).
+    prompt_mask: `[batch, n]` bool, False for the prompt's (left) padding.
+    kv_mask: `[batch, T]` bool, False for the cache's padding columns (they get no attention).
+    scaling: the attention module's `scaling` (usually head_dim ** -0.5).
+    Returns float32 `[batch, T]` in [0, 1]: softmax(q·k·scaling) over the real cache columns and
+    the causal real prompt part, restricted to the cache columns, averaged over heads and real
+    prompt tokens. Each row sums to at most 1; the rest is attention to the prompt itself.
+
+    Scores are fp32 `[batch, heads, n, T + n]`, built a group of kv heads at a time when they
+    would exceed `ATTENTION_CHUNK_ELEMENTS`. No host synchronisation.
+    """
+    batch, kv_heads, group = _check_shapes(queries, keys, prompt_mask)
+    n, width = queries.shape[2], keys.shape[2]
+    T = width - n
+    if T < 0 or tuple(kv_mask.shape) != (batch, T):
+        raise ValueError(f"kv_mask {tuple(kv_mask.shape)} does not fit keys {tuple(keys.shape)} minus the "
+                         f"{n} prompt columns")
+    device = queries.device
+    prompt_mask = prompt_mask.to(device=device, dtype=torch.bool)
+    # Which key each prompt token may attend to: real cache columns, and real prompt columns up to itself.
+    causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    allowed = torch.cat([kv_mask.to(device=device, dtype=torch.bool)[:, None, :].expand(batch, n, T),
+                         causal[None] & prompt_mask[:, None, :]], dim=2)  # [B, n, T + n]
+    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill_(~allowed, float("-inf"))
+    weights = _token_weights(prompt_mask)  # [B, n]
+
+    per_group = batch * group * n * width
+    step = max(1, min(kv_heads, ATTENTION_CHUNK_ELEMENTS // max(per_group, 1)))
+    received = torch.zeros(batch, T, dtype=torch.float32, device=device)
+    q = queries.reshape(batch, kv_heads, group, n, -1)
+    for start in range(0, kv_heads, step):
+        stop = min(kv_heads, start + step)
+        q_chunk = q[:, start:stop].float()  # [B, k, G, n, D]
+        k_chunk = keys[:, start:stop].float()  # [B, k, T + n, D]
+        scores = torch.einsum("bkgnd,bktd->bkgnt", q_chunk, k_chunk) * scaling
+        probs = torch.softmax(scores + bias[:, None, None], dim=-1)[..., :T]  # [B, k, G, n, T]
+        # padded prompt tokens may have NaN rows (nothing to attend to): drop them by selection, not product
+        probs = torch.where(prompt_mask[:, None, None, :, None], probs, 0.0)
+        received += torch.einsum("bkgnt,bn->bt", probs, weights)
+    return received / (kv_heads * group)

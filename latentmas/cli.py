@@ -74,9 +74,15 @@ RUN_OPTIONS = [
             help="The most recent tokens always kept."),
     _option("--knn_strategy", type=click.Choice(KNN_STRATEGIES), default="top", show_default=True,
             help="Which older tokens to keep: most similar, least similar, or random."),
+    _option("--knn_score", type=click.Choice(SIMILARITY_MODES), default="seed", show_default=True,
+            help="The similarity (middle layer) that ranks tokens for --knn_strategy top/bottom. query and "
+                 "attention cost a scoring pass: the incoming prompt is run on the cache up to the middle "
+                 "layer before the trim, then the cache is put back."),
     _option("--random_weights", is_flag=True,
             help="Benchmarks: build the model from its config with seeded random weights (no weights needed)."),
     _option("--ignore_eos", is_flag=True, help="Benchmarks: always decode max_new_tokens."),
+    click.option("--fast_decode/--plain_decode", "fast_decode", default=None,
+                 help="Decode with a static KV buffer replayed as a CUDA graph (default: on CUDA only)."),
     _option("--output_dir", type=click.Path(file_okay=False), default="runs", show_default=True,
             help="Per-problem results (JSONL) and summary go to OUTPUT_DIR/<run name>/."),
 ]
@@ -88,7 +94,9 @@ CAPTURE_OPTIONS = [
             help="Hand-offs to capture, comma separated (planner_to_critic,critic_to_refiner,"
                  "refiner_to_judger, the default), or 'all'."),
     _option("--similarity", type=click.Choice(SIMILARITY_MODES), default="seed", show_default=True,
-            help="How a query is compared with cached keys."),
+            help="How a query is compared with cached keys. seed: mean prompt embedding vs head-averaged keys "
+                 "(cosine); query: the incoming agent's real attention queries vs its GQA group's keys "
+                 "(cosine); attention: the attention weight each cached token gets from the prompt."),
     _option("--capture_dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True),
     _option("--overwrite", is_flag=True, help="Start the capture file afresh instead of resuming it."),
 ]
@@ -112,6 +120,7 @@ def _execute(cfg: RunConfig, capture: bool, params: dict, render_kinds: tuple[st
     from capture.format import CaptureError
     from capture.recorder import parse_transitions
 
+    from .distributed import is_main_process
     from .models import ModelLoadError
     from .runner import default_capture_file, run
     from .tasks import TaskDataError
@@ -126,6 +135,8 @@ def _execute(cfg: RunConfig, capture: bool, params: dict, render_kinds: tuple[st
                       capture_dtype=params.get("capture_dtype", "float16"))
     except (ModelLoadError, TaskDataError, CaptureError, ValueError) as error:
         raise click.ClickException(str(error)) from None
+    if not is_main_process():  # under torchrun, rank 0 alone reports (and renders the merged capture)
+        return summary
     click.echo(json.dumps(summary))
     if render_kinds:
         from render import render_capture
@@ -173,7 +184,7 @@ main = LazyGroup(
     name="latentmas",
     help="LatentMAS agents sharing a KV cache, and heatmaps of what each agent reads.\n\n"
          "Capture on a GPU (`latentmas capture`), render anywhere (`latentmas render`).",
-    lazy={"render": "render.cli:render", "info": "render.cli:info"},
+    lazy={"render": "render.cli:render_command", "info": "render.cli:info_command"},
 )
 main.add_command(run_command)
 main.add_command(capture_command)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 METHODS = ("baseline", "text_mas", "latent_mas")
 PROMPTS = ("sequential", "hierarchical")
 KNN_STRATEGIES = ("top", "bottom", "random")
-SIMILARITY_MODES = ("seed",)
+SIMILARITY_MODES = ("seed", "query", "attention")  # capture.similarity.MODES, without importing torch
 
 
 @dataclass
@@ -29,6 +29,7 @@ class RunConfig:
     temperature: float = 0.6
     top_p: float = 0.95
     ignore_eos: bool = False
+    fast_decode: bool | None = None
     generate_bs: int = 1
     seed: int = 42
     device: str = "auto"
@@ -38,6 +39,7 @@ class RunConfig:
     knn_percentage: float = 0.8
     knn_min_keep: int = 5
     knn_strategy: str = "top"
+    knn_score: str = "seed"  # which similarity ranks columns for kNN (one of SIMILARITY_MODES)
     similarity: str = "seed"
     extra: dict = field(default_factory=dict)
 
@@ -53,6 +55,9 @@ class RunConfig:
                 "text_mas_context_length", "similarity")
         identity = {k: getattr(self, k) for k in keys}
         identity["knn"] = self.knn_settings()
+        if identity["knn"] is not None and self.knn_score != "seed":
+            # only when not the default, so captures made before knn_score existed still resume
+            identity["knn"]["score"] = self.knn_score
         return identity
 
     def run_name(self) -> str:

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import ContextManager
 
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
+from .fast_decode import DecodeStep
 from .shared_cache import SegmentKey, SharedCache
 
 
 @dataclass
 class Sampling:
-    """temperature <= 0 means greedy. ignore_eos decodes exactly max_new_tokens (benchmarks)."""
+    """temperature <= 0 means greedy. ignore_eos decodes exactly max_new_tokens (benchmarks).
+
+    fast: decode with a static KV buffer (`fast_decode.DecodeStep`, a CUDA graph on
+    GPUs); None = on for CUDA, off on the CPU.
+    """
 
     max_new_tokens: int = 2048
     temperature: float = 0.6
     top_p: float = 0.95
     ignore_eos: bool = False
+    fast: bool | None = None
 
 
 def problem_generators(numbers: list[int], seed: int, device: torch.device) -> list[torch.Generator]:
@@ -74,16 +82,26 @@ def generate(
     agent: str,
     sampling: Sampling,
     generators: list[torch.Generator],
+    prefill: ContextManager | None = None,
 ) -> list[list[int]]:
     """Prefill a left-padded prompt `[batch, n]` on `shared`, then decode.
 
-    Returns each row's generated ids, cut after its first end-of-turn token.
+    prefill: a context manager entered around the prompt's prefill only (e.g. an observer's
+    `watch_prefill`, whose hooks read that forward pass), never around the decoding.
+
+    Returns each row's generated ids, cut after its first end-of-turn token. With
+    `sampling.fast` the decoded tokens go to a static buffer, not to `shared`.
     """
     lm = shared.lm
     embed = lm.model.get_input_embeddings()
     sampler = Sampler(sampling, generators)
     stop = torch.tensor(sorted(eos_ids(lm)), device=lm.device)
-    logits = shared.extend(embed(prompt_ids), prompt_mask, prompt_ids, SegmentKey(agent, "prompt"), logits=True)
+    with prefill if prefill is not None else contextlib.nullcontext():
+        logits = shared.extend(embed(prompt_ids), prompt_mask, prompt_ids, SegmentKey(agent, "prompt"), logits=True)
+    fast = lm.device.type == "cuda" if sampling.fast is None else sampling.fast
+    step_fn = None
+    if fast and sampling.max_new_tokens > 1:
+        step_fn = DecodeStep(lm, shared, sampling.max_new_tokens, use_graph=lm.device.type == "cuda").run
     batch = prompt_ids.shape[0]
     finished = torch.zeros(batch, dtype=torch.bool, device=lm.device)
     ones = torch.ones(batch, 1, dtype=torch.bool, device=lm.device)
@@ -96,8 +114,11 @@ def generate(
             if step % 8 == 7 and bool(finished.all()):  # one host sync every 8 tokens
                 break
         if step + 1 < sampling.max_new_tokens:
-            ids = token[:, None]
-            logits = shared.extend(embed(ids), ones, ids, SegmentKey(agent, "output"), logits=True)
+            if step_fn is not None:
+                logits = step_fn(token)
+            else:
+                ids = token[:, None]
+                logits = shared.extend(embed(ids), ones, ids, SegmentKey(agent, "output"), logits=True)
     if not steps:
         return [[] for _ in range(batch)]
     generated = torch.stack(steps, dim=1).tolist()

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import KNN_STRATEGIES, SIMILARITY_MODES
+
 
 @dataclass
 class KnnFilter:
@@ -15,19 +17,33 @@ class KnnFilter:
     The min_keep most recent columns always stay; the rest are chosen from the
     older ones by `strategy`: "top" (most similar to the query), "bottom" (least
     similar) or "random" (seeded per problem, so a batch never changes the pick).
+
+    score: the similarity mode whose middle-layer row ranks the columns ("seed", "query"
+    or "attention", see `capture.similarity`); `latent_mas` computes it before the trim.
+    "query" and "attention" need the incoming prompt's queries, so they cost a scoring
+    pass (`capture.hooks.score_prompt`: the prompt runs on the untrimmed cache up to the
+    middle layer, then the cache is restored). "random" needs no scores at all.
     """
 
     percentage: float = 0.8
     min_keep: int = 5
     strategy: str = "top"
+    score: str = "seed"
 
     def __post_init__(self):
         if not 0 < self.percentage <= 1:
             raise ValueError(f"knn percentage must be in (0, 1], got {self.percentage}")
         if self.min_keep < 0:
             raise ValueError(f"knn min_keep must be >= 0, got {self.min_keep}")
-        if self.strategy not in ("top", "bottom", "random"):
+        if self.strategy not in KNN_STRATEGIES:
             raise ValueError(f"unknown knn strategy {self.strategy!r}; choose top, bottom or random")
+        if self.score not in SIMILARITY_MODES:
+            raise ValueError(f"unknown knn score {self.score!r}; choose from {', '.join(SIMILARITY_MODES)}")
+
+    @property
+    def needs_scores(self) -> bool:
+        """False for "random", which ignores the scores."""
+        return self.strategy != "random"
 
     def keep_mask(self, scores: torch.Tensor, mask: torch.Tensor, generators=None) -> torch.Tensor:
         """scores, mask: [batch, T] (mask True for real columns) -> bool [batch, T] of columns to keep.

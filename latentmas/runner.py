@@ -1,10 +1,19 @@
-"""Run a method over a task's problems: batches, progress bar, results JSONL, summary, capture."""
+"""Run a method over a task's problems: batches, progress bar, results JSONL, summary, capture.
+
+Under torchrun (`torchrun --nproc_per_node K -m latentmas capture ...`) every rank runs
+`run()`: each loads the model on its own GPU, solves a disjoint share of the problems
+not done yet, and writes its own capture shard (`captures/<run>.h5.shards/rank-0000R.h5`)
+and results part (`runs/<run>/results.shards/rank-0000R.jsonl`); at the end rank 0 merges
+them into the run's one capture file and `results.jsonl` (both in problem-number order)
+and writes the summary over all ranks. See `_run_sharded`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -14,9 +23,19 @@ from tqdm.auto import tqdm
 from .config import RunConfig
 from .tasks import get_task, load_problems
 
+RESULT_PARTS = "results.shards"  # per-rank results of a torchrun run, inside the run's output folder
+
 
 def default_capture_file(cfg: RunConfig) -> Path:
     return Path("captures") / f"{cfg.run_name()}.h5"
+
+
+def capture_identity(cfg: RunConfig, transitions: tuple[str, ...] | None, capture_dtype: str) -> dict:
+    """The `config` a capture file stores and a resume must match, as `CaptureRecorder.open` writes it
+    (after the JSON round trip the file does)."""
+    identity = dict(cfg.identity(), transitions=list(transitions) if transitions else "all",
+                    capture_dtype=capture_dtype)
+    return json.loads(json.dumps(identity, sort_keys=True))
 
 
 def run(
@@ -32,8 +51,30 @@ def run(
 
     transitions: the hand-offs to capture, by name; None captures every hand-off.
 
+    Launched by torchrun (WORLD_SIZE/RANK in the environment), or when the capture file has
+    shards left by an interrupted torchrun run, the problems are shared out between the
+    ranks and merged at the end (`_run_sharded`); the results do not depend on the number
+    of ranks.
+
     Returns the run summary (also written to `<output_dir>/<run name>/summary.json`).
     """
+    from capture.merge import shard_dir
+
+    from . import distributed
+
+    if capture_file is not None and cfg.method != "latent_mas":
+        raise ValueError(f"capture needs --method latent_mas (method {cfg.method} shares no KV cache)")
+    if distributed.launched() or (capture_file is not None and shard_dir(capture_file).is_dir()):
+        group = distributed.join(cfg.device)
+        try:
+            return _run_sharded(group, cfg, capture_file, transitions, overwrite, output_dir, progress,
+                                capture_dtype)
+        finally:
+            group.close()
+    return _run_single(cfg, capture_file, transitions, overwrite, output_dir, progress, capture_dtype)
+
+
+def _run_single(cfg, capture_file, transitions, overwrite, output_dir, progress, capture_dtype) -> dict:
     from capture.recorder import CaptureRecorder
 
     from .methods import get_method
@@ -47,8 +88,6 @@ def run(
 
     recorder = None
     if capture_file is not None:
-        if cfg.method != "latent_mas":
-            raise ValueError(f"capture needs --method latent_mas (method {cfg.method} shares no KV cache)")
         recorder = CaptureRecorder.open(capture_file, cfg, lm, transitions, overwrite, capture_dtype)
     done = recorder.completed_numbers if recorder else set()
     todo = [p for p in problems if p.number not in done]
@@ -68,7 +107,7 @@ def run(
                 if recorder is not None:
                     recorder.write_batch(batch_results)
                 for result in batch_results:
-                    out.write(json.dumps(dataclasses.asdict(result), ensure_ascii=False) + "\n")
+                    out.write(_jsonl(result))
                 out.flush()
                 results.extend(batch_results)
                 bar.update(len(batch))
@@ -87,6 +126,247 @@ def run(
             recorder.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+# --------------------------------------------------------------------------- several ranks
+
+
+def _run_sharded(group, cfg, capture_file, transitions, overwrite, output_dir, progress, capture_dtype) -> dict:
+    """One rank's part of a run shared by `group.world_size` processes (1 is fine: a rerun
+    without torchrun that finds shards).
+
+    1. Every rank loads the problems and the model (on `cuda:LOCAL_RANK`).
+    2. Rank 0, while nobody writes: the problems done = those in the capture file or any
+       shard (`capture.merge.completed_numbers`, which also refuses other settings); it
+       tells every rank.
+    3. Each rank solves `todo[rank::world_size]` (todo in problem order): disjoint,
+       deterministic, balanced even on a resume; a problem's result never depends on
+       which rank or batch solves it. It appends to its own shard and results part.
+    4. All ranks meet; rank 0 merges shards and results parts in number order, writes
+       the summary over all ranks, and every rank returns it.
+
+    A failure while setting up or solving on any rank stops every rank (rank 0 reports it).
+    """
+    from capture import merge as shards
+    from capture.recorder import CaptureRecorder
+
+    from . import distributed
+    from .methods import get_method
+    from .models import load_model
+
+    capture_file = Path(capture_file) if capture_file is not None else None
+    run_dir = Path(output_dir) / cfg.run_name()
+    parts = run_dir / RESULT_PARTS
+    main = group.is_main
+
+    def load():
+        task = get_task(cfg.task)
+        with group.quiet_if_not_main():
+            problems = load_problems(task, cfg.data_file, cfg.max_samples, cfg.seed)
+        device = distributed.rank_device(cfg.device, group.local_rank)
+        lm = load_model(cfg.model_name, device, random_weights=cfg.random_weights, seed=cfg.seed)
+        return task, problems, lm
+
+    task, problems, lm = group.agree(load)
+    solve = get_method(cfg.method)
+    torch.manual_seed(cfg.seed)
+
+    def plan() -> dict:  # rank 0 only, before any rank writes
+        parts.mkdir(parents=True, exist_ok=True)
+        done: set[int] = set()
+        if capture_file is not None:
+            if overwrite:
+                shards.remove_shards(capture_file)
+                capture_file.unlink(missing_ok=True)
+            done = shards.completed_numbers(capture_file, capture_identity(cfg, transitions, capture_dtype))
+        offsets = {}
+        for part in sorted(parts.glob("rank-*.jsonl")):
+            if done:  # resuming: keep the parts of the interrupted run, minus a torn last line
+                offsets[part.name] = _trim_torn_line(part)
+            else:
+                part.unlink()
+        return {"done": sorted(done), "offsets": offsets}
+
+    planned = group.broadcast(group.agree(lambda: plan() if main else None))
+    done = set(planned["done"])
+    todo = [p for p in problems if p.number not in done]
+    mine = todo[group.rank::group.world_size]
+
+    def open_outputs():
+        recorder = None
+        if capture_file is not None:
+            recorder = CaptureRecorder.open(shards.shard_path(capture_file, group.rank), cfg, lm, transitions,
+                                            False, capture_dtype)
+        return recorder, open(parts / f"rank-{group.rank:05d}.jsonl", "a", encoding="utf-8")
+
+    recorder, out = group.agree(open_outputs)
+    started = time.perf_counter()
+    tracker = None
+    if main and progress:
+        bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=f"{cfg.method} {cfg.task}",
+                   unit="problem", dynamic_ncols=True)
+        tracker = _Progress(bar, [parts / f"rank-{r:05d}.jsonl" for r in range(group.world_size)],
+                            planned["offsets"], capture_file)
+
+    def solve_my_share() -> dict:
+        results = []
+        try:
+            for start in range(0, len(mine), cfg.generate_bs):
+                batch = mine[start:start + cfg.generate_bs]
+                batch_results = solve(lm, batch, task, cfg, observer=recorder)
+                if recorder is not None:
+                    recorder.write_batch(batch_results)
+                out.write("".join(_jsonl(result) for result in batch_results))
+                out.flush()
+                results.extend(batch_results)
+                if tracker is not None:
+                    tracker.poll()
+                group.maybe_die(len(results))
+        finally:
+            out.close()
+            if recorder is not None:
+                recorder.close()
+        return {"solved": len(results), "correct": sum(bool(r.correct) for r in results),
+                "generated_tokens": sum(r.generated_tokens for r in results)}
+
+    try:
+        counts = group.gather(group.agree(solve_my_share))  # every rank has finished its share
+    finally:
+        if tracker is not None:
+            tracker.close()
+
+    def finish() -> dict | None:
+        if not main:
+            return None
+        solved = sum(c["solved"] for c in counts)
+        merge_started = time.perf_counter()
+        summary = {
+            "method": cfg.method, "model": cfg.model_name, "task": cfg.task,
+            "accuracy": 0.0, "correct": 0, "total": 0, "total_time_sec": 0.0, "time_per_sample_sec": 0.0,
+            "generated_tokens": sum(c["generated_tokens"] for c in counts),
+        }
+        resumed = len(problems) - len(todo)
+        if resumed:
+            summary["resumed_problems"] = resumed
+        summary["world_size"] = group.world_size
+
+        def complete(correct: int, total: int) -> dict:
+            elapsed = time.perf_counter() - started
+            summary.update(accuracy=correct / total if total else 0.0, correct=correct, total=total,
+                           total_time_sec=round(elapsed, 3),
+                           time_per_sample_sec=round(elapsed / solved, 3) if solved else 0.0,
+                           merge_time_sec=round(time.perf_counter() - merge_started, 3))
+            return dict(summary)
+
+        lines = _merge_results(run_dir, parts, keep_existing=capture_file is not None and bool(done))
+        if capture_file is not None:
+            summary["capture_file"] = str(capture_file)
+            shards.merge(capture_file, summarize=lambda stats: complete(stats.correct, stats.total),
+                         extra_attrs={"world_size": group.world_size})
+        else:
+            complete(sum(bool(json.loads(line)["correct"]) for line in lines), len(lines))
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    return group.broadcast(group.agree(finish))
+
+
+class _Progress:
+    """Rank 0's bar over the whole run: it tails every rank's results part (one JSON line per
+    finished problem), after each of its own batches and once a second from a thread, so
+    no rank ever waits for it."""
+
+    def __init__(self, bar, files: list[Path], offsets: dict[str, int], capture_file: Path | None):
+        self.bar = bar
+        self.files = files
+        self.offsets = {f: offsets.get(f.name, 0) for f in files}
+        self.capture_file = capture_file
+        self.solved = self.correct = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="latentmas-progress", daemon=True)
+        self._thread.start()
+
+    def _loop(self):
+        while not self._stop.wait(1.0):
+            self.poll()
+
+    def poll(self) -> None:
+        with self._lock:
+            new = 0
+            for path in self.files:
+                try:
+                    with open(path, "rb") as f:
+                        f.seek(self.offsets[path])
+                        chunk = f.read()
+                except OSError:
+                    continue
+                end = chunk.rfind(b"\n") + 1
+                for line in chunk[:end].splitlines():
+                    new += 1
+                    try:
+                        self.correct += bool(json.loads(line)["correct"])
+                    except (ValueError, KeyError, TypeError):
+                        pass
+                self.offsets[path] += end
+            if not new:
+                return
+            self.solved += new
+            self.bar.update(new)
+            postfix = {"acc": f"{self.correct / self.solved:.2f}"}
+            if self.capture_file is not None:
+                from capture.merge import shard_files
+
+                total = sum(p.stat().st_size for p in shard_files(self.capture_file) if p.exists())
+                postfix["capture"] = _format_size(total)
+            self.bar.set_postfix(postfix)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+        self.bar.close()
+
+
+def _trim_torn_line(path: Path) -> int:
+    """Cut a last line without its newline (a writer killed mid-line); return the new size."""
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    return keep
+
+
+def _merge_results(run_dir: Path, parts: Path, keep_existing: bool) -> list[str]:
+    """Merge the results parts (and, when resuming, the existing results.jsonl) into
+    results.jsonl, one line per problem number, sorted; delete the parts. Returns the lines."""
+    by_number: dict[int, str] = {}
+    files = ([run_dir / "results.jsonl"] if keep_existing else []) + sorted(parts.glob("rank-*.jsonl"))
+    for path in files:
+        if not path.exists():
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                number = int(json.loads(line)["number"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn line
+            by_number.setdefault(number, line)
+    lines = [by_number[n] for n in sorted(by_number)]
+    tmp = run_dir / "results.jsonl.merge-tmp"
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, run_dir / "results.jsonl")
+    for part in parts.glob("rank-*.jsonl"):
+        part.unlink()
+    try:
+        parts.rmdir()
+    except OSError:
+        pass
+    return lines
+
+
+def _jsonl(result) -> str:
+    return json.dumps(dataclasses.asdict(result), ensure_ascii=False) + "\n"
 
 
 def _summary(cfg, results, elapsed, skipped, capture, total_problems) -> dict:
@@ -121,6 +401,10 @@ def _size(path: Path) -> str:
         size = path.stat().st_size
     except OSError:
         return "?"
+    return _format_size(size)
+
+
+def _format_size(size: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
             return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"

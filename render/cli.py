@@ -129,6 +129,9 @@ _FIELDS = (
 )
 
 
+_ALWAYS = {"model", "method", "heads", "latent steps", "started"}
+
+
 def _lookup(attrs: dict, config: dict, keys) -> object:
     for key in keys:
         for source in (attrs, config):
@@ -143,16 +146,9 @@ def _short(value, width: int = 60) -> str:
 
 
 def _handoff_widths(reader, number: int) -> list[tuple[str, int]]:
-    """(name, T) of each hand-off of a problem, without reading the matrices when possible."""
+    """(name, T) of each hand-off of a problem, without reading the matrices."""
     summary = reader.problem(number)
-    file = getattr(reader, "_file", None)
-    try:
-        row = reader.problem_numbers.index(number)
-        first = int(file["problems/first_handoff"][row])
-        widths = file["handoffs/num_columns"][first:first + len(summary.handoff_names)]
-        return list(zip(summary.handoff_names, (int(w) for w in widths)))
-    except (TypeError, KeyError, AttributeError):
-        return [(h.name, h.num_columns) for h in reader.handoffs(number)]
+    return list(zip(summary.handoff_names, summary.handoff_columns))
 
 
 def describe(path) -> str:
@@ -179,10 +175,14 @@ def describe(path) -> str:
                 value = "seed (not recorded; assumed)"
             if value is not None:
                 lines.append(f"  {label:<13} {_short(value)}")
+            elif label in _ALWAYS:
+                lines.append(f"  {label:<13} (not recorded)")
         knn = {k: v for k, v in {**config, **attrs}.items() if k.lower().startswith("knn")}
         used.update(knn)
-        if knn:
-            lines.append(f"  {'kNN':<13} " + ", ".join(f"{k}={_short(v, 20)}" for k, v in sorted(knn.items())))
+        knn_text = ", ".join(f"{k}={_short(v, 20)}" for k, v in sorted(knn.items())) or "(not recorded)"
+        lines.append(f"  {'kNN':<13} {knn_text}")
+        if config:
+            lines.append(f"  {'config':<13} {_short(json.dumps(config, sort_keys=True), 100)}")
         finished = reader.finished_at
         lines.append(f"  {'finished':<13} {finished if finished else 'no (still running, or stopped early)'}")
         summary = reader.summary

@@ -23,7 +23,7 @@ DEFAULT_MODE = "seed"
 
 NAN_COLOR = "#8c8c8c"
 NAN_COLOR_ON_GREY = "#ff00ff"
-_GREY_CMAPS = {"gray", "grey", "greys", "binary", "gist_gray", "gist_grey", "gist_yarg", "gist_gray", "bone"}
+_GREY_CMAPS = {"gray", "grey", "greys", "binary", "gist_gray", "gist_grey", "gist_yarg", "bone"}
 
 
 class UnknownColormap(ValueError):

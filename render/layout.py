@@ -21,7 +21,7 @@ Sizing rule (all lengths in inches; at the default 100 dpi one inch is 100 px):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -89,8 +89,6 @@ class Layout:
     plot_width_in: float
     interpolation: str                  # 'nearest' or 'antialiased'
     token_labels: bool                  # token strings fit and are drawn
-    xlabel_y_in: float = 0.0
-    extras: dict = field(default_factory=dict)
 
     def heat_pixels(self, dpi: float) -> tuple[int, int, int, int]:
         """(x0, y0, x1, y1) of the heatmap area in image pixels, y counted from the top."""
@@ -116,7 +114,8 @@ def figure_width_in(num_columns: int, token_labels: bool = False, strip: bool = 
 
 def heatmap_layout(num_layers: int, num_columns: int, dpi: float, *, title_lines: int = 2,
                    has_segments: bool = True, has_gaps: bool = False, token_labels: bool = False,
-                   strip: bool = False) -> Layout:
+                   strip: bool = False, token_label_chars: int = 12,
+                   label_rows: int = SEGMENT_LABEL_ROWS) -> Layout:
     """Geometry of a multi-layer heatmap (strip=False) or a single-layer strip (strip=True).
 
     Top to bottom: title, segment labels, segment band, heatmap, kNN gap marks, x ticks
@@ -133,12 +132,12 @@ def heatmap_layout(num_layers: int, num_columns: int, dpi: float, *, title_lines
 
     top = TITLE_PAD_IN + title_lines * TITLE_LINE_IN + 0.08
     if has_segments:
-        top += SEGMENT_LABEL_ROWS * LABEL_ROW_IN + BAND_IN + 0.04
+        top += label_rows * LABEL_ROW_IN + BAND_IN + 0.06
     bottom = TICKS_IN + XLABEL_IN + 0.12
     if has_gaps:
         bottom += RUG_IN
-    if labels_fit:
-        bottom += TOKEN_LABEL_IN
+    if labels_fit:  # rotated labels: as tall as the longest one is wide
+        bottom += min(TOKEN_LABEL_IN, text_width_in("x" * token_label_chars, TOKEN_LABEL_PT)) + 0.05
     if strip:
         bottom += STRIP_CBAR_IN
     width = figure_width_in(num_columns, token_labels, strip)

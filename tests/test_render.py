@@ -136,6 +136,8 @@ def test_top_layers_green_bottom_layers_red_in_the_png(tmp_path):
     fig = build_figure("multi", handoff, 1, RenderOptions(), "seed", notes=("model: toy/model",))
     assert png.shape[:2] == (round(fig.get_figheight() * fig.dpi), round(fig.get_figwidth() * fig.dpi))
     area = heat_pixels(fig, png)
+    x0, y0, x1, y1 = fig.render_info.layout.heat_pixels(fig.dpi)
+    assert abs((x1 - x0 - 4) - area.shape[1]) <= 1 and abs((y1 - y0 - 4) - area.shape[0]) <= 1
     rows = area.shape[0]
     top, bottom = area[: rows // 2 - 2], area[rows // 2 + 2:]
     green = np.asarray(colormaps["RdYlGn"](1.0)[:3]) * 255
@@ -181,9 +183,10 @@ def test_attention_mode_uses_a_sequential_scale_from_zero():
     assert (scale.cmap, scale.vmin, scale.vmax) == ("viridis", 0.0, 0.4)
     assert scale_for("seed", values).cmap == "RdYlGn"
     assert (scale_for("seed", values).vmin, scale_for(None, values).vmax) == (-1.0, 1.0)
-    fig = multi_layer_heatmap(values, mode="attention")
-    image = fig.axes[0].images[0]
-    assert image.get_cmap().name.startswith("viridis") and image.norm.vmax == pytest.approx(0.4)
+    info = multi_layer_heatmap(values, mode="attention").render_info
+    assert (info.cmap, info.vmin, info.vmax) == ("viridis", 0.0, pytest.approx(0.4))
+    info = multi_layer_heatmap(values, mode="attention", cmap="magma", vmax=1.0).render_info
+    assert (info.cmap, info.vmin, info.vmax) == ("magma", 0.0, 1.0)
 
 
 # -- single layer --------------------------------------------------------------------------------
@@ -195,8 +198,8 @@ def test_single_layer_title_has_the_raw_range_and_uses_the_middle_layer():
     title = fig.get_suptitle()
     assert "Range: [-0.234, 0.891]" in title
     assert "layer 2 of 5" in title
-    drawn = np.asarray(fig.axes[0].images[0].get_array())
-    assert drawn.shape == (1, 4)
+    drawn = fig.render_info.values
+    assert drawn.shape == (1, 4) and fig.render_info.cmap == "YlOrRd"
     assert drawn.min() == pytest.approx(0) and drawn.max() == pytest.approx(1)
     assert drawn[0, 1] == pytest.approx(1)
 
@@ -205,9 +208,13 @@ def test_constant_row_gives_zeros_not_nan():
     normalised, lo, hi = normalise_row(np.full(7, 0.42))
     assert np.array_equal(normalised, np.zeros(7)) and lo == hi == pytest.approx(0.42)
     fig = single_layer_strip(np.full((3, 7), 0.42))
-    drawn = np.ma.getdata(fig.axes[0].images[0].get_array())
+    drawn = fig.render_info.values
     assert not np.isnan(drawn).any() and (drawn == 0).all()
     assert "Range: [0.420, 0.420]" in fig.get_suptitle()
+    # and on screen: every cell is the colormap's low end, none is the NaN grey
+    area = heat_pixels(fig, draw(fig))
+    low = np.asarray(colormaps["YlOrRd"](0.0)[:3]) * 255
+    assert (np.abs(area - low).max(axis=-1) <= 2).mean() > 0.97
 
 
 def test_normalise_row_keeps_nan_and_ignores_it_for_the_range():

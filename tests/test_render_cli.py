@@ -14,7 +14,9 @@ import pytest
 from click.testing import CliRunner
 
 from render.cli import info_command, main, render_command
-from test_render import write_capture
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_render import write_capture  # noqa: E402  (shared synthetic-capture helper)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import ContextManager
 
 import torch
 
@@ -52,7 +53,7 @@ def encode(lm, prompts: list[Prompt], think: bool) -> tuple[list[str], torch.Ten
 
 
 def sampling_of(cfg) -> Sampling:
-    return Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.ignore_eos)
+    return Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.ignore_eos, cfg.fast_decode)
 
 
 def write_turn(lm, shared: SharedCache, agent: str, prompts: list[Prompt], cfg, generators) -> list[AgentTurn]:
@@ -60,9 +61,13 @@ def write_turn(lm, shared: SharedCache, agent: str, prompts: list[Prompt], cfg, 
     return decode_turn(lm, shared, agent, *encode(lm, prompts, cfg.think), cfg, generators)
 
 
-def decode_turn(lm, shared: SharedCache, agent: str, texts, ids, mask, cfg, generators) -> list[AgentTurn]:
-    """`write_turn` for a prompt already encoded (texts, ids [batch, n], mask [batch, n])."""
-    outputs = generate(shared, ids, mask, agent, sampling_of(cfg), generators)
+def decode_turn(lm, shared: SharedCache, agent: str, texts, ids, mask, cfg, generators,
+                prefill: ContextManager | None = None) -> list[AgentTurn]:
+    """`write_turn` for a prompt already encoded (texts, ids [batch, n], mask [batch, n]).
+
+    prefill: optional context manager entered around the prompt's prefill only (see `generate`).
+    """
+    outputs = generate(shared, ids, mask, agent, sampling_of(cfg), generators, prefill=prefill)
     decoded = lm.tokenizer.batch_decode(outputs, skip_special_tokens=True)
     return [
         AgentTurn(agent, text, out, int(m.sum()), len(o))

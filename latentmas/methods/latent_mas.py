@@ -6,16 +6,24 @@ back in as the next input embedding. Before each hand-off the cache may be kNN
 filtered; observers (capture) see the cache the next agent is about to read.
 The judger prefills its prompt on that cache and decodes the answer, so even
 with `latent_steps 0` it still reads every earlier agent's prompt.
+
+Observers hear of each hand-off twice: `on_handoff(event)` when the cache is
+handed over (before the incoming agent reads it), and, if they define it,
+`watch_prefill(event)`, a context manager wrapped around the incoming agent's
+prompt prefill (for the judger, the prefill before decoding), so hooks can read
+that forward pass (`capture.hooks`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ContextManager, Protocol
 
 import torch
 
+from capture.hooks import score_prompt
 from capture.similarity import layer_similarities
 
 from ..knn import KnnFilter
@@ -43,7 +51,34 @@ class HandoffEvent:
 
 
 class HandoffObserver(Protocol):
+    """Told of every hand-off, after any kNN trim and before `to_agent` prefills its prompt.
+
+    An observer may also define `watch_prefill(event) -> ContextManager` (see
+    `PrefillObserver`); it is optional, and observers without it work as before.
+    """
+
     def on_handoff(self, event: HandoffEvent) -> None: ...
+
+
+class PrefillObserver(HandoffObserver, Protocol):
+    """A `HandoffObserver` that also reads the incoming agent's prompt prefill.
+
+    `watch_prefill(event)` is called right after `on_handoff(event)`, with the same event;
+    the context manager it returns is entered around exactly one forward pass: `to_agent`'s
+    prompt prefill on `event.shared` (the judger's included, inside `decode_turn`). When it
+    exits, the prefill has run and the prompt's columns follow the hand-off's T columns in
+    the cache. Nothing else (latent steps, decoding) runs inside it.
+    """
+
+    def watch_prefill(self, event: HandoffEvent) -> ContextManager: ...
+
+
+def watch_prefill(observer, event: HandoffEvent | None) -> ContextManager:
+    """The observer's `watch_prefill(event)`, or a no-op when there is no event or no such method."""
+    watch = getattr(observer, "watch_prefill", None)
+    if event is None or watch is None:
+        return contextlib.nullcontext()
+    return watch(event)
 
 
 def mean_embedding(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -66,7 +101,23 @@ def latent_input_for(lm, realign: bool) -> LatentInput:
 
 def knn_filter_of(cfg) -> KnnFilter | None:
     settings = cfg.knn_settings()
-    return KnnFilter(**settings) if settings else None
+    return KnnFilter(**settings, score=getattr(cfg, "knn_score", "seed")) if settings else None
+
+
+def knn_scores(lm, shared: SharedCache, knn: KnnFilter, query, prompt_embeds, ids, mask, agent: str):
+    """The middle layer's `knn.score` similarities of the cache's columns for `agent`'s prompt: `[batch, T]`.
+
+    "seed" needs only the mean prompt embedding `query` [batch, hidden]. "query" and "attention"
+    run a scoring pass (`capture.hooks.score_prompt`): the prompt (`prompt_embeds` [batch, n, hidden])
+    is prefilled on the untrimmed cache through the middle layer, then the cache is restored.
+    That costs about half a prompt prefill per hand-off on top of the real one. "random" ignores scores.
+    """
+    middle = lm.num_layers // 2
+    if not knn.needs_scores:
+        return torch.zeros(shared.mask.shape, dtype=torch.float32, device=shared.mask.device)
+    if knn.score == "seed":
+        return layer_similarities([shared.layer_keys()[middle]], query)[:, 0, :]
+    return score_prompt(shared, prompt_embeds, mask, ids, SegmentKey(agent, "prompt"), knn.score, middle)
 
 
 @torch.no_grad()
@@ -92,19 +143,23 @@ def solve(lm, problems, task, cfg, observer: HandoffObserver | None = None):
         prompts = [agent_prompt(agent, p.question, task.answer_instruction, cfg.prompt, "latent_mas")
                    for p in problems]
         texts, ids, mask = encode(lm, prompts, cfg.think)
+        event = None
         if previous is not None:
-            query = mean_embedding(embed(ids), mask)
+            prompt_embeds = embed(ids)
+            query = mean_embedding(prompt_embeds, mask)
             if knn is not None:
-                middle = lm.num_layers // 2
-                scores = layer_similarities([shared.layer_keys()[middle]], query)[:, 0, :]
+                scores = knn_scores(lm, shared, knn, query, prompt_embeds, ids, mask, agent)
                 shared.keep(knn.keep_mask(scores, shared.mask, knn_generators))
             if observer is not None:
-                observer.on_handoff(HandoffEvent(previous, agent, shared, query, ids, mask, problems))
+                event = HandoffEvent(previous, agent, shared, query, ids, mask, problems)
+                observer.on_handoff(event)
+        prefill = watch_prefill(observer, event)
         if agent == AGENTS[-1]:
             generators = generators_for(problems, cfg, lm.device, salt=index)
-            new = decode_turn(lm, shared, agent, texts, ids, mask, cfg, generators)
+            new = decode_turn(lm, shared, agent, texts, ids, mask, cfg, generators, prefill=prefill)
         else:
-            hidden = shared.extend(embed(ids), mask, ids, SegmentKey(agent, "prompt"))
+            with prefill:
+                hidden = shared.extend(embed(ids), mask, ids, SegmentKey(agent, "prompt"))
             think_latently(shared, latent_input, hidden, agent, cfg.latent_steps)
             new = [AgentTurn(agent, text, "", int(m.sum()), 0, cfg.latent_steps) for text, m in zip(texts, mask)]
         for done, turn in zip(turns, new):

@@ -1,0 +1,110 @@
+"""What the benchmarks share: timing passes of latent_mas with capture off or on."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from capture.recorder import CaptureRecorder  # noqa: E402
+from latentmas import decoding  # noqa: E402
+from latentmas.methods import get_method  # noqa: E402
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine(lm) -> str:
+    import transformers
+
+    gpu = torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda" else "cpu"
+    return f"{gpu}; torch {torch.__version__}; transformers {transformers.__version__}"
+
+
+class TimedRecorder(CaptureRecorder):
+    """A CaptureRecorder that adds up the wall time of its own calls (device synced around each)."""
+
+    seconds = 0.0
+
+    def _timed(self, method, *args):
+        sync(self.lm.device)
+        start = time.perf_counter()
+        method(*args)
+        sync(self.lm.device)
+        self.seconds += time.perf_counter() - start
+
+    def on_handoff(self, event):
+        self._timed(super().on_handoff, event)
+
+    def write_batch(self, results):
+        self._timed(super().write_batch, results)
+
+
+@dataclass
+class Pass:
+    """One pass over the problems. Times are seconds per problem."""
+
+    per_problem: float
+    peak_mib: float
+    judger: float = 0.0  # the judger's prefill + decode
+    recorder: float = float("nan")  # inside the recorder (timed passes only)
+    decoded_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def run_pass(lm, problems, task, cfg, capture_path: Path | None = None, timed: bool = False) -> Pass:
+    """Solve `problems` in batches of cfg.generate_bs, capture on when `capture_path` is set.
+
+    timed: sync around recorder calls and the judger's decode to split the time
+    (the syncs cost a little, so timed passes are reported apart from the on/off ratio).
+    """
+    solve = get_method(cfg.method)
+    recorder_class = TimedRecorder if timed else CaptureRecorder
+    recorder = recorder_class.open(capture_path, cfg, lm, overwrite=True) if capture_path else None
+    judger_seconds = [0.0]
+    original_generate = decoding.generate
+
+    def timed_generate(*args, **kwargs):
+        sync(lm.device)
+        start = time.perf_counter()
+        out = original_generate(*args, **kwargs)
+        sync(lm.device)
+        judger_seconds[0] += time.perf_counter() - start
+        return out
+
+    if timed:
+        from latentmas.methods import common
+
+        common.generate = timed_generate
+    try:
+        sync(lm.device)
+        if lm.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(lm.device)
+        start = time.perf_counter()
+        decoded = 0
+        for i in range(0, len(problems), cfg.generate_bs):
+            batch = problems[i:i + cfg.generate_bs]
+            results = solve(lm, batch, task, cfg, observer=recorder)
+            decoded += sum(r.generated_tokens for r in results)
+            if recorder is not None:
+                recorder.write_batch(results)
+        sync(lm.device)
+        elapsed = time.perf_counter() - start
+    finally:
+        if timed:
+            from latentmas.methods import common
+
+            common.generate = original_generate
+    peak = torch.cuda.max_memory_allocated(lm.device) / 2**20 if lm.device.type == "cuda" else float("nan")
+    inside = getattr(recorder, "seconds", float("nan"))
+    if recorder is not None:
+        recorder.close()
+    n = len(problems)
+    return Pass(elapsed / n, peak, judger_seconds[0] / n, inside / n, decoded)

@@ -1,0 +1,101 @@
+"""LatentMAS speed per problem on the Qwen3-4B shapes, at batch sizes 1 and 16, capture off and on.
+
+Seeded random weights built on the GPU from the real config and tokenizer (no download):
+
+    python bench/latentmas_speed.py --model_name .gpu_inputs/qwen3-4b-arch --random_weights \
+        --data_file .gpu_inputs/gsm8k_test.jsonl
+
+Settings as the reference measurement: sequential prompts, latent_steps 10, the judger
+decodes exactly max_new_tokens 256 (EOS ignored), temperature 0.6, top_p 0.95.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from pathlib import Path
+
+import click
+
+from common import machine, run_pass
+
+from latentmas.config import RunConfig
+from latentmas.models import load_model
+from latentmas.tasks import get_task, load_problems
+
+# The public reference implementation with these settings at batch size 1 (median s/problem).
+REFERENCE = {"H100": (12.0, 14.0), "H200": (10.0, 15.0)}
+
+
+@click.command()
+@click.option("--model_name", default="tiny-qwen3")
+@click.option("--random_weights", is_flag=True)
+@click.option("--data_file", default=None)
+@click.option("--batch_sizes", default="1,16", show_default=True)
+@click.option("--problems_bs1", default=4, show_default=True)
+@click.option("--batches", default=1, show_default=True, help="batches per pass for batch sizes > 1")
+@click.option("--repeats", default=2, show_default=True)
+@click.option("--max_new_tokens", default=256, show_default=True)
+@click.option("--plain", is_flag=True, help="also time the plain (eager) decode loop at batch size 1")
+@click.option("--device", default="auto", show_default=True)
+def main(model_name, random_weights, data_file, batch_sizes, problems_bs1, batches, repeats, max_new_tokens,
+         plain, device):
+    task = get_task("gsm8k")
+    sizes = [int(b) for b in batch_sizes.split(",")]
+    most = max(max(sizes) * batches, problems_bs1)
+    problems = load_problems(task, data_file, most)
+    lm = load_model(model_name, device, random_weights=random_weights)
+    print(f"machine: {machine(lm)}; model {model_name} ({lm.num_layers} layers, {lm.dtype})")
+    print("settings: latent_mas, sequential, latent_steps 10, max_new_tokens "
+          f"{max_new_tokens} (EOS ignored), temperature 0.6, top_p 0.95")
+    rows = []
+    variants = [(bs, fast) for bs in sizes for fast in ([True, False] if plain and bs == 1 else [None])]
+    with tempfile.TemporaryDirectory() as tmp:
+        capture_path = Path(tmp) / "speed.h5"
+        for bs, fast in variants:
+            cfg = RunConfig(model_name=model_name, random_weights=random_weights, data_file=data_file,
+                            latent_steps=10, max_new_tokens=max_new_tokens, ignore_eos=True, temperature=0.6,
+                            top_p=0.95, generate_bs=bs, device=device, fast_decode=fast)
+            subset = problems[: problems_bs1 if bs == 1 else bs * batches]
+            run_pass(lm, subset[:bs], task, cfg)  # warm-up (CUDA graph capture, allocator)
+            for capture in (False, True):
+                passes = [run_pass(lm, subset, task, cfg, capture_path if capture else None)
+                          for _ in range(repeats)]
+                timed = run_pass(lm, subset, task, cfg, capture_path if capture else None, timed=True)
+                per_problem = statistics.median(p.per_problem for p in passes)
+                tokens_per_problem = passes[0].decoded_tokens / len(subset)
+                rows.append({
+                    "bs": bs, "decode": "plain" if fast is False else "fast", "capture": capture,
+                    "s/problem": per_problem, "problems/s": 1 / per_problem,
+                    "decode tok/s": tokens_per_problem / per_problem,
+                    "latent phase s": timed.per_problem - timed.judger, "judger s": timed.judger,
+                    "peak MiB": max(p.peak_mib for p in passes),
+                })
+                r = rows[-1]
+                print(f"  bs {bs:2d} {r['decode']:5s} capture {'on ' if capture else 'off'}: "
+                      f"{per_problem:.3f} s/problem", flush=True)
+    header = ("bs", "decode", "capture", "s/problem", "problems/s", "decode tok/s", "latent phase s", "judger s",
+              "peak MiB")
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for r in rows:
+        cells = [str(r["bs"]), r["decode"], "on" if r["capture"] else "off"] + [
+            f"{r[k]:.3f}" if k in ("s/problem", "problems/s", "latent phase s", "judger s") else f"{r[k]:.0f}"
+            for k in header[3:]]
+        print("| " + " | ".join(cells) + " |")
+    gpu = machine(lm)
+    kind = next((k for k in REFERENCE if k in gpu), None)
+    if kind:
+        low, high = REFERENCE[kind]
+        for r in rows:
+            if r["decode"] == "fast" and not r["capture"]:
+                print(f"bs {r['bs']}: {low / r['s/problem']:.1f}x to {high / r['s/problem']:.1f}x the reference's "
+                      f"problems/s on {kind} (reference {low:g}-{high:g} s/problem at bs 1)")
+        by = {(r["bs"], r["decode"], r["capture"]): r for r in rows}
+        for bs in sizes:
+            if (bs, "fast", True) in by:
+                off, on = by[(bs, "fast", False)], by[(bs, "fast", True)]
+                print(f"bs {bs}: capture overhead {(on['s/problem'] / off['s/problem'] - 1) * 100:+.2f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Shard files of a capture written by several processes, and their merge into the run's one file.
+
+A capture run under torchrun writes one shard per rank next to the run's capture file::
+
+    captures/<run>.h5                      the merged capture (what render/info read)
+    captures/<run>.h5.shards/rank-00000.h5 rank 0's problems, an ordinary capture file
+    captures/<run>.h5.shards/rank-00001.h5 ...
+
+At the end rank 0 copies every problem of the existing capture file (if any) and of all
+shards, in problem-number order, into `<run>.h5.merge-tmp` with `CaptureWriter`, swaps it
+in with `os.replace` and deletes the shards. Only the public `CaptureReader` /
+`CaptureWriter` API is used: the layout stays defined in `capture.format` alone.
+Needs h5py and numpy only (no torch).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .format import CaptureConfigMismatch, CaptureReader, CaptureWriter, ProblemRecord
+
+SHARD_DIR_SUFFIX = ".shards"
+MERGE_TMP_SUFFIX = ".merge-tmp"
+
+
+def shard_dir(capture_file: str | os.PathLike) -> Path:
+    """`captures/run.h5` -> `captures/run.h5.shards`."""
+    capture_file = Path(capture_file)
+    return capture_file.with_name(capture_file.name + SHARD_DIR_SUFFIX)
+
+
+def shard_path(capture_file: str | os.PathLike, rank: int) -> Path:
+    """Rank `rank`'s shard: `captures/run.h5.shards/rank-00003.h5`."""
+    return shard_dir(capture_file) / f"rank-{rank:05d}.h5"
+
+
+def shard_files(capture_file: str | os.PathLike) -> list[Path]:
+    """The shards present, in rank order (a rerun with another world size may find more or fewer)."""
+    folder = shard_dir(capture_file)
+    return sorted(folder.glob("rank-*.h5")) if folder.is_dir() else []
+
+
+def sources(capture_file: str | os.PathLike) -> list[Path]:
+    """The capture file itself (when it exists), then every shard: where finished problems are."""
+    capture_file = Path(capture_file)
+    return ([capture_file] if capture_file.exists() else []) + shard_files(capture_file)
+
+
+def completed_numbers(capture_file: str | os.PathLike, config: dict) -> set[int]:
+    """Numbers of the problems committed in the capture file or any shard.
+
+    Raises CaptureConfigMismatch when one of them was captured with another `config`,
+    CaptureError when one cannot be read.
+    """
+    done: set[int] = set()
+    for path in sources(capture_file):
+        with CaptureReader(path) as reader:
+            _check_config(path, reader.config, config)
+            done.update(reader.problem_numbers)
+    return done
+
+
+def remove_shards(capture_file: str | os.PathLike) -> None:
+    """Delete the shard folder of `capture_file` (and a leftover merge temp file)."""
+    shutil.rmtree(shard_dir(capture_file), ignore_errors=True)
+    capture_file = Path(capture_file)
+    capture_file.with_name(capture_file.name + MERGE_TMP_SUFFIX).unlink(missing_ok=True)
+
+
+@dataclass
+class MergeStats:
+    """What the merged file holds."""
+
+    numbers: list[int] = field(default_factory=list)
+    correct: int = 0
+    sources: int = 0
+
+    @property
+    def total(self) -> int:
+        return len(self.numbers)
+
+
+def merge(
+    capture_file: str | os.PathLike,
+    summarize: Callable[[MergeStats], dict] | None = None,
+    extra_attrs: dict | None = None,
+) -> MergeStats:
+    """Merge the capture file (if it exists) and its shards into the capture file; delete the shards.
+
+    Problems are written in number order; a problem found in several places (a merge
+    interrupted after the swap, before the shards were deleted) is taken once, from the
+    capture file first, then from the shards in rank order. Root attributes come from the
+    capture file, else from the first shard, updated with `extra_attrs`. `summarize(stats)`
+    gives the run summary stored in the file (it is marked finished).
+
+    The merged file is built as `<name>.merge-tmp` and swapped in with `os.replace`, so a
+    merge killed at any point leaves the capture file and the shards as they were.
+    """
+    capture_file = Path(capture_file)
+    paths = sources(capture_file)
+    if not paths:
+        raise FileNotFoundError(f"nothing to merge: neither {capture_file} nor shards in {shard_dir(capture_file)}")
+    readers: list[CaptureReader] = []
+    try:
+        for path in paths:
+            readers.append(CaptureReader(path))
+        first = readers[0]
+        config = first.config
+        for reader in readers[1:]:
+            _check_config(reader.path, reader.config, config)
+        owner: dict[int, CaptureReader] = {}
+        for reader in readers:
+            for number in reader.problem_numbers:
+                owner.setdefault(number, reader)
+        attrs = {k: v for k, v in first.attrs.items() if k not in ("schema_version", "config")}
+        attrs.update(extra_attrs or {})
+        stats = MergeStats(sources=len(readers))
+        tmp = capture_file.with_name(capture_file.name + MERGE_TMP_SUFFIX)
+        with CaptureWriter.open(tmp, attrs, config, first.num_layers, first.similarity_dtype,
+                                overwrite=True) as writer:
+            for number in sorted(owner):
+                reader = owner[number]
+                problem = reader.problem(number)
+                writer.append(ProblemRecord(
+                    number=number, question=problem.question, gold=problem.gold,
+                    prediction=problem.prediction, correct=problem.correct,
+                    handoffs=list(reader.handoffs(number))))
+                stats.numbers.append(number)
+                stats.correct += bool(problem.correct)
+            summary = summarize(stats) if summarize is not None else {"total": stats.total}
+            writer.finish(dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), summary)
+    finally:
+        for reader in readers:
+            reader.close()
+    os.replace(tmp, capture_file)
+    remove_shards(capture_file)
+    return stats
+
+
+def _check_config(path: Path, found: dict, expected: dict) -> None:
+    keys = sorted(set(found) | set(expected))
+    differences = [f"{k}: file has {found.get(k)!r}, now {expected.get(k)!r}"
+                   for k in keys if found.get(k) != expected.get(k)]
+    if differences:
+        raise CaptureConfigMismatch(
+            f"{path} was captured with other settings ({'; '.join(differences)}); "
+            "pass another --capture_file or --overwrite")
