@@ -1,22 +1,23 @@
 """Reading an agent's prompt prefill: the `query` and `attention` similarities, layer by layer.
 
-kvpress-style: `PrefillProbe` is a context manager that registers a forward hook (with
-kwargs) on every watched decoder layer's attention module and removes them when it closes.
-Wrap it around exactly one forward pass of the incoming agent's prompt on the shared cache:
+kvpress-style: `PrefillProbe` is a context manager that registers forward hooks on every
+watched decoder layer's attention module and removes them when it closes. Wrap it around
+exactly one forward pass of the incoming agent's prompt on the shared cache:
 
     probe = PrefillProbe(shared, prompt_mask, "attention")   # before the prefill
     with probe:
         shared.extend(embed(ids), prompt_mask, ids, SegmentKey(agent, "prompt"))
     probe.result()   # [batch, num_layers, T], T = shared.length before the prefill
 
-Each hook sees what the attention module sees: `hidden_states` (the layer's input after its
-input norm) and `position_embeddings` (cos, sin at the tokens' real positions). It rebuilds
-the prompt's queries with the module's own `q_proj`, `q_norm` (Qwen3; skipped where the
-model has none, e.g. Llama/Qwen2) and RoPE (the modeling file's `apply_rotary_pos_emb`),
-reads the layer's keys from the cache (which by then holds the T cached columns followed by
-the prompt's n columns), and reduces them with `capture.similarity` to a `[batch, T]` tensor
-kept on the device. Nothing syncs with the host; the only extra model work is one q_proj of
-the prompt tokens per watched layer.
+The queries are the model's own: a hook on the attention module's last query projection
+(`q_norm` for Qwen3, `q_proj` where there is none, e.g. Llama/Qwen2) keeps its output, i.e.
+the layer's input -> input norm -> q_proj -> q_norm, and a hook (with kwargs) on the attention
+module itself takes the `position_embeddings` (cos, sin at the tokens' real positions) it was
+called with, applies RoPE with the modeling file's own `apply_rotary_pos_emb`, and reads the
+layer's keys from the cache, which by then holds the T cached columns followed by the
+prompt's n columns. `capture.similarity` reduces them to a `[batch, T]` row per layer; the
+layers are reduced a few at a time as their hooks fire, on the device, with no host sync and
+no extra model work (no second forward pass, no recomputed projection).
 
 `score_prompt` is the kNN scoring pass: the prompt runs on the cache up to one layer, that
 layer's scores are kept, and the cache is put back as it was (`restored`).
@@ -26,12 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Iterable, Iterator
 from functools import partial
-from typing import Iterable, Iterator
 
 import torch
 
-from .similarity import PREFILL_MODES, attention_received, query_similarities
+from .similarity import PREFILL_MODES, attention_bias, attention_received, query_similarities
 
 
 class ProbeDone(Exception):
@@ -60,20 +61,10 @@ def attention_queries(module: torch.nn.Module, hidden_states: torch.Tensor,
     norm) -> `[batch, heads, n, head_dim]`, via q_proj, q_norm (if the module has one) and RoPE.
 
     A q_norm over head_dim (Qwen3, Gemma3) is applied per head; one over all heads (OLMo2) before
-    the split. Computed in the model's dtype, exactly as the module does.
+    the split. Computed in the model's dtype, exactly as the module does. (`PrefillProbe` takes
+    the model's own q_norm / q_proj output instead of recomputing it.)
     """
-    batch, n, _ = hidden_states.shape
-    head_dim = head_dim_of(module)
-    q = module.q_proj(hidden_states)
-    q_norm = getattr(module, "q_norm", None)
-    per_head_norm = q_norm is not None and getattr(q_norm, "weight", None) is not None \
-        and q_norm.weight.numel() == head_dim
-    if q_norm is not None and not per_head_norm:
-        q = q_norm(q)
-    q = q.view(batch, n, -1, head_dim)
-    if per_head_norm:
-        q = q_norm(q)
-    q = q.transpose(1, 2)
+    q = _pre_rope_queries(module, hidden_states).transpose(1, 2)
     cos, sin = position_embeddings
     q, _ = _rope_function(module)(q, q, cos, sin)
     return q
@@ -89,6 +80,23 @@ def attention_modules(lm) -> list[torch.nn.Module]:
     return [layer.self_attn for layer in layers]
 
 
+def _query_source(module: torch.nn.Module) -> torch.nn.Module:
+    """The submodule whose output is the pre-RoPE query: q_norm where the model has one, else q_proj."""
+    q_norm = getattr(module, "q_norm", None)
+    if isinstance(q_norm, torch.nn.Module):
+        return q_norm
+    q_proj = getattr(module, "q_proj", None)
+    if not isinstance(q_proj, torch.nn.Module):
+        raise ValueError(f"{type(module).__name__} has no q_proj: query/attention similarities cannot read its "
+                         "queries")
+    return q_proj
+
+
+# Most elements (of the fp32 scores or keys) one batched computation over several layers may hold;
+# the layers of a prefill are reduced in groups that fit (fewer, larger launches).
+LAYER_CHUNK_ELEMENTS = 1 << 26
+
+
 class PrefillProbe:
     """Forward hooks on the attention modules, for one prefill of the incoming prompt on `shared`.
 
@@ -100,7 +108,12 @@ class PrefillProbe:
     stop_after_last: raise `ProbeDone` once the last watched layer is done, so the rest of
             the model does not run; the probe's `with` block swallows it (scoring passes).
 
-    `result()` -> float32 `[batch, len(layers), T]` on the model's device.
+    Per watched layer, a hook on the query's last projection (q_norm, else q_proj) keeps its
+    output (the model's own pre-RoPE queries, no recomputation) and a hook on the attention
+    module takes its `position_embeddings`, its `scaling` and the layer's keys from the cache.
+    Layers are reduced in groups as their hooks fire (stacked along the batch axis, at most
+    `LAYER_CHUNK_ELEMENTS` per group), so the per-layer Python work stays small; everything
+    stays on the device. `result()` -> float32 `[batch, len(layers), T]`.
     """
 
     def __init__(self, shared, prompt_mask: torch.Tensor, mode: str, layers: Iterable[int] | None = None,
@@ -117,46 +130,102 @@ class PrefillProbe:
         if not self.layers or not all(0 <= i < len(self._modules) for i in self.layers):
             raise ValueError(f"layers {layers} are not within the model's {len(self._modules)} layers")
         self.stop_after_last = stop_after_last
+        self._sources = {i: _query_source(self._modules[i]) for i in self.layers}
         if mode == "attention":
             for i in self.layers:
                 _check_plain_softmax(self._modules[i], i)
-        self._results: dict[int, torch.Tensor] = {}
+        module = self._modules[self.layers[0]]
+        self._head_dim = head_dim_of(module)
+        self._rope = _rope_function(module)
+        batch, n = self.prompt_mask.shape
+        lm = shared.lm
+        if mode == "attention":
+            per_layer = batch * lm.num_heads * n * (self.width + n)
+        else:
+            per_layer = batch * (lm.num_kv_heads * self.width + lm.num_heads * n) * self._head_dim
+        self._chunk = max(1, LAYER_CHUNK_ELEMENTS // max(per_layer, 1))
+        self._queries: dict[int, torch.Tensor] = {}  # layer -> pre-RoPE queries, until its attention hook
+        self._group: list[tuple] = []  # (layer, queries, keys) waiting to be reduced together
+        self._group_key = None  # (cos, sin, scaling) shared by the waiting group
+        self._done: list[int] = []
+        self._chunks: list[torch.Tensor] = []  # [layers in chunk, batch, T]
         self._handles: list = []
+        self._mask_cache: dict[int, tuple] = {}
 
-    def __enter__(self) -> "PrefillProbe":
+    def __enter__(self) -> PrefillProbe:
         for i in self.layers:
-            hook = partial(self._hook, i)
-            self._handles.append(self._modules[i].register_forward_hook(hook, with_kwargs=True))
+            self._handles.append(self._sources[i].register_forward_hook(partial(self._keep_queries, i)))
+            self._handles.append(self._modules[i].register_forward_hook(partial(self._hook, i), with_kwargs=True))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._queries.clear()
         return exc_type is ProbeDone and self.stop_after_last
 
+    def _keep_queries(self, index: int, module, args, output) -> None:
+        self._queries[index] = output
+
     def _hook(self, index: int, module, args, kwargs, output) -> None:
-        if index in self._results:
+        if index in self._done or any(index == g[0] for g in self._group):
             raise RuntimeError("a PrefillProbe watches exactly one forward pass; open a new one per prefill")
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         batch, n = self.prompt_mask.shape
         if tuple(hidden.shape[:2]) != (batch, n):
             raise RuntimeError(f"PrefillProbe expected the prompt's prefill [{batch}, {n}], saw a forward of "
                                f"{tuple(hidden.shape[:2])}")
-        queries = attention_queries(module, hidden, self._position_embeddings(module, hidden, args, kwargs))
+        queries = self._queries.pop(index, None)
+        if queries is None:  # the query projection ran outside a module call: rebuild it
+            queries = _pre_rope_queries(module, hidden)
         keys = self.shared.cache.layers[getattr(module, "layer_idx", index)].keys
         T = self.width
         if keys.shape[2] != T + n:
             raise RuntimeError(f"layer {index}: the cache holds {keys.shape[2]} columns, expected the {T} cached "
                                f"and the prompt's {n}")
-        if self.mode == "query":
-            result = query_similarities(queries, keys[:, :, :T], self.prompt_mask, self.kv_mask)
-        else:
-            scaling = getattr(module, "scaling", None) or head_dim_of(module) ** -0.5
-            result = attention_received(queries, keys, self.prompt_mask, self.kv_mask, scaling)
-        self._results[index] = result
-        if self.stop_after_last and index == self.layers[-1]:
+        cos, sin = self._position_embeddings(module, hidden, args, kwargs)
+        scaling = getattr(module, "scaling", None) or self._head_dim ** -0.5
+        key = (cos, sin, float(scaling))
+        if self._group and not (key[0] is self._group_key[0] and key[1] is self._group_key[1]
+                                and key[2] == self._group_key[2]):
+            self._reduce()  # layers with their own RoPE or scaling go in their own group
+        self._group_key = key
+        self._group.append((index, queries, keys if self.mode == "attention" else keys[:, :, :T]))
+        last = index == self.layers[-1]
+        if len(self._group) >= self._chunk or last:
+            self._reduce()
+        if last and self.stop_after_last:
             raise ProbeDone
+
+    def _reduce(self) -> None:
+        """Reduce the waiting layers at once: they are stacked along the batch axis."""
+        group, (cos, sin, scaling) = self._group, self._group_key
+        self._group = []
+        count = len(group)
+        batch, n = self.prompt_mask.shape
+        stack = (lambda ts: ts[0]) if count == 1 else torch.stack
+        queries = stack([q for _, q, _ in group]).reshape(count * batch, n, -1, self._head_dim).transpose(1, 2)
+        keys = stack([k for _, _, k in group]).reshape(count * batch, *group[0][2].shape[1:])
+        if count > 1:
+            cos, sin = cos.repeat(count, 1, 1), sin.repeat(count, 1, 1)
+        queries, _ = self._rope(queries, queries, cos, sin)  # [count * B, heads, n, D]
+        prompt_mask, kv_mask, bias = self._masks(count)
+        if self.mode == "query":
+            result = query_similarities(queries, keys, prompt_mask, kv_mask)
+        else:
+            result = attention_received(queries, keys, prompt_mask, kv_mask, scaling, bias)
+        self._chunks.append(result.view(count, batch, -1))
+        self._done.extend(index for index, _, _ in group)
+
+    def _masks(self, count: int):
+        """prompt_mask, kv_mask (and the attention bias) repeated for `count` stacked layers, made once."""
+        if count not in self._mask_cache:
+            prompt_mask = self.prompt_mask.repeat(count, 1)
+            kv_mask = self.kv_mask.repeat(count, 1)
+            bias = attention_bias(prompt_mask, kv_mask) if self.mode == "attention" else None
+            self._mask_cache[count] = (prompt_mask, kv_mask, bias)
+        return self._mask_cache[count]
 
     def _position_embeddings(self, module, hidden, args, kwargs):
         embeddings = kwargs.get("position_embeddings")
@@ -173,10 +242,22 @@ class PrefillProbe:
 
     def result(self) -> torch.Tensor:
         """float32 `[batch, len(layers), T]`, once the prefill has run."""
-        missing = [i for i in self.layers if i not in self._results]
+        missing = [i for i in self.layers if i not in self._done]
         if missing:
             raise RuntimeError(f"the prefill never reached layer {missing[0]}: was the probe open around it?")
-        return torch.stack([self._results[i] for i in self.layers], dim=1)
+        return torch.cat(self._chunks, dim=0).transpose(0, 1)
+
+
+def _pre_rope_queries(module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """q_proj then q_norm (if any) of `hidden_states` [batch, n, hidden] -> [batch, n, heads, head_dim]."""
+    batch, n, _ = hidden_states.shape
+    head_dim = head_dim_of(module)
+    q = module.q_proj(hidden_states)
+    q_norm = getattr(module, "q_norm", None)
+    if isinstance(q_norm, torch.nn.Module):
+        per_head = getattr(q_norm, "weight", None) is not None and q_norm.weight.numel() == head_dim
+        q = q_norm(q.view(batch, n, -1, head_dim)) if per_head else q_norm(q)
+    return q.view(batch, n, -1, head_dim)
 
 
 def _check_plain_softmax(module, index: int) -> None:

@@ -18,9 +18,9 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .format import CaptureConfigMismatch, CaptureReader, CaptureWriter, ProblemRecord
 

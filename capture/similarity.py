@@ -21,7 +21,7 @@ from it. The functions here are pure tensor maths with no host synchronisation.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -107,22 +107,42 @@ def query_similarities(queries: torch.Tensor, keys: torch.Tensor, prompt_mask: t
     Returns float32 `[batch, T]` in [-1, 1]: cos(q[b, h, i], k[b, h // group, t]) averaged
     over real prompt tokens i and all heads h (query head h reads kv head h // (heads // kv_heads)).
 
-    The mean of cosines is the dot product of the mean unit query with each unit key,
-    so the work is O(heads·n·D + kv_heads·T·D), never `[heads, n, T]`.
+    A mean of cosines is the dot product of the mean unit query with each unit key, so the work
+    is O(heads·n·D + kv_heads·T·D), never `[heads, n, T]`. Several layers can go at once by
+    stacking them along the batch axis.
     """
     batch, kv_heads, group = _check_shapes(queries, keys, prompt_mask)
-    unit_q = F.normalize(queries.float(), dim=-1)
-    mean_q = torch.einsum("bhnd,bn->bhd", unit_q, _token_weights(prompt_mask))  # [B, H, D]
-    mean_q = mean_q.view(batch, kv_heads, group, -1).mean(dim=2)  # [B, KV, D]: the group's heads
-    unit_k = F.normalize(keys.float(), dim=-1)
-    sims = torch.einsum("bkd,bktd->bt", mean_q, unit_k) / kv_heads
+    unit_q = F.normalize(queries.float(), dim=-1)  # [B, H, n, D]
+    weights = _token_weights(prompt_mask).to(unit_q.device)
+    mean_q = torch.matmul(weights[:, None, None, :], unit_q)  # [B, H, 1, D], mean over real tokens
+    mean_q = mean_q.view(batch, kv_heads, group, -1).mean(dim=2)  # [B, KV, D], mean over the group's heads
+    unit_k = F.normalize(keys.float(), dim=-1)  # [B, KV, T, D]
+    sims = torch.matmul(unit_k, mean_q[..., None]).squeeze(-1).mean(dim=1)  # [B, T], mean over kv heads
     if kv_mask is not None:
-        sims = sims.masked_fill(~kv_mask.to(torch.bool), 0.0)
+        sims = sims.masked_fill(~kv_mask.to(device=sims.device, dtype=torch.bool), 0.0)
     return sims
 
 
+def attention_bias(prompt_mask: torch.Tensor, kv_mask: torch.Tensor) -> torch.Tensor:
+    """The additive mask of a prompt prefill: `[batch, n]`, `[batch, T]` bool -> fp32 `[batch, 1, 1, n, T + n]`.
+
+    0 where a prompt token attends (real cache columns, real prompt columns up to itself), -inf
+    elsewhere. Padding tokens (which `attention_received` weights 0) may attend to everything,
+    so no softmax row is empty (NaN).
+    """
+    batch, n = prompt_mask.shape
+    T = kv_mask.shape[1]
+    device = prompt_mask.device
+    prompt_mask = prompt_mask.to(torch.bool)
+    causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    allowed = torch.cat([kv_mask.to(device=device, dtype=torch.bool)[:, None, :].expand(batch, n, T),
+                         causal[None] & prompt_mask[:, None, :]], dim=2) | ~prompt_mask[:, :, None]
+    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill_(~allowed, float("-inf"))
+    return bias[:, None, None]
+
+
 def attention_received(queries: torch.Tensor, keys: torch.Tensor, prompt_mask: torch.Tensor,
-                       kv_mask: torch.Tensor, scaling: float) -> torch.Tensor:
+                       kv_mask: torch.Tensor, scaling: float, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Attention probability each cached column receives from the prompt, for one layer.
 
     queries: `[batch, heads, n, head_dim]`, the prompt's queries (after q_norm and RoPE).
@@ -131,12 +151,14 @@ def attention_received(queries: torch.Tensor, keys: torch.Tensor, prompt_mask: t
     prompt_mask: `[batch, n]` bool, False for the prompt's (left) padding.
     kv_mask: `[batch, T]` bool, False for the cache's padding columns (they get no attention).
     scaling: the attention module's `scaling` (usually head_dim ** -0.5).
+    bias: `attention_bias(prompt_mask, kv_mask)`, when the caller already has it.
     Returns float32 `[batch, T]` in [0, 1]: softmax(q·k·scaling) over the real cache columns and
     the causal real prompt part, restricted to the cache columns, averaged over heads and real
     prompt tokens. Each row sums to at most 1; the rest is attention to the prompt itself.
 
     Scores are fp32 `[batch, heads, n, T + n]`, built a group of kv heads at a time when they
-    would exceed `ATTENTION_CHUNK_ELEMENTS`. No host synchronisation.
+    would exceed `ATTENTION_CHUNK_ELEMENTS`. Several layers can go at once by stacking them along
+    the batch axis. No host synchronisation.
     """
     batch, kv_heads, group = _check_shapes(queries, keys, prompt_mask)
     n, width = queries.shape[2], keys.shape[2]
@@ -144,26 +166,21 @@ def attention_received(queries: torch.Tensor, keys: torch.Tensor, prompt_mask: t
     if T < 0 or tuple(kv_mask.shape) != (batch, T):
         raise ValueError(f"kv_mask {tuple(kv_mask.shape)} does not fit keys {tuple(keys.shape)} minus the "
                          f"{n} prompt columns")
-    device = queries.device
-    prompt_mask = prompt_mask.to(device=device, dtype=torch.bool)
-    # Which key each prompt token may attend to: real cache columns, and real prompt columns up to itself.
-    causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-    allowed = torch.cat([kv_mask.to(device=device, dtype=torch.bool)[:, None, :].expand(batch, n, T),
-                         causal[None] & prompt_mask[:, None, :]], dim=2)  # [B, n, T + n]
-    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill_(~allowed, float("-inf"))
-    weights = _token_weights(prompt_mask)  # [B, n]
+    prompt_mask = prompt_mask.to(device=queries.device, dtype=torch.bool)
+    if bias is None:
+        bias = attention_bias(prompt_mask, kv_mask.to(queries.device))  # [B, 1, 1, n, T + n]
+    weights = _token_weights(prompt_mask)[:, None, None, None, :]  # [B, 1, 1, 1, n]
 
-    per_group = batch * group * n * width
-    step = max(1, min(kv_heads, ATTENTION_CHUNK_ELEMENTS // max(per_group, 1)))
-    received = torch.zeros(batch, T, dtype=torch.float32, device=device)
+    per_kv_head = batch * group * n * width
+    step = max(1, min(kv_heads, ATTENTION_CHUNK_ELEMENTS // max(per_kv_head, 1)))
     q = queries.reshape(batch, kv_heads, group, n, -1)
+    received = None
     for start in range(0, kv_heads, step):
         stop = min(kv_heads, start + step)
-        q_chunk = q[:, start:stop].float()  # [B, k, G, n, D]
-        k_chunk = keys[:, start:stop].float()  # [B, k, T + n, D]
-        scores = torch.einsum("bkgnd,bktd->bkgnt", q_chunk, k_chunk) * scaling
-        probs = torch.softmax(scores + bias[:, None, None], dim=-1)[..., :T]  # [B, k, G, n, T]
-        # padded prompt tokens may have NaN rows (nothing to attend to): drop them by selection, not product
-        probs = torch.where(prompt_mask[:, None, None, :, None], probs, 0.0)
-        received += torch.einsum("bkgnt,bn->bt", probs, weights)
+        q_chunk = q[:, start:stop].float() * scaling  # [B, k, G, n, D]
+        k_chunk = keys[:, start:stop, None].float()  # [B, k, 1, T + n, D]
+        scores = torch.matmul(q_chunk, k_chunk.transpose(-1, -2)) + bias  # [B, k, G, n, T + n]
+        probs = torch.softmax(scores, dim=-1)[..., :T]
+        part = torch.matmul(weights, probs).sum(dim=(1, 2, 3))  # [B, T]: over real tokens, then heads
+        received = part if received is None else received + part
     return received / (kv_heads * group)

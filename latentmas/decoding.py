@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import ContextManager
 
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
@@ -82,7 +81,7 @@ def generate(
     agent: str,
     sampling: Sampling,
     generators: list[torch.Generator],
-    prefill: ContextManager | None = None,
+    prefill: contextlib.AbstractContextManager | None = None,
 ) -> list[list[int]]:
     """Prefill a left-padded prompt `[batch, n]` on `shared`, then decode.
 

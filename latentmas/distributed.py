@@ -18,8 +18,9 @@ import io
 import os
 import signal
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -163,10 +164,14 @@ def join(device: str) -> Group:
         _silence()
     owns = False
     if world > 1 and not dist.is_initialized():
-        on_cuda = rank_device(device, local_rank).startswith("cuda")
-        if on_cuda:
-            torch.cuda.set_device(torch.device(rank_device(device, local_rank)))
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if on_cuda else "gloo", timeout=TIMEOUT)
+        name = rank_device(device, local_rank)
+        on_cuda = name.startswith("cuda")
+        if on_cuda and torch.cuda.is_available():
+            index = int(name.partition(":")[2] or 0) if name.partition(":")[2].isdigit() or name == "cuda" else -1
+            if 0 <= index < torch.cuda.device_count():
+                torch.cuda.set_device(index)  # else load_model says what is wrong with the device
+        backend = "cpu:gloo,cuda:nccl" if on_cuda and dist.is_nccl_available() else "gloo"
+        dist.init_process_group(backend=backend, timeout=TIMEOUT)
         owns = True
     if dist.is_initialized():  # e.g. started by accelerate: use its numbering
         rank, world = dist.get_rank(), dist.get_world_size()

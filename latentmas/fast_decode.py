@@ -52,6 +52,20 @@ class StaticKV:
         return self.capacity
 
 
+_CAPTURE: dict = {}  # device -> (side stream, graph memory pool), shared by every capture
+
+
+def _capture_resources(device: torch.device):
+    """One warm-up stream and one graph memory pool per device, reused by every capture.
+
+    A fresh stream per capture would leave a cuBLAS workspace behind each time
+    (cuBLAS keeps one per stream), and a fresh pool per graph would fragment memory.
+    """
+    if device not in _CAPTURE:
+        _CAPTURE[device] = (torch.cuda.Stream(device), torch.cuda.graph_pool_handle())
+    return _CAPTURE[device]
+
+
 class DecodeStep:
     """One decode step with fixed shapes: token ids `[batch]` in, next-token logits `[batch, vocab]` out.
 
@@ -92,14 +106,14 @@ class DecodeStep:
     def _capture(self) -> None:
         """Warm up on a side stream, then record one step into a CUDA graph."""
         saved = (self.kv.write_index.clone(), self.kv.mask.clone(), self.position.clone())
-        stream = torch.cuda.Stream()
+        stream, pool = _capture_resources(self.kv.mask.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
                 self._forward()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool, stream=stream):
             self.logits = self._forward()
         # warm-up and capture wrote into the next slot; restore it so decoding starts clean
         self.kv.write_index.copy_(saved[0])

@@ -75,7 +75,7 @@ def any_eager_lm(request, eager_lm, tiny_lm):
 
 def naive_query(queries, keys, prompt_mask):
     """Mean over real tokens and heads of cos(q[b, h, i], k[b, h // group, t]), one by one."""
-    batch, heads, n, _ = queries.shape
+    batch, heads, _, _ = queries.shape
     group = heads // keys.shape[1]
     out = torch.zeros(batch, keys.shape[2])
     for b in range(batch):
@@ -155,8 +155,7 @@ def test_attention_received_matches_a_plain_loop(heads, kv_heads, chunked, monke
 
 
 def test_attention_received_sums_to_one_without_a_prompt_share():
-    """With one prompt token that can only see itself, a huge self-score leaves nothing for the cache;
-    a -inf self-score (a masked prompt key) gives the cache everything."""
+    """With a one-token prompt, the cache receives exactly 1 minus the token's attention to itself."""
     queries, keys, prompt_mask, kv_mask = random_case(batch=1, n=1, T=6)
     got = attention_received(queries, keys, prompt_mask, kv_mask, scaling=1.0)
     torch.testing.assert_close(got.sum(), torch.tensor(1.0) - _self_share(queries, keys, 1.0))
@@ -294,6 +293,25 @@ def test_query_matches_a_recomputation_from_hidden_states(any_eager_lm, fake_pro
         assert (got[:, layer_index][~kv_mask] == 0).all()
     assert got.abs().max() <= 1 + 1e-6
     assert got[:, :, :][kv_mask[:, None, :].expand_as(got)].std() > 0.01
+
+
+@pytest.mark.parametrize("mode", ["query", "attention"])
+@pytest.mark.parametrize("variant", ["layer by layer", "recomputed queries"])
+def test_probe_variants_agree(tiny_lm, fake_problems, monkeypatch, mode, variant):
+    """Layers reduced one at a time, or queries rebuilt from hidden_states (when the query
+    projection's own hook cannot fire), give what the default grouped reduction gives."""
+    from capture import hooks
+
+    lm = tiny_lm
+    problems = fake_problems()
+    ids, mask = critic_prompt(lm, problems)
+    grouped = probed_prefill(lm, filled_cache(lm, problems, trim=True), ids, mask, mode)
+    if variant == "layer by layer":
+        monkeypatch.setattr(hooks, "LAYER_CHUNK_ELEMENTS", 1)
+    else:
+        monkeypatch.setattr(hooks, "_query_source", lambda module: torch.nn.Identity())
+    other = probed_prefill(lm, filled_cache(lm, problems, trim=True), ids, mask, mode)
+    torch.testing.assert_close(other, grouped, atol=1e-6, rtol=0)
 
 
 # --------------------------------------------------------------------------- kNN scoring pass

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import ContextManager
 
 import torch
 
@@ -62,7 +62,7 @@ def write_turn(lm, shared: SharedCache, agent: str, prompts: list[Prompt], cfg, 
 
 
 def decode_turn(lm, shared: SharedCache, agent: str, texts, ids, mask, cfg, generators,
-                prefill: ContextManager | None = None) -> list[AgentTurn]:
+                prefill: AbstractContextManager | None = None) -> list[AgentTurn]:
     """`write_turn` for a prompt already encoded (texts, ids [batch, n], mask [batch, n]).
 
     prefill: optional context manager entered around the prompt's prefill only (see `generate`).

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import ContextManager, Protocol
+from typing import Protocol
 
 import torch
 
@@ -53,7 +54,7 @@ class HandoffEvent:
 class HandoffObserver(Protocol):
     """Told of every hand-off, after any kNN trim and before `to_agent` prefills its prompt.
 
-    An observer may also define `watch_prefill(event) -> ContextManager` (see
+    An observer may also define `watch_prefill(event) -> AbstractContextManager` (see
     `PrefillObserver`); it is optional, and observers without it work as before.
     """
 
@@ -70,10 +71,10 @@ class PrefillObserver(HandoffObserver, Protocol):
     the cache. Nothing else (latent steps, decoding) runs inside it.
     """
 
-    def watch_prefill(self, event: HandoffEvent) -> ContextManager: ...
+    def watch_prefill(self, event: HandoffEvent) -> AbstractContextManager: ...
 
 
-def watch_prefill(observer, event: HandoffEvent | None) -> ContextManager:
+def watch_prefill(observer, event: HandoffEvent | None) -> AbstractContextManager:
     """The observer's `watch_prefill(event)`, or a no-op when there is no event or no such method."""
     watch = getattr(observer, "watch_prefill", None)
     if event is None or watch is None:
