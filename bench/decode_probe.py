@@ -11,7 +11,6 @@ import time
 
 import click
 import torch
-
 from common import machine, sync
 
 from latentmas.config import RunConfig

@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import click
-
 from common import machine, run_pass
 
 from latentmas.config import RunConfig

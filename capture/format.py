@@ -213,7 +213,23 @@ def _open_for_reading(path: Path) -> h5py.File:
             raise CaptureError(f"{path} is damaged or truncated and cannot be read ({plain_error})") from None
 
 
-class CaptureWriter:
+class _OpenFile:
+    """Closing and `with` support for a class that holds an h5py file in `self._file`."""
+
+    _file: h5py.File
+
+    def close(self) -> None:
+        if self._file.id.valid:
+            self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class CaptureWriter(_OpenFile):
     """Appends finished problems to a capture file, one flush per problem.
 
     Use `CaptureWriter.open(path, run_attrs, config, num_layers)`: it creates the
@@ -364,16 +380,6 @@ class CaptureWriter:
         except OSError as error:
             raise CaptureError(f"could not finish {self.path}: {error}") from None
 
-    def close(self) -> None:
-        if self._file.id.valid:
-            self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def _append_rows(dataset: h5py.Dataset, start: int, rows) -> None:
     stop = start + len(rows)
@@ -422,7 +428,7 @@ class ProblemSummary:
     handoff_columns: list[int]  # T of each hand-off, in the same order
 
 
-class CaptureReader:
+class CaptureReader(_OpenFile):
     """Read-only view of the committed part of a capture file.
 
     >>> with CaptureReader("captures/run.h5") as capture:
@@ -519,7 +525,7 @@ class CaptureReader:
 
     def _row(self, number: int) -> int:
         if number not in self._row_of:
-            raise CaptureError(f"{self.path} has no problem {number} (it holds {_ranges(self.problem_numbers)})")
+            raise CaptureError(f"{self.path} has no problem {number} (it holds {number_ranges(self.problem_numbers)})")
         return self._row_of[number]
 
     def _handoff(self, index: int) -> Handoff:
@@ -544,24 +550,14 @@ class CaptureReader:
             segments=segments,
         )
 
-    def close(self) -> None:
-        if self._file.id.valid:
-            self._file.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def _ranges(numbers: Sequence[int]) -> str:
+def number_ranges(numbers: Sequence[int]) -> str:
     """[1, 2, 3, 7] -> '1-3, 7'."""
     if not numbers:
         return "no problems"
     numbers = sorted(numbers)
     parts, start, prev = [], numbers[0], numbers[0]
-    for n in numbers[1:] + [None]:
+    for n in list(numbers[1:]) + [None]:
         if n is not None and n == prev + 1:
             prev = n
             continue

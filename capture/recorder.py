@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import shlex
 import sys
 from dataclasses import dataclass
@@ -84,6 +85,13 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def capture_identity(cfg, transitions: tuple[str, ...] | None, capture_dtype: str) -> dict:
+    """The settings a capture file stores and a resume must match (as JSON types, like the file's copy)."""
+    identity = dict(cfg.identity(), transitions=list(transitions) if transitions else "all",
+                    capture_dtype=capture_dtype)
+    return json.loads(json.dumps(identity, sort_keys=True))
+
+
 def parse_transitions(spec: str | None) -> tuple[str, ...] | None:
     """'planner_to_critic,critic_to_refiner' -> names; 'all' -> None (every hand-off); None -> the default three."""
     if spec is None or spec == "":
@@ -117,7 +125,7 @@ class CaptureRecorder:
 
     @classmethod
     def open(cls, path, cfg, lm, transitions=DEFAULT_TRANSITIONS, overwrite=False, dtype="float16"):
-        identity = dict(cfg.identity(), transitions=list(transitions) if transitions else "all", capture_dtype=dtype)
+        identity = capture_identity(cfg, transitions, dtype)
         writer = CaptureWriter.open(path, run_attributes(cfg, lm), identity, lm.num_layers, dtype, overwrite)
         return cls(writer, lm, cfg.similarity, transitions)
 

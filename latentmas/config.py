@@ -66,6 +66,10 @@ class RunConfig:
         name = f"{self.method}_{self.task}_{model}"
         if self.knn_filter:
             name += f"_knn{self.knn_strategy}{self.knn_percentage:g}"
+            if self.knn_score != "seed":
+                name += f"-{self.knn_score}"
+        if self.similarity != "seed":
+            name += f"_{self.similarity}"
         return name
 
     def to_dict(self) -> dict:

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from capture.recorder import capture_identity
+
 from .config import RunConfig
 from .tasks import get_task, load_problems
 
@@ -28,14 +30,6 @@ RESULT_PARTS = "results.shards"  # per-rank results of a torchrun run, inside th
 
 def default_capture_file(cfg: RunConfig) -> Path:
     return Path("captures") / f"{cfg.run_name()}.h5"
-
-
-def capture_identity(cfg: RunConfig, transitions: tuple[str, ...] | None, capture_dtype: str) -> dict:
-    """The `config` a capture file stores and a resume must match, as `CaptureRecorder.open` writes it
-    (after the JSON round trip the file does)."""
-    identity = dict(cfg.identity(), transitions=list(transitions) if transitions else "all",
-                    capture_dtype=capture_dtype)
-    return json.loads(json.dumps(identity, sort_keys=True))
 
 
 def run(

@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-
-from capture.format import CaptureError, CaptureReader, Handoff
+from capture.format import CaptureError, CaptureReader, Handoff, number_ranges
 
 from .colormaps import DEFAULT_MODE, DEFAULT_SINGLE_CMAP, UnknownColormap, check_cmap
 from .figures import DEFAULT_DPI, multi_layer_heatmap, pretty_handoff, save_figure, single_layer_strip
@@ -156,8 +155,8 @@ def plan_tasks(reader: CaptureReader, out_dir: Path, options: RenderOptions, pro
     if problems is not None:
         missing = sorted(problems - set(numbers))
         if missing:
-            warnings.append(f"{reader.path}: no problem {_ranges(missing)} "
-                            f"(it holds {_ranges(numbers) if numbers else 'no problems yet'})")
+            warnings.append(f"{reader.path}: no problem {number_ranges(missing)} "
+                            f"(it holds {number_ranges(numbers) if numbers else 'no problems yet'})")
         numbers = [n for n in numbers if n in problems]
     wanted = set(transitions) if transitions is not None else None
     seen_names: set[str] = set()
@@ -183,21 +182,6 @@ def plan_tasks(reader: CaptureReader, out_dir: Path, options: RenderOptions, pro
         if absent:
             warnings.append(f"{reader.path}: no hand-off {', '.join(absent)} in the selected problems")
     return tasks, warnings
-
-
-def _ranges(numbers: Sequence[int]) -> str:
-    numbers = sorted(numbers)
-    if not numbers:
-        return "none"
-    parts, start, prev = [], numbers[0], numbers[0]
-    for n in list(numbers[1:]) + [None]:
-        if n is not None and n == prev + 1:
-            prev = n
-            continue
-        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
-        if n is not None:
-            start = prev = n
-    return ", ".join(parts)
 
 
 # -- drawing one hand-off ---------------------------------------------------------------------
@@ -366,7 +350,7 @@ def render_capture(
                 warn(f"warning: {path} has no committed problems yet; nothing to render")
                 return []
             raise RenderError(f"nothing to render in {path}: no problem matches --problems "
-                              f"(it holds {_ranges(reader.problem_numbers)})")
+                              f"(it holds {number_ranges(reader.problem_numbers)})")
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:

@@ -224,3 +224,17 @@ def test_model_and_device_errors_are_one_line(workdir, args, expected):
     result = invoke(run_command, [*base_args(workdir / "runs"), *args])
     assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
     assert expected in error_line(result)
+
+
+def test_seed_heatmap_flags_leave_six_seed_named_pngs_per_problem(workdir):
+    """What `make demo` runs: capture, then both kinds of figure into charts/ (seed file names)."""
+    ok(run_command, base_args(workdir / "runs", "--show_heatmaps", "--show_heatmaps_singlelayer"))
+    handoffs = ("planner_to_critic", "critic_to_refiner", "refiner_to_judger")
+    expected = {f"heatmap_{prefix}{h}_problem{n}.png"
+                for n in (1, 2) for h in handoffs for prefix in ("", "singlelayer_")}
+    assert {p.name for p in (workdir / "charts").glob("*.png")} == expected
+    # one flag alone draws one kind; a rerun resumes the capture and redraws
+    for png in (workdir / "charts").glob("*.png"):
+        png.unlink()
+    ok(run_command, base_args(workdir / "runs", "--show_heatmaps_singlelayer"))
+    assert {p.name for p in (workdir / "charts").glob("*.png")} == {n for n in expected if "singlelayer" in n}

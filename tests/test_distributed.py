@@ -16,8 +16,9 @@ import torch
 
 from capture import merge
 from capture.format import CaptureConfigMismatch, CaptureReader, CaptureWriter, ProblemRecord
+from capture.recorder import capture_identity
 from latentmas.config import RunConfig
-from latentmas.runner import RESULT_PARTS, capture_identity, run
+from latentmas.runner import RESULT_PARTS, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TRANSITIONS = ("planner_to_critic", "critic_to_refiner", "refiner_to_judger")

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from latentmas.models import LoadedModel, ModelLoadError, load_model, resolve_device
-from latentmas.models import tiny_qwen3
+from latentmas.models import LoadedModel, ModelLoadError, load_model, resolve_device, tiny_qwen3
 
 
 def test_tiny_qwen3_is_built_in_the_session_cache(tiny_lm_cache_env):

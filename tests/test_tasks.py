@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from latentmas.tasks import TASK_NAMES, Problem, Task, TaskDataError, get_task, load_problems
-from latentmas.tasks import loading
+from latentmas.tasks import TASK_NAMES, Problem, Task, TaskDataError, get_task, load_problems, loading
 from latentmas.tasks.choice import ChoiceTask
 
 ROOT = Path(__file__).resolve().parents[1]

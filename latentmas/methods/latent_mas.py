@@ -102,7 +102,7 @@ def latent_input_for(lm, realign: bool) -> LatentInput:
 
 def knn_filter_of(cfg) -> KnnFilter | None:
     settings = cfg.knn_settings()
-    return KnnFilter(**settings, score=getattr(cfg, "knn_score", "seed")) if settings else None
+    return KnnFilter(**settings, score=cfg.knn_score) if settings else None
 
 
 def knn_scores(lm, shared: SharedCache, knn: KnnFilter, query, prompt_embeds, ids, mask, agent: str):
@@ -144,9 +144,9 @@ def solve(lm, problems, task, cfg, observer: HandoffObserver | None = None):
         prompts = [agent_prompt(agent, p.question, task.answer_instruction, cfg.prompt, "latent_mas")
                    for p in problems]
         texts, ids, mask = encode(lm, prompts, cfg.think)
+        prompt_embeds = embed(ids)
         event = None
         if previous is not None:
-            prompt_embeds = embed(ids)
             query = mean_embedding(prompt_embeds, mask)
             if knn is not None:
                 scores = knn_scores(lm, shared, knn, query, prompt_embeds, ids, mask, agent)
@@ -160,7 +160,7 @@ def solve(lm, problems, task, cfg, observer: HandoffObserver | None = None):
             new = decode_turn(lm, shared, agent, texts, ids, mask, cfg, generators, prefill=prefill)
         else:
             with prefill:
-                hidden = shared.extend(embed(ids), mask, ids, SegmentKey(agent, "prompt"))
+                hidden = shared.extend(prompt_embeds, mask, ids, SegmentKey(agent, "prompt"))
             think_latently(shared, latent_input, hidden, agent, cfg.latent_steps)
             new = [AgentTurn(agent, text, "", int(m.sum()), 0, cfg.latent_steps) for text, m in zip(texts, mask)]
         for done, turn in zip(turns, new):
