@@ -15,7 +15,7 @@ from common import machine, sync
 
 from latentmas.config import RunConfig
 from latentmas.decoding import Sampler, Sampling, problem_generators
-from latentmas.fast_decode import DecodeStep
+from latentmas.fast_decode import StaticStep
 from latentmas.methods import get_method
 from latentmas.methods.common import encode
 from latentmas.prompts import agent_prompt
@@ -62,9 +62,9 @@ def main(model_name, random_weights, data_file, passes, device):
     logits = shared.extend(lm.model.get_input_embeddings()(ids), mask, ids, SegmentKey("judger", "prompt"),
                            logits=True)
     for use_graph in ((True, False) if device.type == "cuda" else (False,)):
-        step = DecodeStep(lm, shared, 300, use_graph=use_graph)
+        step = StaticStep(lm, shared, 300, use_graph=use_graph)
         token = logits.argmax(-1)
-        print(f"DecodeStep.run (graph={use_graph}): {_timed(lambda: step.run(token), 50, device):.2f} ms")
+        print(f"StaticStep.run (graph={use_graph}): {_timed(lambda: step.run(token), 50, device):.2f} ms")
         if use_graph:
             print(f"graph.replay alone: {_timed(step.graph.replay, 50, device):.2f} ms")
     sampler = Sampler(Sampling(256, 0.6, 0.95), problem_generators([1], 0, device))
@@ -74,7 +74,7 @@ def main(model_name, random_weights, data_file, passes, device):
     print(f"plain extend step: {_timed(lambda: shared.extend(embed(token[:, None]), ones, token[:, None], SegmentKey('judger', 'output'), logits=True), 20, device):.2f} ms")
     if device.type == "cuda":
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        step = DecodeStep(lm, shared, 300, use_graph=True)
+        step = StaticStep(lm, shared, 300, use_graph=True)
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(10):
                 logits = step.run(sampler(logits))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from .fast_decode import DecodeStep
+from .fast_decode import StaticStep
 from .shared_cache import SegmentKey, SharedCache
 
 
@@ -16,7 +16,7 @@ from .shared_cache import SegmentKey, SharedCache
 class Sampling:
     """temperature <= 0 means greedy. ignore_eos decodes exactly max_new_tokens (benchmarks).
 
-    fast: decode with a static KV buffer (`fast_decode.DecodeStep`, a CUDA graph on
+    fast: decode with a static KV buffer (`fast_decode.StaticStep`, a CUDA graph on
     GPUs); None = on for CUDA, off on the CPU.
     """
 
@@ -100,7 +100,7 @@ def generate(
     fast = lm.device.type == "cuda" if sampling.fast is None else sampling.fast
     step_fn = None
     if fast and sampling.max_new_tokens > 1:
-        step_fn = DecodeStep(lm, shared, sampling.max_new_tokens, use_graph=lm.device.type == "cuda").run
+        step_fn = StaticStep(lm, shared, sampling.max_new_tokens, use_graph=lm.device.type == "cuda").run
     batch = prompt_ids.shape[0]
     finished = torch.zeros(batch, dtype=torch.bool, device=lm.device)
     ones = torch.ones(batch, 1, dtype=torch.bool, device=lm.device)

@@ -1,4 +1,4 @@
-"""The fast decode loop: a static KV buffer, one fixed-shape step, replayed as a CUDA graph.
+"""Fast stepping: a static KV buffer, one fixed-shape step, replayed as a CUDA graph.
 
 Decoding one token at a time through transformers' eager forward costs far more
 in Python and kernel launches than in GPU work (a 4B model reads ~8 GB of weights
@@ -8,7 +8,9 @@ every step has the same shapes and addresses: the new key/value is written at a
 device-side index, attention sees all slots through a mask, and nothing talks to
 the host. On CUDA the step (embedding -> model -> last logits) is captured once
 as a CUDA graph and replayed; on the CPU the same step runs eagerly, which is how
-tests check that it decodes exactly what the plain loop decodes.
+tests check that it decodes exactly what the plain loop decodes. Decoding and latent
+steps both use it (`StaticStep`); latent steps hand their columns back to the shared
+cache (`SharedCache.adopt`).
 """
 
 from __future__ import annotations
@@ -66,23 +68,31 @@ def _capture_resources(device: torch.device):
     return _CAPTURE[device]
 
 
-class DecodeStep:
-    """One decode step with fixed shapes: token ids `[batch]` in, next-token logits `[batch, vocab]` out.
+class StaticStep:
+    """One model step with fixed shapes on a static KV buffer.
 
-    Static inputs (`token`, `position`, the buffers' `write_index` and `mask`) are
-    updated in place between steps; `run()` replays the CUDA graph when there is one.
+    tokens=True (decoding): token ids `[batch]` in, next-token logits `[batch, vocab]` out.
+    tokens=False (latent steps): input embeddings `[batch, hidden]` in, the last layer's
+    final hidden state `[batch, hidden]` out.
+    Static inputs (`input`, `position`, the buffers' `write_index` and `mask`) are updated
+    in place between steps; `run()` replays the CUDA graph when there is one.
     """
 
-    def __init__(self, lm, shared: SharedCache, extra: int, use_graph: bool):
+    def __init__(self, lm, shared: SharedCache, extra: int, use_graph: bool, tokens: bool = True):
         self.lm = lm
+        self.tokens = tokens
         self.kv = StaticKV(shared, extra)
         batch = shared.batch_size
         device = shared.mask.device
-        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        if tokens:
+            self.input = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        else:
+            self.input = torch.zeros(batch, 1, lm.hidden_size, dtype=lm.dtype, device=device)
         self.position = shared.next_position[:, None].clone()
+        self.steps = 0
         self._cache_kwarg = shared._cache_kwarg
         self._eager_mask = lm.model.config._attn_implementation == "eager"
-        self.logits = None
+        self.output = None
         self.graph = None
         if use_graph:
             self._capture()
@@ -93,15 +103,11 @@ class DecodeStep:
         if self._eager_mask:
             zero = torch.zeros((), dtype=self.lm.dtype, device=mask.device)
             mask = torch.where(mask, zero, torch.finfo(self.lm.dtype).min)
-        out = self.lm.model(
-            input_ids=self.token,
-            attention_mask={"full_attention": mask},
-            position_ids=self.position,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_kwarg: self.kv},
-        )
-        return out.logits[:, -1, :]
+        common = {"attention_mask": {"full_attention": mask}, "position_ids": self.position, "use_cache": True,
+                  self._cache_kwarg: self.kv}
+        if self.tokens:
+            return self.lm.model(input_ids=self.input, logits_to_keep=1, **common).logits[:, -1, :]
+        return self.lm.model.base_model(inputs_embeds=self.input, **common).last_hidden_state[:, -1, :]
 
     def _capture(self) -> None:
         """Warm up on a side stream, then record one step into a CUDA graph."""
@@ -114,21 +120,22 @@ class DecodeStep:
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool, stream=stream):
-            self.logits = self._forward()
-        # warm-up and capture wrote into the next slot; restore it so decoding starts clean
+            self.output = self._forward()
+        # warm-up and capture wrote into the next slot; restore it so stepping starts clean
         self.kv.write_index.copy_(saved[0])
         self.kv.mask.copy_(saved[1])
         self.position.copy_(saved[2])
 
     @torch.no_grad()
-    def run(self, token: torch.Tensor) -> torch.Tensor:
-        """Feed `token` [batch] at the next slot; return logits [batch, vocab]."""
-        self.token.copy_(token[:, None])
+    def run(self, value: torch.Tensor) -> torch.Tensor:
+        """Feed token ids `[batch]` or embeddings `[batch, hidden]` at the next slot; return the output."""
+        self.input.copy_(value[:, None])
         if self.graph is not None:
             self.graph.replay()
-            logits = self.logits
+            output = self.output
         else:
-            logits = self._forward()
+            output = self._forward()
         self.kv.write_index += 1
         self.position += 1
-        return logits
+        self.steps += 1
+        return output

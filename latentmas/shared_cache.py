@@ -95,29 +95,44 @@ class SharedCache:
         The last column must be real for every batch element.
         """
         mask = mask.to(torch.bool)
-        positions = self.next_position[:, None] + mask.long().cumsum(dim=1) - 1
-        positions = positions.masked_fill(~mask, 0)
-        full_mask = torch.cat([self.mask, mask], dim=1)
+        positions = self._positions(mask)
         kwargs = {
             "inputs_embeds": inputs_embeds,
-            "attention_mask": full_mask.long(),
+            "attention_mask": torch.cat([self.mask, mask], dim=1).long(),
             "position_ids": positions,
             self._cache_kwarg: self.cache,
             "use_cache": True,
         }
         if logits:
-            out = self.lm.model(**kwargs, logits_to_keep=1)
-            result = out.logits[:, -1, :]
+            result = self.lm.model(**kwargs, logits_to_keep=1).logits[:, -1, :]
         else:
-            out = self._decoder(**kwargs)
-            result = out.last_hidden_state[:, -1, :]
-        self.mask = full_mask
+            result = self._decoder(**kwargs).last_hidden_state[:, -1, :]
+        self._note(mask, positions, token_ids, segment)
+        return result
+
+    def adopt(self, kv, count: int, token_id: int, segment: SegmentKey) -> None:
+        """Take `count` real columns computed on a static buffer (`fast_decode.StaticKV`) that
+        started from this cache: its first T + count slots become every layer's keys and values."""
+        length = self.length + count
+        for layer, keys, values in zip(self.cache.layers, kv.keys, kv.values):
+            layer.keys, layer.values = keys[:, :, :length], values[:, :, :length]
+        mask = torch.ones(self.batch_size, count, dtype=torch.bool, device=self.mask.device)
+        token_ids = torch.full((self.batch_size, count), token_id, dtype=torch.long, device=self.mask.device)
+        self._note(mask, self._positions(mask), token_ids, segment)
+
+    def _positions(self, mask: torch.Tensor) -> torch.Tensor:
+        """Positions `[batch, n]` for new columns: counting on from each row's last real one (padding: 0)."""
+        positions = self.next_position[:, None] + mask.long().cumsum(dim=1) - 1
+        return positions.masked_fill(~mask, 0)
+
+    def _note(self, mask, positions, token_ids, segment: SegmentKey) -> None:
+        """Append the bookkeeping of new columns `[batch, n]` (their keys/values are already cached)."""
+        self.mask = torch.cat([self.mask, mask], dim=1)
         self.positions = torch.cat([self.positions, positions.masked_fill(~mask, -1)], dim=1)
         self.token_ids = torch.cat([self.token_ids, token_ids.masked_fill(~mask, PAD)], dim=1)
         index = self._segment_index(segment)
         self.segment_ids = torch.cat([self.segment_ids, torch.full_like(token_ids, index)], dim=1)
         self.next_position = self.next_position + mask.long().sum(dim=1)
-        return result
 
     @torch.no_grad()
     def keep(self, keep: torch.Tensor) -> None:

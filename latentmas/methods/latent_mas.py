@@ -27,6 +27,7 @@ import torch
 from capture.hooks import score_prompt
 from capture.similarity import layer_similarities
 
+from ..fast_decode import StaticStep
 from ..knn import KnnFilter
 from ..prompts import AGENTS, agent_prompt
 from ..realign import LatentInput
@@ -122,12 +123,23 @@ def knn_scores(lm, shared: SharedCache, knn: KnnFilter, query, prompt_embeds, id
 
 
 @torch.no_grad()
-def think_latently(shared: SharedCache, latent_input: LatentInput, hidden: torch.Tensor, agent: str, steps: int):
-    """`steps` latent steps from `hidden` [batch, hidden]; each appends one cache column."""
+def think_latently(shared: SharedCache, latent_input: LatentInput, hidden: torch.Tensor, agent: str, steps: int,
+                   fast: bool = False):
+    """`steps` latent steps from `hidden` [batch, hidden]; each appends one cache column.
+
+    fast: step on a static KV buffer (a CUDA graph on GPUs), then hand the columns back.
+    """
+    segment = SegmentKey(agent, "latent")
+    if fast and steps > 0:
+        step = StaticStep(shared.lm, shared, steps, use_graph=hidden.device.type == "cuda", tokens=False)
+        for _ in range(steps):
+            hidden = step.run(latent_input(hidden))
+        shared.adopt(step.kv, steps, LATENT, segment)
+        return hidden
     ones = torch.ones(shared.batch_size, 1, dtype=torch.bool, device=hidden.device)
     latent_ids = torch.full((shared.batch_size, 1), LATENT, dtype=torch.long, device=hidden.device)
     for _ in range(steps):
-        hidden = shared.extend(latent_input(hidden)[:, None, :], ones, latent_ids, SegmentKey(agent, "latent"))
+        hidden = shared.extend(latent_input(hidden)[:, None, :], ones, latent_ids, segment)
     return hidden
 
 
@@ -137,6 +149,7 @@ def solve(lm, problems, task, cfg, observer: HandoffObserver | None = None):
     knn = knn_filter_of(cfg)
     knn_generators = generators_for(problems, cfg, lm.device, salt=7919)
     embed = lm.model.get_input_embeddings()
+    fast = lm.device.type == "cuda" if cfg.fast_decode is None else cfg.fast_decode
     shared = SharedCache(lm, len(problems))
     turns: list[list[AgentTurn]] = [[] for _ in problems]
     previous = None
@@ -161,7 +174,7 @@ def solve(lm, problems, task, cfg, observer: HandoffObserver | None = None):
         else:
             with prefill:
                 hidden = shared.extend(prompt_embeds, mask, ids, SegmentKey(agent, "prompt"))
-            think_latently(shared, latent_input, hidden, agent, cfg.latent_steps)
+            think_latently(shared, latent_input, hidden, agent, cfg.latent_steps, fast)
             new = [AgentTurn(agent, text, "", int(m.sum()), 0, cfg.latent_steps) for text, m in zip(texts, mask)]
         for done, turn in zip(turns, new):
             done.append(turn)
