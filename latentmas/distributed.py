@@ -180,14 +180,11 @@ def join(device: str) -> Group:
 
 def _silence() -> None:
     """Ranks other than 0 print nothing but errors."""
-    warnings.simplefilter("ignore")
-    try:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    warnings.simplefilter("ignore")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _one_line(error: BaseException) -> str:

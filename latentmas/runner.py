@@ -10,6 +10,7 @@ and writes the summary over all ranks. See `_run_sharded`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -301,7 +302,7 @@ class _Progress:
                     try:
                         self.correct += bool(json.loads(line)["correct"])
                     except (ValueError, KeyError, TypeError):
-                        pass
+                        continue  # a torn or foreign line counts as not correct
                 self.offsets[path] += end
             if not new:
                 return
@@ -352,10 +353,8 @@ def _merge_results(run_dir: Path, parts: Path, keep_existing: bool) -> list[str]
     os.replace(tmp, run_dir / "results.jsonl")
     for part in parts.glob("rank-*.jsonl"):
         part.unlink()
-    try:
+    with contextlib.suppress(OSError):
         parts.rmdir()
-    except OSError:
-        pass
     return lines
 
 

@@ -9,6 +9,7 @@ built-in text, with a Qwen-style chat template (`<|im_start|>role ... <|im_end|>
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -77,10 +78,8 @@ def ensure_built() -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=target.parent))
     try:
         build(staging)
-        try:
+        with contextlib.suppress(OSError):  # another process finished first
             os.replace(staging, target)
-        except OSError:  # another process finished first
-            pass
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

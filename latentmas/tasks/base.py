@@ -7,6 +7,7 @@ Nothing here imports torch or transformers.
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -44,7 +45,7 @@ class HubSpec:
     split: str
 
 
-class Task:
+class Task(ABC):
     """Base class of a benchmark task family; one instance per task name.
 
     Subclasses implement `parse_record` (dataset fields -> question, gold),
@@ -60,6 +61,7 @@ class Task:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
+    @abstractmethod
     def parse_record(self, record: Mapping[str, Any], *, index: int = 0, seed: int = 0) -> tuple[str, str]:
         """Return (question text, normalised gold) from a raw dataset record.
 
@@ -67,15 +69,14 @@ class Task:
         loader's seed; only tasks that shuffle options use them. Raises
         KeyError(field) for a missing field and ValueError for a bad value.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def extract_answer(self, text: str) -> str | None:
         """Return the normalised prediction found in model output, or None."""
-        raise NotImplementedError
 
+    @abstractmethod
     def is_correct(self, prediction: str | None, gold: str) -> bool:
         """Whether a prediction (raw or normalised) matches the gold answer."""
-        raise NotImplementedError
 
 
 # --------------------------------------------------------------------------- registry

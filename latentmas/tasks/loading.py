@@ -156,7 +156,7 @@ def _hub_reachable(dataset_id: str, timeout: float = _HUB_PROBE_SECONDS) -> bool
         except urllib.error.HTTPError:
             answered.append(True)
         except Exception:  # noqa: BLE001 - unreachable for any reason
-            pass
+            answered.clear()
 
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
