@@ -55,21 +55,6 @@ def head_dim_of(module: torch.nn.Module) -> int:
     return int(head_dim)
 
 
-def attention_queries(module: torch.nn.Module, hidden_states: torch.Tensor,
-                      position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """The queries an attention module computes: `[batch, n, hidden]` (after the layer's input
-    norm) -> `[batch, heads, n, head_dim]`, via q_proj, q_norm (if the module has one) and RoPE.
-
-    A q_norm over head_dim (Qwen3, Gemma3) is applied per head; one over all heads (OLMo2) before
-    the split. Computed in the model's dtype, exactly as the module does. (`PrefillProbe` takes
-    the model's own q_norm / q_proj output instead of recomputing it.)
-    """
-    q = _pre_rope_queries(module, hidden_states).transpose(1, 2)
-    cos, sin = position_embeddings
-    q, _ = _rope_function(module)(q, q, cos, sin)
-    return q
-
-
 def attention_modules(lm) -> list[torch.nn.Module]:
     """Each decoder layer's attention module (`model.model.layers[i].self_attn`)."""
     decoder = lm.model.base_model

@@ -87,7 +87,7 @@ def now() -> str:
 
 def capture_identity(cfg, transitions: tuple[str, ...] | None, capture_dtype: str) -> dict:
     """The settings a capture file stores and a resume must match (as JSON types, like the file's copy)."""
-    identity = dict(cfg.identity(), transitions=list(transitions) if transitions else "all",
+    identity = dict(cfg.identity(), transitions="all" if transitions is None else list(transitions),
                     capture_dtype=capture_dtype)
     return json.loads(json.dumps(identity, sort_keys=True))
 
@@ -99,6 +99,8 @@ def parse_transitions(spec: str | None) -> tuple[str, ...] | None:
     if spec == "all":
         return None
     names = tuple(s.strip() for s in spec.split(",") if s.strip())
+    if not names:
+        raise ValueError(f"--transitions {spec!r} names no hand-off; give names or 'all'")
     from latentmas.prompts import AGENTS
 
     known = {handoff_name(a, b) for a, b in zip(AGENTS, AGENTS[1:])}

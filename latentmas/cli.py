@@ -81,8 +81,9 @@ RUN_OPTIONS = [
     _option("--random_weights", is_flag=True,
             help="Benchmarks: build the model from its config with seeded random weights (no weights needed)."),
     _option("--ignore_eos", is_flag=True, help="Benchmarks: always decode max_new_tokens."),
-    click.option("--fast_decode/--plain_decode", "fast_decode", default=None,
-                 help="Decode with a static KV buffer replayed as a CUDA graph (default: on CUDA only)."),
+    click.option("--fast_decode/--plain_decode", "--fast-decode/--plain-decode", "fast_decode", default=None,
+                 help="Run decoding and latent steps on a static KV buffer replayed as a CUDA graph "
+                      "(default: on CUDA only)."),
     _option("--output_dir", type=click.Path(file_okay=False), default="runs", show_default=True,
             help="Per-problem results (JSONL) and summary go to OUTPUT_DIR/<run name>/."),
 ]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 METHODS = ("baseline", "text_mas", "latent_mas")
 PROMPTS = ("sequential", "hierarchical")
@@ -41,7 +43,6 @@ class RunConfig:
     knn_strategy: str = "top"
     knn_score: str = "seed"  # which similarity ranks columns for kNN (one of SIMILARITY_MODES)
     similarity: str = "seed"
-    extra: dict = field(default_factory=dict)
 
     def knn_settings(self) -> dict | None:
         if not self.knn_filter:
@@ -61,7 +62,11 @@ class RunConfig:
         return identity
 
     def run_name(self) -> str:
-        """A stable name for the run's outputs, so rerunning a command finds (and resumes) them."""
+        """A stable name for the run's outputs, so rerunning a command finds (and resumes) them.
+
+        Readable parts plus a digest of every setting that changes results, so runs with
+        other settings never share a results folder or a default capture file.
+        """
         model = re.sub(r"[^A-Za-z0-9._-]+", "-", self.model_name.rstrip("/").split("/")[-1])
         name = f"{self.method}_{self.task}_{model}"
         if self.knn_filter:
@@ -70,7 +75,8 @@ class RunConfig:
                 name += f"-{self.knn_score}"
         if self.similarity != "seed":
             name += f"_{self.similarity}"
-        return name
+        digest = hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:6]
+        return f"{name}_{digest}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

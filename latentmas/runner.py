@@ -95,15 +95,16 @@ def _run_single(cfg, capture_file, transitions, overwrite, output_dir, progress,
     bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=f"{cfg.method} {cfg.task}",
                unit="problem", disable=not progress, dynamic_ncols=True)
     try:
-        with open(results_path, "a" if done else "w", encoding="utf-8") as out:
+        _keep_results(results_path, done)
+        with open(results_path, "a", encoding="utf-8") as out:
             for start in range(0, len(todo), cfg.generate_bs):
                 batch = todo[start:start + cfg.generate_bs]
                 batch_results = solve(lm, batch, task, cfg, observer=recorder)
-                if recorder is not None:
-                    recorder.write_batch(batch_results)
                 for result in batch_results:
                     out.write(_jsonl(result))
                 out.flush()
+                if recorder is not None:
+                    recorder.write_batch(batch_results)
                 results.extend(batch_results)
                 bar.update(len(batch))
                 postfix = {"acc": f"{sum(r.correct for r in results) / len(results):.2f}"}
@@ -112,7 +113,7 @@ def _run_single(cfg, capture_file, transitions, overwrite, output_dir, progress,
                 bar.set_postfix(postfix)
         elapsed = time.perf_counter() - started
         summary = _summary(cfg, results, elapsed, skipped=len(problems) - len(todo),
-                           capture=recorder, total_problems=len(problems))
+                           capture=recorder, numbers={p.number for p in problems})
         if recorder is not None:
             recorder.finish(summary)
     finally:
@@ -358,18 +359,40 @@ def _merge_results(run_dir: Path, parts: Path, keep_existing: bool) -> list[str]
     return lines
 
 
+def _keep_results(path: Path, numbers: set[int]) -> None:
+    """Rewrite `path` with only its (first) lines for `numbers`: what a resumed capture holds.
+
+    A run killed between its results line and its capture commit (or the reverse) leaves
+    the two out of step; the capture file decides, and the rest is solved again.
+    """
+    kept, seen = [], set()
+    if numbers and path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                number = json.loads(line)["number"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if number in numbers and number not in seen:
+                seen.add(number)
+                kept.append(line + "\n")
+    path.write_text("".join(kept), encoding="utf-8")
+
+
 def _jsonl(result) -> str:
     return json.dumps(dataclasses.asdict(result), ensure_ascii=False) + "\n"
 
 
-def _summary(cfg, results, elapsed, skipped, capture, total_problems) -> dict:
+def _summary(cfg, results, elapsed, skipped, capture, numbers: set[int]) -> dict:
+    """The run summary over the problems of this run (`numbers`), finished now or earlier."""
     correct = sum(r.correct for r in results)
     if capture is not None and skipped:
         # problems finished by an earlier, interrupted run of the same capture
         from capture.format import CaptureReader
 
+        fresh = {r.number for r in results}
         with CaptureReader(capture.writer.path) as reader:
-            correct = sum(bool(reader.problem(n).correct) for n in reader.problem_numbers)
+            correct += sum(bool(reader.problem(n).correct) for n in reader.problem_numbers
+                           if n in numbers and n not in fresh)
     total = len(results) + skipped
     summary = {
         "method": cfg.method,

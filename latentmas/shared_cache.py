@@ -46,6 +46,10 @@ class SharedCache:
     """
 
     def __init__(self, lm: LoadedModel, batch_size: int):
+        other = sorted(set(getattr(lm.config, "layer_types", None) or ["full_attention"]) - {"full_attention"})
+        if other:
+            raise ValueError(f"model {lm.name!r} has {', '.join(other)} layers; the shared cache supports "
+                             "full-attention layers only")
         self.lm = lm
         self.cache = DynamicCache(config=lm.model.config)
         device = lm.device

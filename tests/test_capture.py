@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -228,3 +229,47 @@ def test_resume_rebuilds_from_committed_rows(tmp_path):
             np.testing.assert_allclose(capture.handoff(n, "planner_to_critic").layer_similarities,
                                        _record(n).handoffs[0].layer_similarities, atol=1e-3)
 
+
+
+def test_resume_summary_and_results_cover_the_requested_problems(tiny_lm_cache_env, offline, tmp_path):
+    from latentmas.runner import run
+
+    cfg = _config(max_samples=4)
+    path, out = tmp_path / "resume.h5", tmp_path / "runs"
+    first = run(cfg, capture_file=path, output_dir=out, progress=False)
+    assert first["total"] == 4
+    results = out / cfg.run_name() / "results.jsonl"
+    # a results line whose problem never reached the capture (killed in between) is dropped on resume
+    with open(results, "a", encoding="utf-8") as f:
+        f.write('{"number": 99, "correct": true}\n')
+    fewer = run(_config(max_samples=2), capture_file=path, output_dir=out, progress=False)
+    assert fewer["total"] == 2 and 0 <= fewer["correct"] <= 2 and fewer["accuracy"] <= 1
+    more = run(_config(max_samples=5), capture_file=path, output_dir=out, progress=False)
+    assert more["total"] == 5 and more["resumed_problems"] == 4
+    numbers = [json.loads(line)["number"] for line in results.read_text().splitlines()]
+    assert numbers == [1, 2, 3, 4, 5]
+    with CaptureReader(path) as capture:
+        correct = sum(bool(capture.problem(n).correct) for n in capture.problem_numbers)
+        assert capture.summary["correct"] == more["correct"] == correct
+
+
+def test_empty_transitions_are_refused():
+    from capture.recorder import parse_transitions
+
+    with pytest.raises(ValueError, match="names no hand-off"):
+        parse_transitions(",")
+    assert parse_transitions("all") is None
+    assert parse_transitions(None) == TRANSITIONS
+
+
+def test_sliding_window_models_get_a_clear_error(tiny_lm):
+    from latentmas.shared_cache import SharedCache
+
+    config = tiny_lm.model.config
+    saved = config.layer_types
+    config.layer_types = ["sliding_attention", "full_attention"] * (len(saved) // 2)
+    try:
+        with pytest.raises(ValueError, match="sliding_attention layers; the shared cache supports full"):
+            SharedCache(tiny_lm, 1)
+    finally:
+        config.layer_types = saved

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,10 @@ def check_summary(summary: dict) -> None:
 
 
 def read_results(run_dir: Path) -> list[dict]:
+    """Results of the run whose folder is `run_dir` plus the settings digest (`RunConfig.run_name`)."""
+    matches = [p for p in run_dir.parent.iterdir() if re.fullmatch(re.escape(run_dir.name) + r"_[0-9a-f]{6}", p.name)]
+    assert len(matches) == 1, matches
+    run_dir = matches[0]
     lines = (run_dir / "results.jsonl").read_text().splitlines()
     results = [json.loads(line) for line in lines]
     for result in results:
