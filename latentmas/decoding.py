@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from .fast_decode import StaticStep
+from .fast_decode import StaticStep, use_fast
 from .shared_cache import SegmentKey, SharedCache
 
 
@@ -97,10 +97,9 @@ def generate(
     stop = torch.tensor(sorted(eos_ids(lm)), device=lm.device)
     with prefill if prefill is not None else contextlib.nullcontext():
         logits = shared.extend(embed(prompt_ids), prompt_mask, prompt_ids, SegmentKey(agent, "prompt"), logits=True)
-    fast = lm.device.type == "cuda" if sampling.fast is None else sampling.fast
     step_fn = None
-    if fast and sampling.max_new_tokens > 1:
-        step_fn = StaticStep(lm, shared, sampling.max_new_tokens, use_graph=lm.device.type == "cuda").run
+    if use_fast(lm.device, sampling.fast) and sampling.max_new_tokens > 1:
+        step_fn = StaticStep(lm, shared, sampling.max_new_tokens).run
     batch = prompt_ids.shape[0]
     finished = torch.zeros(batch, dtype=torch.bool, device=lm.device)
     ones = torch.ones(batch, 1, dtype=torch.bool, device=lm.device)

@@ -54,6 +54,11 @@ class StaticKV:
         return self.capacity
 
 
+def use_fast(device: torch.device, setting: bool | None) -> bool:
+    """Whether to step on a static buffer: `setting`, or by default only on CUDA."""
+    return device.type == "cuda" if setting is None else setting
+
+
 _CAPTURE: dict = {}  # device -> (side stream, graph memory pool), shared by every capture
 
 
@@ -75,10 +80,11 @@ class StaticStep:
     tokens=False (latent steps): input embeddings `[batch, hidden]` in, the last layer's
     final hidden state `[batch, hidden]` out.
     Static inputs (`input`, `position`, the buffers' `write_index` and `mask`) are updated
-    in place between steps; `run()` replays the CUDA graph when there is one.
+    in place between steps; `run()` replays the CUDA graph when there is one
+    (`use_graph`: by default on CUDA only).
     """
 
-    def __init__(self, lm, shared: SharedCache, extra: int, use_graph: bool, tokens: bool = True):
+    def __init__(self, lm, shared: SharedCache, extra: int, use_graph: bool | None = None, tokens: bool = True):
         self.lm = lm
         self.tokens = tokens
         self.kv = StaticKV(shared, extra)
@@ -94,7 +100,7 @@ class StaticStep:
         self._eager_mask = lm.model.config._attn_implementation == "eager"
         self.output = None
         self.graph = None
-        if use_graph:
+        if use_fast(device, use_graph):
             self._capture()
 
     def _forward(self) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 from capture.hooks import score_prompt
 from capture.similarity import layer_similarities
 
-from ..fast_decode import StaticStep
+from ..fast_decode import StaticStep, use_fast
 from ..knn import KnnFilter
 from ..prompts import AGENTS, agent_prompt
 from ..realign import LatentInput
@@ -131,7 +131,7 @@ def think_latently(shared: SharedCache, latent_input: LatentInput, hidden: torch
     """
     segment = SegmentKey(agent, "latent")
     if fast and steps > 0:
-        step = StaticStep(shared.lm, shared, steps, use_graph=hidden.device.type == "cuda", tokens=False)
+        step = StaticStep(shared.lm, shared, steps, tokens=False)
         for _ in range(steps):
             hidden = step.run(latent_input(hidden))
         shared.adopt(step.kv, steps, LATENT, segment)
@@ -149,7 +149,7 @@ def solve(lm, problems, task, cfg, observer: HandoffObserver | None = None):
     knn = knn_filter_of(cfg)
     knn_generators = generators_for(problems, cfg, lm.device, salt=7919)
     embed = lm.model.get_input_embeddings()
-    fast = lm.device.type == "cuda" if cfg.fast_decode is None else cfg.fast_decode
+    fast = use_fast(lm.device, cfg.fast_decode)
     shared = SharedCache(lm, len(problems))
     turns: list[list[AgentTurn]] = [[] for _ in problems]
     previous = None
