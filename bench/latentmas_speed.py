@@ -56,7 +56,7 @@ def main(model_name, random_weights, data_file, batch_sizes, problems_bs1, batch
                             latent_steps=10, max_new_tokens=max_new_tokens, ignore_eos=True, temperature=0.6,
                             top_p=0.95, generate_bs=bs, device=device, fast_decode=fast)
             subset = problems[: problems_bs1 if bs == 1 else bs * batches]
-            run_pass(lm, subset[:bs], task, cfg)  # warm-up (CUDA graph capture, allocator)
+            run_pass(lm, subset, task, cfg)  # warm-up: a CUDA graph per buffer size, the allocator
             for capture in (False, True):
                 passes = [run_pass(lm, subset, task, cfg, capture_path if capture else None)
                           for _ in range(repeats)]

@@ -39,7 +39,8 @@ killed at any point (even `kill -9`) stays readable and a half-written capture
 can be rendered while it grows. SWMR forbids creating groups or datasets once it
 is on, so everything is created up front and problems are appended as rows.
 A problem becomes visible only when `/status/committed` is advanced, after its
-rows are flushed: a problem in flight at a crash is simply not there.
+rows are flushed: a problem in flight at a crash is simply not there. Problems
+solved together in one batch are committed together (`append_batch`).
 """
 
 from __future__ import annotations
@@ -311,41 +312,62 @@ class CaptureWriter(_OpenFile):
     # -- writing -----------------------------------------------------------------
     def append(self, problem: ProblemRecord) -> None:
         """Write one problem and its hand-offs, then commit it. Raises CaptureError on I/O failure."""
-        try:
-            self._append(problem)
-        except (OSError, ValueError, TypeError) as error:
-            raise CaptureError(f"could not write problem {problem.number} to {self.path}: {error}") from None
-        self.completed_numbers.add(problem.number)
+        self.append_batch([problem])
 
-    def _append(self, problem: ProblemRecord) -> None:
+    def append_batch(self, problems: Sequence[ProblemRecord]) -> None:
+        """Write problems solved together and commit them at once (one flush pair per batch, not per problem).
+
+        A crash before the commit loses the whole batch, never a part of it. Raises CaptureError on I/O failure.
+        """
+        if not problems:
+            return
+        try:
+            self._append(problems)
+        except (OSError, ValueError, TypeError) as error:
+            numbers = ", ".join(str(p.number) for p in problems)
+            noun = "problem" if len(problems) == 1 else "problems"
+            raise CaptureError(f"could not write {noun} {numbers} to {self.path}: {error}") from None
+        self.completed_numbers.update(p.number for p in problems)
+
+    def _append(self, problems: Sequence[ProblemRecord]) -> None:
         n_problems, n_handoffs, n_columns, n_segments = self._committed
         f = self._file
+        problem_rows = {"number": [], "question": [], "gold": [], "prediction": [], "correct": [],
+                        "first_handoff": [], "num_handoffs": []}
         handoff_rows = {"from_agent": [], "to_agent": [], "first_column": [], "num_columns": [],
                         "first_segment": [], "num_segments": []}
         segment_rows = {"agent": [], "kind": [], "start": [], "stop": []}
-        column = n_columns
-        segment = n_segments
+        column, segment, handoff_count = n_columns, n_segments, n_handoffs
         matrices, positions, tokens = [], [], []
-        for handoff in problem.handoffs:
-            width = handoff.num_columns
-            if len(handoff.tokens) != width or len(handoff.positions) != width:
-                raise ValueError(f"hand-off {handoff.name}: tokens/positions do not match {width} columns")
-            handoff_rows["from_agent"].append(handoff.from_agent)
-            handoff_rows["to_agent"].append(handoff.to_agent)
-            handoff_rows["first_column"].append(column)
-            handoff_rows["num_columns"].append(width)
-            handoff_rows["first_segment"].append(segment)
-            handoff_rows["num_segments"].append(len(handoff.segments))
-            for seg in handoff.segments:
-                segment_rows["agent"].append(seg.agent)
-                segment_rows["kind"].append(seg.kind)
-                segment_rows["start"].append(seg.start)
-                segment_rows["stop"].append(seg.stop)
-            matrices.append(handoff.layer_similarities)
-            positions.append(np.asarray(handoff.positions, dtype=np.int64))
-            tokens.extend(handoff.tokens)
-            column += width
-            segment += len(handoff.segments)
+        for problem in problems:
+            problem_rows["number"].append(problem.number)
+            problem_rows["question"].append(problem.question)
+            problem_rows["gold"].append(problem.gold)
+            problem_rows["prediction"].append(problem.prediction or "")
+            problem_rows["correct"].append(-1 if problem.correct is None else int(bool(problem.correct)))
+            problem_rows["first_handoff"].append(handoff_count)
+            problem_rows["num_handoffs"].append(len(problem.handoffs))
+            handoff_count += len(problem.handoffs)
+            for handoff in problem.handoffs:
+                width = handoff.num_columns
+                if len(handoff.tokens) != width or len(handoff.positions) != width:
+                    raise ValueError(f"hand-off {handoff.name}: tokens/positions do not match {width} columns")
+                handoff_rows["from_agent"].append(handoff.from_agent)
+                handoff_rows["to_agent"].append(handoff.to_agent)
+                handoff_rows["first_column"].append(column)
+                handoff_rows["num_columns"].append(width)
+                handoff_rows["first_segment"].append(segment)
+                handoff_rows["num_segments"].append(len(handoff.segments))
+                for seg in handoff.segments:
+                    segment_rows["agent"].append(seg.agent)
+                    segment_rows["kind"].append(seg.kind)
+                    segment_rows["start"].append(seg.start)
+                    segment_rows["stop"].append(seg.stop)
+                matrices.append(handoff.layer_similarities)
+                positions.append(np.asarray(handoff.positions, dtype=np.int64))
+                tokens.extend(handoff.tokens)
+                column += width
+                segment += len(handoff.segments)
 
         sims = f["columns/layer_similarities"]
         if matrices:
@@ -358,16 +380,10 @@ class CaptureWriter(_OpenFile):
             _append_rows(f[f"handoffs/{name}"], n_handoffs, rows)
         for name, rows in segment_rows.items():
             _append_rows(f[f"segments/{name}"], n_segments, rows)
-        correct = -1 if problem.correct is None else int(bool(problem.correct))
-        problem_row = {
-            "number": [problem.number], "question": [problem.question], "gold": [problem.gold],
-            "prediction": [problem.prediction or ""], "correct": [correct],
-            "first_handoff": [n_handoffs], "num_handoffs": [len(problem.handoffs)],
-        }
-        for name, rows in problem_row.items():
+        for name, rows in problem_rows.items():
             _append_rows(f[f"problems/{name}"], n_problems, rows)
         f.flush()  # rows reach the disk before the commit marker that makes them visible
-        self._committed = [n_problems + 1, n_handoffs + len(problem.handoffs), column, segment]
+        self._committed = [n_problems + len(problems), handoff_count, column, segment]
         f["status/committed"][:] = self._committed
         f.flush()
 

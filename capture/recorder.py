@@ -180,11 +180,11 @@ class CaptureRecorder:
                                f"{handoff_name(p.from_agent, p.to_agent)}'s was never watched "
                                "(call watch_prefill(event) around it)")
         pending = [self._to_host(p) for p in seen]
-        for row, result in enumerate(results):
-            handoffs = [self._handoff(p, row) for p in pending]
-            self.writer.append(ProblemRecord(
-                number=result.number, question=result.question, gold=result.gold,
-                prediction=result.prediction, correct=result.correct, handoffs=handoffs))
+        self.writer.append_batch([
+            ProblemRecord(number=result.number, question=result.question, gold=result.gold,
+                          prediction=result.prediction, correct=result.correct,
+                          handoffs=[self._handoff(p, row) for p in pending])
+            for row, result in enumerate(results)])
 
     def _to_host(self, p: _Pending) -> dict:
         return {

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from .fast_decode import StaticStep, use_fast
+from .fast_decode import static_step, use_fast
 from .shared_cache import SegmentKey, SharedCache
 
 
@@ -99,7 +99,7 @@ def generate(
         logits = shared.extend(embed(prompt_ids), prompt_mask, prompt_ids, SegmentKey(agent, "prompt"), logits=True)
     step_fn = None
     if use_fast(lm.device, sampling.fast) and sampling.max_new_tokens > 1:
-        step_fn = StaticStep(lm, shared, sampling.max_new_tokens).run
+        step_fn = static_step(lm, shared, sampling.max_new_tokens).run
     batch = prompt_ids.shape[0]
     finished = torch.zeros(batch, dtype=torch.bool, device=lm.device)
     ones = torch.ones(batch, 1, dtype=torch.bool, device=lm.device)

@@ -6,44 +6,52 @@ per step: ~2 ms of bandwidth, but the eager step takes tens of ms). Here the
 shared cache is copied once into buffers with room for the whole answer, and
 every step has the same shapes and addresses: the new key/value is written at a
 device-side index, attention sees all slots through a mask, and nothing talks to
-the host. On CUDA the step (embedding -> model -> last logits) is captured once
-as a CUDA graph and replayed; on the CPU the same step runs eagerly, which is how
-tests check that it decodes exactly what the plain loop decodes. Decoding and latent
-steps both use it (`StaticStep`); latent steps hand their columns back to the shared
-cache (`SharedCache.adopt`).
+the host. Attention reads the unrepeated GQA keys (`step_attention`). On CUDA the
+step (embedding -> model -> last logits) is captured once as a CUDA graph and
+replayed; on the CPU the same step runs eagerly, which is how tests check that it
+decodes exactly what the plain loop decodes. Buffers come in a few sizes and each
+size's step is kept on the model and reused by later problems (`static_step`).
+Decoding and latent steps both use it; latent steps hand their columns back to the
+shared cache (`SharedCache.adopt`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .shared_cache import SharedCache
+from .shared_cache import SharedCache, cache_kwarg
+from .step_attention import grouped_step
 
 
 class StaticKV:
     """Per-layer key/value buffers `[batch, kv_heads, capacity, head_dim]` behind transformers' cache interface.
 
-    `update()` writes the new column at `write_index` (a 1-element device tensor)
-    and returns the whole buffers; unwritten slots are hidden by the mask.
+    `load()` copies a shared cache in; `update()` writes each new column at `write_index`
+    (a 1-element device tensor) and returns the whole buffers; slots past the written
+    ones are zero and hidden by the mask.
     """
 
-    def __init__(self, shared: SharedCache, extra: int):
-        self.length = shared.length
-        self.capacity = shared.length + extra
-        self.keys, self.values = [], []
-        for layer in shared.cache.layers:
-            self.keys.append(self._buffer(layer.keys))
-            self.values.append(self._buffer(layer.values))
-        device = shared.mask.device
-        self.write_index = torch.tensor([self.length], dtype=torch.long, device=device)
-        self.mask = torch.zeros(shared.batch_size, self.capacity, dtype=torch.bool, device=device)
-        self.mask[:, : self.length] = shared.mask
+    def __init__(self, lm, batch: int, capacity: int, device: torch.device):
+        self.capacity = capacity
+        self.length = 0
+        shape = (batch, lm.num_kv_heads, capacity, lm.head_dim)
+        self.keys = [torch.zeros(shape, dtype=lm.dtype, device=device) for _ in range(lm.num_layers)]
+        self.values = [torch.zeros(shape, dtype=lm.dtype, device=device) for _ in range(lm.num_layers)]
+        self.write_index = torch.zeros(1, dtype=torch.long, device=device)
+        self.mask = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
 
-    def _buffer(self, tensor: torch.Tensor) -> torch.Tensor:
-        batch, heads, length, dim = tensor.shape
-        buffer = torch.zeros(batch, heads, self.capacity, dim, dtype=tensor.dtype, device=tensor.device)
-        buffer[:, :, :length] = tensor
-        return buffer
+    @torch.no_grad()
+    def load(self, shared: SharedCache) -> None:
+        """Start from `shared`'s columns; whatever an earlier problem left here is cleared."""
+        self.length = length = shared.length
+        for layer, keys, values in zip(shared.cache.layers, self.keys, self.values):
+            keys[:, :, :length].copy_(layer.keys)
+            values[:, :, :length].copy_(layer.values)
+            keys[:, :, length:].zero_()
+            values[:, :, length:].zero_()
+        self.write_index.fill_(length)
+        self.mask.zero_()
+        self.mask[:, :length] = shared.mask
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self.keys[layer_idx].index_copy_(2, self.write_index, key_states)
@@ -52,6 +60,11 @@ class StaticKV:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.capacity
+
+
+def capacity_for(needed: int) -> int:
+    """Buffers come in a few sizes (powers of two, at least 256), so each size's step is captured once."""
+    return max(256, 1 << (needed - 1).bit_length())
 
 
 def use_fast(device: torch.device, setting: bool | None) -> bool:
@@ -74,51 +87,53 @@ def _capture_resources(device: torch.device):
 
 
 class StaticStep:
-    """One model step with fixed shapes on a static KV buffer.
+    """One model step with fixed shapes on a static KV buffer, reused from problem to problem.
 
     tokens=True (decoding): token ids `[batch]` in, next-token logits `[batch, vocab]` out.
     tokens=False (latent steps): input embeddings `[batch, hidden]` in, the last layer's
     final hidden state `[batch, hidden]` out.
     Static inputs (`input`, `position`, the buffers' `write_index` and `mask`) are updated
-    in place between steps; `run()` replays the CUDA graph when there is one
-    (`use_graph`: by default on CUDA only).
+    in place; `start()` loads a shared cache, `run()` replays the CUDA graph when there is
+    one (`use_graph`: by default on CUDA only). Get one with `static_step()`.
     """
 
-    def __init__(self, lm, shared: SharedCache, extra: int, use_graph: bool | None = None, tokens: bool = True):
+    def __init__(self, lm, batch: int, capacity: int, tokens: bool = True, use_graph: bool | None = None):
         self.lm = lm
         self.tokens = tokens
-        self.kv = StaticKV(shared, extra)
-        batch = shared.batch_size
-        device = shared.mask.device
+        device = lm.device
+        self.kv = StaticKV(lm, batch, capacity, device)
         if tokens:
             self.input = torch.zeros(batch, 1, dtype=torch.long, device=device)
         else:
             self.input = torch.zeros(batch, 1, lm.hidden_size, dtype=lm.dtype, device=device)
-        self.position = shared.next_position[:, None].clone()
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.steps = 0
-        self._cache_kwarg = shared._cache_kwarg
-        self._eager_mask = lm.model.config._attn_implementation == "eager"
+        self._cache_kwarg = cache_kwarg(lm.model.base_model)
         self.output = None
         self.graph = None
         if use_fast(device, use_graph):
             self._capture()
 
+    def start(self, shared: SharedCache) -> StaticStep:
+        """Continue from `shared` (same batch size, at most `capacity` columns with the steps to come)."""
+        self.kv.load(shared)
+        self.position.copy_(shared.next_position[:, None])
+        self.steps = 0
+        return self
+
     def _forward(self) -> torch.Tensor:
         self.kv.mask.index_fill_(1, self.kv.write_index, True)
-        mask = self.kv.mask[:, None, None, :]
-        if self._eager_mask:
-            zero = torch.zeros((), dtype=self.lm.dtype, device=mask.device)
-            mask = torch.where(mask, zero, torch.finfo(self.lm.dtype).min)
-        common = {"attention_mask": {"full_attention": mask}, "position_ids": self.position, "use_cache": True,
-                  self._cache_kwarg: self.kv}
-        if self.tokens:
-            return self.lm.model(input_ids=self.input, logits_to_keep=1, **common).logits[:, -1, :]
-        return self.lm.model.base_model(inputs_embeds=self.input, **common).last_hidden_state[:, -1, :]
+        common = {"attention_mask": {"full_attention": self.kv.mask[:, None, None, :]}, "position_ids": self.position,
+                  "use_cache": True, self._cache_kwarg: self.kv}
+        with grouped_step(self.lm.model):
+            if self.tokens:
+                return self.lm.model(input_ids=self.input, logits_to_keep=1, **common).logits[:, -1, :]
+            return self.lm.model.base_model(inputs_embeds=self.input, **common).last_hidden_state[:, -1, :]
 
+    @torch.no_grad()
     def _capture(self) -> None:
-        """Warm up on a side stream, then record one step into a CUDA graph."""
-        saved = (self.kv.write_index.clone(), self.kv.mask.clone(), self.position.clone())
-        stream, pool = _capture_resources(self.kv.mask.device)
+        """Warm up on a side stream, then record one step into a CUDA graph (buffers are reloaded by `start`)."""
+        stream, pool = _capture_resources(self.lm.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
@@ -127,14 +142,13 @@ class StaticStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool, stream=stream):
             self.output = self._forward()
-        # warm-up and capture wrote into the next slot; restore it so stepping starts clean
-        self.kv.write_index.copy_(saved[0])
-        self.kv.mask.copy_(saved[1])
-        self.position.copy_(saved[2])
 
     @torch.no_grad()
     def run(self, value: torch.Tensor) -> torch.Tensor:
-        """Feed token ids `[batch]` or embeddings `[batch, hidden]` at the next slot; return the output."""
+        """Feed token ids `[batch]` or embeddings `[batch, hidden]` at the next slot; return the output.
+
+        The output is a static tensor, overwritten by the next `run` of any step: copy it to keep it.
+        """
         self.input.copy_(value[:, None])
         if self.graph is not None:
             self.graph.replay()
@@ -145,3 +159,24 @@ class StaticStep:
         self.position += 1
         self.steps += 1
         return output
+
+
+KEEP_STEPS = 6  # captured steps kept per model (a few buffer sizes x decode/latent)
+
+
+def static_step(lm, shared: SharedCache, extra: int, tokens: bool = True, use_graph: bool | None = None) -> StaticStep:
+    """A step started on `shared` with room for `extra` more columns, reused when one of its shape exists.
+
+    Steps live on the model (`lm.static_steps`), keyed by (tokens, batch, capacity, graph),
+    the least recently used dropped past KEEP_STEPS.
+    """
+    graph = use_fast(lm.device, use_graph)
+    key = (tokens, shared.batch_size, capacity_for(shared.length + extra), graph)
+    steps = lm.static_steps
+    if key in steps:
+        steps.move_to_end(key)
+    else:
+        while len(steps) >= KEEP_STEPS:
+            steps.popitem(last=False)
+        steps[key] = StaticStep(lm, key[1], key[2], tokens=tokens, use_graph=graph)
+    return steps[key].start(shared)

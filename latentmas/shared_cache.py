@@ -30,7 +30,7 @@ class SegmentKey:
     kind: str
 
 
-def _cache_kwarg(module: torch.nn.Module) -> str:
+def cache_kwarg(module: torch.nn.Module) -> str:
     """transformers renamed `past_key_values` to `cache` during 5.x; use whichever this version takes."""
     parameters = inspect.signature(module.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
@@ -61,7 +61,7 @@ class SharedCache:
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.segments: list[SegmentKey] = []
         self._decoder = lm.model.base_model
-        self._cache_kwarg = _cache_kwarg(self._decoder)
+        self._cache_kwarg = cache_kwarg(self._decoder)
 
     @property
     def batch_size(self) -> int:
@@ -115,11 +115,12 @@ class SharedCache:
         return result
 
     def adopt(self, kv, count: int, token_id: int, segment: SegmentKey) -> None:
-        """Take `count` real columns computed on a static buffer (`fast_decode.StaticKV`) that
-        started from this cache: its first T + count slots become every layer's keys and values."""
-        length = self.length + count
+        """Append `count` columns computed on a static buffer (`fast_decode.StaticKV`) loaded from
+        this cache: its slots T .. T + count - 1 (copied: the buffer is reused)."""
+        length = self.length
         for layer, keys, values in zip(self.cache.layers, kv.keys, kv.values):
-            layer.keys, layer.values = keys[:, :, :length], values[:, :, :length]
+            layer.keys = torch.cat([layer.keys, keys[:, :, length:length + count]], dim=2)
+            layer.values = torch.cat([layer.values, values[:, :, length:length + count]], dim=2)
         mask = torch.ones(self.batch_size, count, dtype=torch.bool, device=self.mask.device)
         token_ids = torch.full((self.batch_size, count), token_id, dtype=torch.long, device=self.mask.device)
         self._note(mask, self._positions(mask), token_ids, segment)

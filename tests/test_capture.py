@@ -186,6 +186,35 @@ def test_write_error_keeps_earlier_problems(tmp_path, monkeypatch):
                                    _record(2).handoffs[0].layer_similarities, atol=1e-3)
 
 
+def test_a_batch_is_committed_whole(tmp_path, monkeypatch):
+    """append_batch writes its problems in order; a failure part-way commits none of them."""
+    path = tmp_path / "batch.h5"
+    writer = CaptureWriter.open(path, {}, {"a": 1}, num_layers=4)
+    writer.append_batch([_record(1, width=3), _record(2, width=7)])
+    real_setitem = h5py.Dataset.__setitem__
+    calls = []
+
+    def fail_late(self, *args, **kwargs):  # let the first rows of the batch land, then fail
+        calls.append(self.name)
+        if len(calls) > 3:
+            raise OSError(28, "No space left on device")
+        return real_setitem(self, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", fail_late)
+    with pytest.raises(CaptureError, match="could not write problems 3, 4 .*No space left"):
+        writer.append_batch([_record(3), _record(4)])
+    monkeypatch.undo()
+    writer.append_batch([_record(5, width=2)])
+    writer.close()
+    with CaptureReader(path) as capture:
+        assert capture.problem_numbers == [1, 2, 5]
+        for number, width in ((1, 3), (2, 7), (5, 2)):
+            handoff = capture.handoff(number, "planner_to_critic")
+            assert handoff.layer_similarities.shape == (4, width)
+            np.testing.assert_allclose(handoff.layer_similarities, _record(number, width).handoffs[0].layer_similarities,
+                                       atol=1e-3)
+
+
 def test_unwritable_path_is_one_clear_line(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")

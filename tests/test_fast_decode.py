@@ -82,3 +82,29 @@ def test_fast_latent_steps_build_the_same_cache(tiny_lm, fake_problems, batch_si
             torch.testing.assert_close(kb[real], ka[real], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(vb[real], va[real], atol=1e-5, rtol=1e-5)
 
+
+
+def test_capacity_buckets():
+    from latentmas.fast_decode import capacity_for
+
+    assert [capacity_for(n) for n in (1, 256, 257, 600, 1024, 1025)] == [256, 256, 512, 1024, 1024, 2048]
+
+
+def test_reused_steps_forget_earlier_problems(tiny_lm, fake_problems):
+    """A step reused from an earlier problem decodes what a freshly built one decodes."""
+    problems = fake_problems()
+    task = get_task("gsm8k")
+    cfg = RunConfig(model_name="tiny-qwen3", device="cpu", latent_steps=4, max_new_tokens=12, temperature=0.0,
+                    fast_decode=True)
+    solve = get_method("latent_mas")
+    tiny_lm.static_steps.clear()
+    fresh = solve(tiny_lm, problems[1:2], task, cfg)[0]
+    built = dict(tiny_lm.static_steps)
+    assert {key[0] for key in built} == {True, False}  # a decode step and a latent step
+    tiny_lm.static_steps.clear()
+    solve(tiny_lm, problems[2:3], task, cfg)  # a longer problem first: its columns stay in the buffers
+    steps_before = {key: id(step) for key, step in tiny_lm.static_steps.items()}
+    again = solve(tiny_lm, problems[1:2], task, cfg)[0]
+    assert again.output == fresh.output
+    reused = [key for key, step in tiny_lm.static_steps.items() if steps_before.get(key) == id(step)]
+    assert reused, "no step was reused"

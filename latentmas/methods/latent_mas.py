@@ -27,7 +27,7 @@ import torch
 from capture.hooks import score_prompt
 from capture.similarity import layer_similarities
 
-from ..fast_decode import StaticStep, use_fast
+from ..fast_decode import static_step, use_fast
 from ..knn import KnnFilter
 from ..prompts import AGENTS, agent_prompt
 from ..realign import LatentInput
@@ -131,11 +131,11 @@ def think_latently(shared: SharedCache, latent_input: LatentInput, hidden: torch
     """
     segment = SegmentKey(agent, "latent")
     if fast and steps > 0:
-        step = StaticStep(shared.lm, shared, steps, tokens=False)
+        step = static_step(shared.lm, shared, steps, tokens=False)
         for _ in range(steps):
             hidden = step.run(latent_input(hidden))
         shared.adopt(step.kv, steps, LATENT, segment)
-        return hidden
+        return hidden.clone()  # the step's output tensor is reused by its next run
     ones = torch.ones(shared.batch_size, 1, dtype=torch.bool, device=hidden.device)
     latent_ids = torch.full((shared.batch_size, 1), LATENT, dtype=torch.long, device=hidden.device)
     for _ in range(steps):

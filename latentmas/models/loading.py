@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     device: torch.device
+    static_steps: OrderedDict = field(default_factory=OrderedDict, repr=False)  # fast_decode.static_step's reuse
 
     @property
     def config(self):
