@@ -40,7 +40,8 @@ can be rendered while it grows. SWMR forbids creating groups or datasets once it
 is on, so everything is created up front and problems are appended as rows.
 A problem becomes visible only when `/status/committed` is advanced, after its
 rows are flushed: a problem in flight at a crash is simply not there. Problems
-solved together in one batch are committed together (`append_batch`).
+solved together in one batch are committed together; their hand-offs may be
+written (`stage`) before their results are known and the batch committed after.
 """
 
 from __future__ import annotations
@@ -130,6 +131,19 @@ class Handoff:
     @property
     def num_columns(self) -> int:
         return int(self.layer_similarities.shape[1])
+
+
+@dataclass
+class StagedHandoffs:
+    """Hand-offs written past the committed rows by `CaptureWriter.stage`, awaiting their problems.
+
+    base: the committed counts `[problems, handoffs, columns, segments]` they were staged on;
+    num_handoffs: hand-offs per problem, in order; end: `[handoffs, columns, segments]` after them.
+    """
+
+    base: list[int]
+    num_handoffs: list[int]
+    end: list[int]
 
 
 @dataclass
@@ -231,7 +245,7 @@ class _OpenFile:
 
 
 class CaptureWriter(_OpenFile):
-    """Appends finished problems to a capture file, one flush per problem.
+    """Appends finished problems to a capture file, one commit per batch (`append_batch`, or `stage` + `commit`).
 
     Use `CaptureWriter.open(path, run_attrs, config, num_layers)`: it creates the
     file, or resumes it when it exists (refusing a different `config`).
@@ -319,36 +333,44 @@ class CaptureWriter(_OpenFile):
 
         A crash before the commit loses the whole batch, never a part of it. Raises CaptureError on I/O failure.
         """
-        if not problems:
-            return
+        if problems:
+            self.commit(self.stage([p.handoffs for p in problems], [p.number for p in problems]), problems)
+
+    def stage(self, handoffs: Sequence[Sequence[Handoff]], numbers: Sequence[int] = ()) -> StagedHandoffs:
+        """Write the hand-offs of a batch's problems (one list per problem) past the committed rows.
+
+        They are flushed but stay invisible to readers until `commit`; a crash or another
+        `stage` before it leaves the file as it was. The bulky part of a batch (the matrices,
+        their compression, token strings) is written here, so a caller can do it while the
+        device is still busy and keep `commit` short. `numbers` (the problems') name them in errors.
+        """
         try:
-            self._append(problems)
+            return self._stage(handoffs)
         except (OSError, ValueError, TypeError) as error:
-            numbers = ", ".join(str(p.number) for p in problems)
-            noun = "problem" if len(problems) == 1 else "problems"
-            raise CaptureError(f"could not write {noun} {numbers} to {self.path}: {error}") from None
+            raise CaptureError(f"could not write {_problems_named(numbers)} to {self.path}: {error}") from None
+
+    def commit(self, staged: StagedHandoffs, problems: Sequence[ProblemRecord]) -> None:
+        """Write `problems` (whose hand-offs are `staged`, in order) and make them visible at once."""
+        if len(problems) != len(staged.num_handoffs) or staged.base != self._committed:
+            raise CaptureError(f"{self.path}: the staged hand-offs do not belong to these {len(problems)} problems "
+                               "or to the file's current state")
+        try:
+            self._commit(staged, problems)
+        except (OSError, ValueError, TypeError) as error:
+            raise CaptureError(f"could not write {_problems_named([p.number for p in problems])} to {self.path}: "
+                               f"{error}") from None
         self.completed_numbers.update(p.number for p in problems)
 
-    def _append(self, problems: Sequence[ProblemRecord]) -> None:
-        n_problems, n_handoffs, n_columns, n_segments = self._committed
+    def _stage(self, per_problem: Sequence[Sequence[Handoff]]) -> StagedHandoffs:
+        _, n_handoffs, n_columns, n_segments = self._committed
         f = self._file
-        problem_rows = {"number": [], "question": [], "gold": [], "prediction": [], "correct": [],
-                        "first_handoff": [], "num_handoffs": []}
         handoff_rows = {"from_agent": [], "to_agent": [], "first_column": [], "num_columns": [],
                         "first_segment": [], "num_segments": []}
         segment_rows = {"agent": [], "kind": [], "start": [], "stop": []}
-        column, segment, handoff_count = n_columns, n_segments, n_handoffs
+        column, segment = n_columns, n_segments
         matrices, positions, tokens = [], [], []
-        for problem in problems:
-            problem_rows["number"].append(problem.number)
-            problem_rows["question"].append(problem.question)
-            problem_rows["gold"].append(problem.gold)
-            problem_rows["prediction"].append(problem.prediction or "")
-            problem_rows["correct"].append(-1 if problem.correct is None else int(bool(problem.correct)))
-            problem_rows["first_handoff"].append(handoff_count)
-            problem_rows["num_handoffs"].append(len(problem.handoffs))
-            handoff_count += len(problem.handoffs)
-            for handoff in problem.handoffs:
+        for handoffs in per_problem:
+            for handoff in handoffs:
                 width = handoff.num_columns
                 if len(handoff.tokens) != width or len(handoff.positions) != width:
                     raise ValueError(f"hand-off {handoff.name}: tokens/positions do not match {width} columns")
@@ -368,7 +390,6 @@ class CaptureWriter(_OpenFile):
                 tokens.extend(handoff.tokens)
                 column += width
                 segment += len(handoff.segments)
-
         sims = f["columns/layer_similarities"]
         if matrices:
             block = np.concatenate(matrices, axis=1).astype(sims.dtype)
@@ -380,12 +401,29 @@ class CaptureWriter(_OpenFile):
             _append_rows(f[f"handoffs/{name}"], n_handoffs, rows)
         for name, rows in segment_rows.items():
             _append_rows(f[f"segments/{name}"], n_segments, rows)
-        for name, rows in problem_rows.items():
-            _append_rows(f[f"problems/{name}"], n_problems, rows)
         f.flush()  # rows reach the disk before the commit marker that makes them visible
-        self._committed = [n_problems + len(problems), handoff_count, column, segment]
-        f["status/committed"][:] = self._committed
-        f.flush()
+        return StagedHandoffs(base=list(self._committed), num_handoffs=[len(h) for h in per_problem],
+                              end=[n_handoffs + len(handoff_rows["from_agent"]), column, segment])
+
+    def _commit(self, staged: StagedHandoffs, problems: Sequence[ProblemRecord]) -> None:
+        n_problems, first = staged.base[0], staged.base[1]
+        rows = {"number": [], "question": [], "gold": [], "prediction": [], "correct": [], "first_handoff": [],
+                "num_handoffs": []}
+        for problem, count in zip(problems, staged.num_handoffs):
+            rows["number"].append(problem.number)
+            rows["question"].append(problem.question)
+            rows["gold"].append(problem.gold)
+            rows["prediction"].append(problem.prediction or "")
+            rows["correct"].append(-1 if problem.correct is None else int(bool(problem.correct)))
+            rows["first_handoff"].append(first)
+            rows["num_handoffs"].append(count)
+            first += count
+        for name, values in rows.items():
+            _append_rows(self._file[f"problems/{name}"], n_problems, values)
+        self._file.flush()
+        self._committed = [n_problems + len(problems), *staged.end]
+        self._file["status/committed"][:] = self._committed
+        self._file.flush()
 
     def finish(self, finished_at: str, summary: dict) -> None:
         """Mark the run finished and store its summary (JSON)."""
@@ -395,6 +433,12 @@ class CaptureWriter(_OpenFile):
             self._file.flush()
         except OSError as error:
             raise CaptureError(f"could not finish {self.path}: {error}") from None
+
+
+def _problems_named(numbers: Sequence[int]) -> str:
+    if not numbers:
+        return "hand-offs"
+    return ("problem " if len(numbers) == 1 else "problems ") + ", ".join(str(n) for n in numbers)
 
 
 def _append_rows(dataset: h5py.Dataset, start: int, rows) -> None:

@@ -3,8 +3,11 @@
 The matrices are computed on the device (no host sync): for the "seed" mode when a
 hand-off happens; for "query" and "attention" during the incoming agent's prompt
 prefill, which `watch_prefill` wraps in hooks (`capture.hooks.PrefillProbe`), one
-`[batch, T]` row per layer as the layers run. They reach the host once per batch,
-when the batch's results are written. Capture never draws.
+`[batch, T]` row per layer as the layers run. Each hand-off's data then starts its
+copy to the host without waiting. While the judger decodes (`while_decoding`, called
+once the device has queued work) the batch's hand-offs are written to the file
+(`CaptureWriter.stage`), so the compression and I/O overlap the device; when the
+batch's results are known, `write_batch` commits them. Capture never draws.
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ DEFAULT_TRANSITIONS = ("planner_to_critic", "critic_to_refiner", "refiner_to_jud
 
 @dataclass
 class _Pending:
-    """A hand-off seen during the current batch, still on the device.
+    """A hand-off seen during the current batch.
 
     similarities: [batch, num_layers, T], None until the incoming prefill has been
     watched (modes "query" and "attention"); the rest [batch, T], taken at the hand-off.
+    `to_host()` starts their copy to the host (pinned memory, no wait, on CUDA);
+    `host()` waits for it and returns numpy arrays.
     """
 
     from_agent: str
@@ -45,6 +50,32 @@ class _Pending:
     token_ids: torch.Tensor
     segment_ids: torch.Tensor
     segments: list
+    _copies: dict | None = None
+    _copied: object = None  # a CUDA event recorded after the copies
+
+    def to_host(self) -> None:
+        tensors = {"similarities": self.similarities, "mask": self.mask, "positions": self.positions,
+                   "token_ids": self.token_ids, "segment_ids": self.segment_ids}
+        self._copies = {name: _host_copy(t) for name, t in tensors.items()}
+        if self.mask.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def host(self) -> dict:
+        if self._copies is None:
+            self.to_host()
+        if self._copied is not None:
+            self._copied.synchronize()
+        arrays = {name: t.numpy() for name, t in self._copies.items()}
+        return dict(arrays, from_agent=self.from_agent, to_agent=self.to_agent, segments=self.segments)
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` on the host: on CUDA an asynchronous copy into pinned memory (valid after an event sync)."""
+    if tensor.device.type != "cuda":
+        return tensor.detach()
+    copy = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return copy.copy_(tensor, non_blocking=True)
 
 
 def run_attributes(cfg, lm) -> dict:
@@ -124,6 +155,8 @@ class CaptureRecorder:
         self._pending: list[_Pending] = []
         self._awaiting: list[tuple[object, _Pending]] = []  # (event, entry) whose prefill is still to come
         self._token_text: dict[int, str] = {}
+        self._numbers: list[int] = []  # the current batch's problem numbers
+        self._staged = None  # its hand-offs once written (`while_decoding`), until `write_batch` commits them
 
     @classmethod
     def open(cls, path, cfg, lm, transitions=DEFAULT_TRANSITIONS, overwrite=False, dtype="float16"):
@@ -141,14 +174,18 @@ class CaptureRecorder:
         if self.transitions is not None and name not in self.transitions:
             return
         shared = event.shared
+        self._staged = None  # left by a batch that never reached write_batch: its rows get overwritten
         similarities = None
         if self.similarity not in PREFILL_MODES:
             similarities = layer_similarities(shared.layer_keys(), event.query, self.similarity)
         pending = _Pending(event.from_agent, event.to_agent, similarities, shared.mask, shared.positions,
                            shared.token_ids, shared.segment_ids, list(shared.segments))
         self._pending.append(pending)
+        self._numbers = [p.number for p in event.problems]
         if similarities is None:
             self._awaiting.append((event, pending))
+        else:
+            pending.to_host()
 
     @contextlib.contextmanager
     def watch_prefill(self, event):
@@ -168,10 +205,15 @@ class CaptureRecorder:
         with probe:
             yield
         entry.similarities = probe.result()
+        entry.to_host()
 
     # -- writing -----------------------------------------------------------------------
-    def write_batch(self, results) -> None:
-        """Write each problem of the batch just solved, with the hand-offs seen for it."""
+    def while_decoding(self) -> None:
+        """Write the batch's hand-offs now, while the device works through the judger's queued decoding."""
+        if self._staged is None:
+            self._stage()
+
+    def _stage(self) -> None:
         seen, self._pending, self._awaiting = self._pending, [], []
         unwatched = [p for p in seen if p.similarities is None]
         if unwatched:
@@ -179,20 +221,23 @@ class CaptureRecorder:
             raise RuntimeError(f"similarity {self.similarity!r} needs the incoming agent's prefill, but "
                                f"{handoff_name(p.from_agent, p.to_agent)}'s was never watched "
                                "(call watch_prefill(event) around it)")
-        pending = [self._to_host(p) for p in seen]
-        self.writer.append_batch([
-            ProblemRecord(number=result.number, question=result.question, gold=result.gold,
-                          prediction=result.prediction, correct=result.correct,
-                          handoffs=[self._handoff(p, row) for p in pending])
-            for row, result in enumerate(results)])
+        pending = [p.host() for p in seen]
+        self._staged = (list(self._numbers), self.writer.stage(
+            [[self._handoff(p, row) for p in pending] for row in range(len(self._numbers))], self._numbers))
 
-    def _to_host(self, p: _Pending) -> dict:
-        return {
-            "from_agent": p.from_agent, "to_agent": p.to_agent, "segments": p.segments,
-            "similarities": p.similarities.cpu().numpy(), "mask": p.mask.cpu().numpy(),
-            "positions": p.positions.cpu().numpy(), "token_ids": p.token_ids.cpu().numpy(),
-            "segment_ids": p.segment_ids.cpu().numpy(),
-        }
+    def write_batch(self, results) -> None:
+        """Commit each problem of the batch just solved, with the hand-offs seen for it."""
+        if self._staged is None:
+            if not self._pending:  # no hand-off was seen: the problems are written without any
+                self._numbers = [r.number for r in results]
+            self._stage()
+        (numbers, staged), self._staged = self._staged, None
+        if numbers != [r.number for r in results]:
+            raise RuntimeError(f"write_batch got problems {[r.number for r in results]}, but the hand-offs "
+                               f"seen were for {numbers}")
+        self.writer.commit(staged, [
+            ProblemRecord(number=r.number, question=r.question, gold=r.gold, prediction=r.prediction,
+                          correct=r.correct) for r in results])
 
     def _handoff(self, p: dict, row: int) -> Handoff:
         real = p["mask"][row]

@@ -167,8 +167,9 @@ KEEP_STEPS = 6  # captured steps kept per model (a few buffer sizes x decode/lat
 def static_step(lm, shared: SharedCache, extra: int, tokens: bool = True, use_graph: bool | None = None) -> StaticStep:
     """A step started on `shared` with room for `extra` more columns, reused when one of its shape exists.
 
-    Steps live on the model (`lm.static_steps`), keyed by (tokens, batch, capacity, graph),
-    the least recently used dropped past KEEP_STEPS.
+    Steps live on the model (`lm.static_steps`), keyed by (tokens, batch, capacity, graph):
+    the least recently used go past KEEP_STEPS, and all of another batch size go when a
+    new one is built (a run's batch size changes only for its last, smaller batch).
     """
     graph = use_fast(lm.device, use_graph)
     key = (tokens, shared.batch_size, capacity_for(shared.length + extra), graph)
@@ -176,6 +177,8 @@ def static_step(lm, shared: SharedCache, extra: int, tokens: bool = True, use_gr
     if key in steps:
         steps.move_to_end(key)
     else:
+        for other in [k for k in steps if k[1] != key[1]]:
+            del steps[other]
         while len(steps) >= KEEP_STEPS:
             steps.popitem(last=False)
         steps[key] = StaticStep(lm, key[1], key[2], tokens=tokens, use_graph=graph)

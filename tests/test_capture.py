@@ -215,6 +215,61 @@ def test_a_batch_is_committed_whole(tmp_path, monkeypatch):
                                        atol=1e-3)
 
 
+def test_staged_handoffs_stay_invisible_until_commit(tmp_path):
+    path = tmp_path / "staged.h5"
+    writer = CaptureWriter.open(path, {}, {"a": 1}, num_layers=4)
+    writer.append(_record(1, width=3))
+    abandoned = writer.stage([_record(2, width=9).handoffs], [2])  # a batch that never finishes
+    with CaptureReader(path) as capture:  # SWMR: readable while the writer is open
+        assert capture.problem_numbers == [1]
+    staged = writer.stage([_record(3, width=4).handoffs, _record(4, width=2).handoffs], [3, 4])
+    with pytest.raises(CaptureError, match="do not belong"):
+        writer.commit(staged, [_record(3)])  # one problem short
+    writer.commit(staged, [ProblemRecord(n, f"q{n}", "1", "1", True) for n in (3, 4)])
+    with pytest.raises(CaptureError, match="do not belong"):
+        writer.commit(abandoned, [_record(2)])  # staged before another commit: stale
+    writer.close()
+    with CaptureReader(path) as capture:
+        assert capture.problem_numbers == [1, 3, 4]
+        for number, width in ((1, 3), (3, 4), (4, 2)):
+            np.testing.assert_allclose(capture.handoff(number, "planner_to_critic").layer_similarities,
+                                       _record(number, width).handoffs[0].layer_similarities, atol=1e-3)
+
+
+class _StageAtTheEnd(CaptureRecorder):
+    """Writes the hand-offs in write_batch, as if the judger never called while_decoding."""
+
+    def while_decoding(self):
+        pass
+
+
+def test_writing_while_decoding_stores_what_writing_after_stores(tiny_lm, gsm8k_problems, tmp_path):
+    from latentmas import decoding
+
+    cfg = _config(max_new_tokens=decoding.OVERLAP_AFTER + 4)
+    task = get_task(cfg.task)
+    files = {}
+    for name, recorder_class in (("during", CaptureRecorder), ("after", _StageAtTheEnd)):
+        files[name] = tmp_path / f"{name}.h5"
+        recorder = recorder_class.open(files[name], cfg, tiny_lm, TRANSITIONS, overwrite=True)
+        calls = []
+        real = recorder.while_decoding
+        recorder.while_decoding = lambda real=real, calls=calls: (calls.append(1), real())
+        for start in (0, 2):
+            batch = gsm8k_problems[start:start + 2]
+            recorder.write_batch(get_method("latent_mas")(tiny_lm, batch, task, cfg, observer=recorder))
+        recorder.close()
+        assert len(calls) == 2  # once per batch
+    with CaptureReader(files["during"]) as a, CaptureReader(files["after"]) as b:
+        assert a.problem_numbers == b.problem_numbers == [1, 2, 3]
+        for number in a.problem_numbers:
+            assert a.problem(number) == b.problem(number)
+            for ha, hb in zip(a.handoffs(number), b.handoffs(number), strict=True):
+                assert (ha.name, ha.tokens, ha.segments) == (hb.name, hb.tokens, hb.segments)
+                np.testing.assert_array_equal(ha.positions, hb.positions)
+                np.testing.assert_array_equal(ha.layer_similarities, hb.layer_similarities)
+
+
 def test_unwritable_path_is_one_clear_line(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")

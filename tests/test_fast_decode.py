@@ -108,3 +108,36 @@ def test_reused_steps_forget_earlier_problems(tiny_lm, fake_problems):
     assert again.output == fresh.output
     reused = [key for key, step in tiny_lm.static_steps.items() if steps_before.get(key) == id(step)]
     assert reused, "no step was reused"
+
+
+@pytest.mark.parametrize("max_new_tokens", [5, 40])
+def test_while_decoding_runs_once_with_steps_queued(tiny_lm, max_new_tokens):
+    """`while_decoding` is called once: after OVERLAP_AFTER + 1 steps, or at the end of a shorter decode."""
+    from latentmas import decoding
+    from latentmas.methods.common import encode
+    from latentmas.prompts import agent_prompt
+    from latentmas.shared_cache import SharedCache
+
+    task = get_task("gsm8k")
+    _, ids, mask = encode(tiny_lm, [agent_prompt("judger", "What is 2 + 3?", task.answer_instruction)], False)
+    shared = SharedCache(tiny_lm, 1)
+    seen = []
+    sampling = decoding.Sampling(max_new_tokens, temperature=0.0, ignore_eos=True, fast=False)
+    outputs = decoding.generate(shared, ids, mask, "judger", sampling, decoding.problem_generators([1], 0, tiny_lm.device),
+                                while_decoding=lambda: seen.append(shared.length))
+    prompt = ids.shape[1]
+    forwards = min(decoding.OVERLAP_AFTER + 1, max_new_tokens - 1)  # the plain loop adds a column per forward
+    assert seen == [prompt + forwards]
+    assert len(outputs[0]) == max_new_tokens
+
+
+def test_steps_of_another_batch_size_are_dropped(tiny_lm, fake_problems):
+    task = get_task("gsm8k")
+    cfg = RunConfig(model_name="tiny-qwen3", device="cpu", latent_steps=2, max_new_tokens=4, temperature=0.0,
+                    fast_decode=True)
+    solve = get_method("latent_mas")
+    tiny_lm.static_steps.clear()
+    solve(tiny_lm, fake_problems()[:2], task, cfg)
+    assert {key[1] for key in tiny_lm.static_steps} == {2}
+    solve(tiny_lm, fake_problems()[2:], task, cfg)
+    assert {key[1] for key in tiny_lm.static_steps} == {1}

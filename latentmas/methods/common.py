@@ -62,12 +62,13 @@ def write_turn(lm, shared: SharedCache, agent: str, prompts: list[Prompt], cfg, 
 
 
 def decode_turn(lm, shared: SharedCache, agent: str, texts, ids, mask, cfg, generators,
-                prefill: AbstractContextManager | None = None) -> list[AgentTurn]:
+                prefill: AbstractContextManager | None = None, while_decoding=None) -> list[AgentTurn]:
     """`write_turn` for a prompt already encoded (texts, ids [batch, n], mask [batch, n]).
 
-    prefill: optional context manager entered around the prompt's prefill only (see `generate`).
+    prefill, while_decoding: optional, see `generate`.
     """
-    outputs = generate(shared, ids, mask, agent, sampling_of(cfg), generators, prefill=prefill)
+    outputs = generate(shared, ids, mask, agent, sampling_of(cfg), generators, prefill=prefill,
+                       while_decoding=while_decoding)
     decoded = lm.tokenizer.batch_decode(outputs, skip_special_tokens=True)
     return [
         AgentTurn(agent, text, out, int(m.sum()), len(o))

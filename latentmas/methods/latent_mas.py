@@ -56,7 +56,9 @@ class HandoffObserver(Protocol):
     """Told of every hand-off, after any kNN trim and before `to_agent` prefills its prompt.
 
     An observer may also define `watch_prefill(event) -> AbstractContextManager` (see
-    `PrefillObserver`); it is optional, and observers without it work as before.
+    `PrefillObserver`) and `while_decoding()`, called once while the judger decodes, after
+    its prefill, when the device has work queued (host work there overlaps it). Both are
+    optional, and observers without them work as before.
     """
 
     def on_handoff(self, event: HandoffEvent) -> None: ...
@@ -170,7 +172,8 @@ def solve(lm, problems, task, cfg, observer: HandoffObserver | None = None):
         prefill = watch_prefill(observer, event)
         if agent == AGENTS[-1]:
             generators = generators_for(problems, cfg, lm.device, salt=index)
-            new = decode_turn(lm, shared, agent, texts, ids, mask, cfg, generators, prefill=prefill)
+            new = decode_turn(lm, shared, agent, texts, ids, mask, cfg, generators, prefill=prefill,
+                              while_decoding=getattr(observer, "while_decoding", None))
         else:
             with prefill:
                 hidden = shared.extend(prompt_embeds, mask, ids, SegmentKey(agent, "prompt"))
