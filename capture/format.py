@@ -243,6 +243,30 @@ class _OpenFile:
     def __exit__(self, *exc):
         self.close()
 
+    def questions(self) -> dict[int, str]:
+        """number -> question of every committed problem."""
+        count = int(self._file["status/committed"][0])
+        problems = self._file["problems"]
+        return {int(n): _decode(q) for n, q in zip(problems["number"][:count], problems["question"][:count])}
+
+
+def check_same_problems(path, stored: dict[int, str], questions: dict[int, str]) -> None:
+    """Refuse to resume `path` when a problem number it holds now names another question.
+
+    stored: number -> question in the file; questions: the same for the run about to resume.
+    """
+    for number in sorted(stored.keys() & questions.keys()):
+        if stored[number] != questions[number]:
+            raise CaptureConfigMismatch(
+                f"{path} holds another problem {number} ({_shorten(stored[number])!r}, now "
+                f"{_shorten(questions[number])!r}): the problems changed (other data file contents, or a "
+                "hub/bundled fallback); pass another --capture_file or --overwrite")
+
+
+def _shorten(text: str, width: int = 40) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
 
 class CaptureWriter(_OpenFile):
     """Appends finished problems to a capture file, one commit per batch (`append_batch`, or `stage` + `commit`).

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .format import CaptureConfigMismatch, CaptureReader, CaptureWriter, ProblemRecord
+from .format import CaptureConfigMismatch, CaptureReader, CaptureWriter, ProblemRecord, check_same_problems
 
 SHARD_DIR_SUFFIX = ".shards"
 MERGE_TMP_SUFFIX = ".merge-tmp"
@@ -51,16 +51,20 @@ def sources(capture_file: str | os.PathLike) -> list[Path]:
     return ([capture_file] if capture_file.exists() else []) + shard_files(capture_file)
 
 
-def completed_numbers(capture_file: str | os.PathLike, config: dict) -> set[int]:
+def completed_numbers(capture_file: str | os.PathLike, config: dict,
+                      questions: dict[int, str] | None = None) -> set[int]:
     """Numbers of the problems committed in the capture file or any shard.
 
-    Raises CaptureConfigMismatch when one of them was captured with another `config`,
-    CaptureError when one cannot be read.
+    Raises CaptureConfigMismatch when one of them was captured with another `config`, or
+    holds a problem whose question differs from `questions` (number -> question, when
+    given); CaptureError when one cannot be read.
     """
     done: set[int] = set()
     for path in sources(capture_file):
         with CaptureReader(path) as reader:
             _check_config(path, reader.config, config)
+            if questions is not None:
+                check_same_problems(path, reader.questions(), questions)
             done.update(reader.problem_numbers)
     return done
 

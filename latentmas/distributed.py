@@ -92,6 +92,13 @@ class Group:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
     def gather(self, value: T) -> list[T]:
         """Every rank's `value`, in rank order, on every rank (also a barrier)."""
         if not self.distributed:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from capture.format import CaptureError, check_same_problems
 from capture.recorder import capture_identity
 
 from .config import RunConfig
@@ -62,8 +63,10 @@ def run(
     if distributed.launched() or (capture_file is not None and shard_dir(capture_file).is_dir()):
         group = distributed.join(cfg.device)
         try:
-            return _run_sharded(group, cfg, capture_file, transitions, overwrite, output_dir, progress,
-                                capture_dtype)
+            summary = _run_sharded(group, cfg, capture_file, transitions, overwrite, output_dir, progress,
+                                   capture_dtype)
+            group.barrier()  # no rank tears its process group down while a peer still receives the summary
+            return summary
         finally:
             group.close()
     return _run_single(cfg, capture_file, transitions, overwrite, output_dir, progress, capture_dtype)
@@ -84,6 +87,11 @@ def _run_single(cfg, capture_file, transitions, overwrite, output_dir, progress,
     recorder = None
     if capture_file is not None:
         recorder = CaptureRecorder.open(capture_file, cfg, lm, transitions, overwrite, capture_dtype)
+        try:
+            check_same_problems(capture_file, recorder.writer.questions(), {p.number: p.question for p in problems})
+        except CaptureError:
+            recorder.close()
+            raise
     done = recorder.completed_numbers if recorder else set()
     todo = [p for p in problems if p.number not in done]
 
@@ -174,7 +182,8 @@ def _run_sharded(group, cfg, capture_file, transitions, overwrite, output_dir, p
             if overwrite:
                 shards.remove_shards(capture_file)
                 capture_file.unlink(missing_ok=True)
-            done = shards.completed_numbers(capture_file, capture_identity(cfg, transitions, capture_dtype))
+            done = shards.completed_numbers(capture_file, capture_identity(cfg, transitions, capture_dtype),
+                                            {p.number: p.question for p in problems})
         offsets = {}
         for part in sorted(parts.glob("rank-*.jsonl")):
             if done:  # resuming: keep the parts of the interrupted run, minus a torn last line

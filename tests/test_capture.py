@@ -337,6 +337,34 @@ def test_resume_summary_and_results_cover_the_requested_problems(tiny_lm_cache_e
         assert capture.summary["correct"] == more["correct"] == correct
 
 
+def test_resume_refuses_changed_problems(tiny_lm_cache_env, offline, tmp_path):
+    """Same settings and data file path, other contents: the capture is not mixed."""
+    from capture import merge
+    from capture.format import CaptureConfigMismatch
+    from capture.recorder import capture_identity
+    from latentmas.runner import run
+
+    data = tmp_path / "mine.jsonl"
+
+    def write(first_question):
+        rows = [{"question": first_question, "answer": "#### 5"}, {"question": "What is 7 - 4?", "answer": "#### 3"}]
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write("What is 2 + 3?")
+    cfg = _config(max_samples=2, data_file=str(data))
+    path, out = tmp_path / "changed.h5", tmp_path / "runs"
+    run(cfg, capture_file=path, output_dir=out, progress=False)
+    write("What is 2 + 30?")
+    with pytest.raises(CaptureConfigMismatch, match="another problem 1 .*problems changed"):
+        run(cfg, capture_file=path, output_dir=out, progress=False)
+    with CaptureReader(path) as capture:
+        assert capture.problem_numbers == [1, 2] and capture.problem(1).question == "What is 2 + 3?"
+    identity = capture_identity(cfg, TRANSITIONS, "float16")
+    with pytest.raises(CaptureConfigMismatch, match="another problem 1"):
+        merge.completed_numbers(path, identity, {1: "What is 2 + 30?", 2: "What is 7 - 4?"})
+    assert merge.completed_numbers(path, identity, {1: "What is 2 + 3?"}) == {1, 2}
+
+
 def test_empty_transitions_are_refused():
     from capture.recorder import parse_transitions
 
