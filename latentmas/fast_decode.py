@@ -33,7 +33,6 @@ class StaticKV:
 
     def __init__(self, lm, batch: int, capacity: int, device: torch.device):
         self.capacity = capacity
-        self.length = 0
         shape = (batch, lm.num_kv_heads, capacity, lm.head_dim)
         self.keys = [torch.zeros(shape, dtype=lm.dtype, device=device) for _ in range(lm.num_layers)]
         self.values = [torch.zeros(shape, dtype=lm.dtype, device=device) for _ in range(lm.num_layers)]
@@ -43,7 +42,7 @@ class StaticKV:
     @torch.no_grad()
     def load(self, shared: SharedCache) -> None:
         """Start from `shared`'s columns; whatever an earlier problem left here is cleared."""
-        self.length = length = shared.length
+        length = shared.length
         for layer, keys, values in zip(shared.cache.layers, self.keys, self.values):
             keys[:, :, :length].copy_(layer.keys)
             values[:, :, :length].copy_(layer.values)
@@ -108,6 +107,7 @@ class StaticStep:
             self.input = torch.zeros(batch, 1, lm.hidden_size, dtype=lm.dtype, device=device)
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.steps = 0
+        self._room = 0  # slots left after `start`
         self._cache_kwarg = cache_kwarg(lm.model.base_model)
         self.output = None
         self.graph = None
@@ -116,9 +116,12 @@ class StaticStep:
 
     def start(self, shared: SharedCache) -> StaticStep:
         """Continue from `shared` (same batch size, at most `capacity` columns with the steps to come)."""
+        if shared.length >= self.kv.capacity:
+            raise ValueError(f"a {shared.length}-column cache does not fit a {self.kv.capacity}-slot step")
         self.kv.load(shared)
         self.position.copy_(shared.next_position[:, None])
         self.steps = 0
+        self._room = self.kv.capacity - shared.length
         return self
 
     def _forward(self) -> torch.Tensor:
@@ -147,8 +150,10 @@ class StaticStep:
     def run(self, value: torch.Tensor) -> torch.Tensor:
         """Feed token ids `[batch]` or embeddings `[batch, hidden]` at the next slot; return the output.
 
-        The output is a static tensor, overwritten by the next `run` of any step: copy it to keep it.
+        The output is a static tensor, overwritten by this step's next `run`: copy it to keep it.
         """
+        if self.steps >= self._room:
+            raise RuntimeError(f"the static buffer is full ({self.kv.capacity} slots)")
         self.input.copy_(value[:, None])
         if self.graph is not None:
             self.graph.replay()

@@ -141,3 +141,21 @@ def test_steps_of_another_batch_size_are_dropped(tiny_lm, fake_problems):
     assert {key[1] for key in tiny_lm.static_steps} == {2}
     solve(tiny_lm, fake_problems()[2:], task, cfg)
     assert {key[1] for key in tiny_lm.static_steps} == {1}
+
+
+def test_a_full_step_says_so(tiny_lm):
+    from latentmas.fast_decode import StaticStep
+    from latentmas.shared_cache import SegmentKey, SharedCache
+
+    shared = SharedCache(tiny_lm, 1)
+    ids = torch.arange(3, 8)[None]
+    shared.extend(tiny_lm.model.get_input_embeddings()(ids), torch.ones_like(ids, dtype=torch.bool), ids,
+                  SegmentKey("planner", "prompt"))
+    step = StaticStep(tiny_lm, 1, 7, use_graph=False).start(shared)
+    token = torch.tensor([3])
+    step.run(token)
+    step.run(token)
+    with pytest.raises(RuntimeError, match="full"):
+        step.run(token)
+    with pytest.raises(ValueError, match="does not fit"):
+        StaticStep(tiny_lm, 1, 5, use_graph=False).start(shared)
