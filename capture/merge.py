@@ -26,6 +26,7 @@ from .format import CaptureConfigMismatch, CaptureReader, CaptureWriter, Problem
 
 SHARD_DIR_SUFFIX = ".shards"
 MERGE_TMP_SUFFIX = ".merge-tmp"
+MERGE_BATCH = 64  # problems per commit while merging (the merged file is swapped in whole anyway)
 
 
 def shard_dir(capture_file: str | os.PathLike) -> Path:
@@ -127,15 +128,20 @@ def merge(
         tmp = capture_file.with_name(capture_file.name + MERGE_TMP_SUFFIX)
         with CaptureWriter.open(tmp, attrs, config, first.num_layers, first.similarity_dtype,
                                 overwrite=True) as writer:
+            batch = []
             for number in sorted(owner):
                 reader = owner[number]
                 problem = reader.problem(number)
-                writer.append(ProblemRecord(
+                batch.append(ProblemRecord(
                     number=number, question=problem.question, gold=problem.gold,
                     prediction=problem.prediction, correct=problem.correct,
                     handoffs=list(reader.handoffs(number))))
                 stats.numbers.append(number)
                 stats.correct += bool(problem.correct)
+                if len(batch) == MERGE_BATCH:
+                    writer.append_batch(batch)
+                    batch = []
+            writer.append_batch(batch)
             summary = summarize(stats) if summarize is not None else {"total": stats.total}
             writer.finish(dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), summary)
     finally:
