@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import shlex
 import sys
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -155,8 +156,14 @@ class CaptureRecorder:
         self._pending: list[_Pending] = []
         self._awaiting: list[tuple[object, _Pending]] = []  # (event, entry) whose prefill is still to come
         self._token_text: dict[int, str] = {}
-        self._numbers: list[int] = []  # the current batch's problem numbers
+        self._batch_cache = None  # a weak reference to the shared cache of the batch being solved
+        self._numbers: list[int] = []  # its problem numbers
         self._staged = None  # its hand-offs once written (`while_decoding`), until `write_batch` commits them
+
+    def _begin_batch(self, shared, numbers: list[int]) -> None:
+        """Forget whatever a batch that never reached `write_batch` left (its staged rows get overwritten)."""
+        self._batch_cache, self._numbers = weakref.ref(shared), numbers
+        self._pending, self._awaiting, self._staged = [], [], None
 
     @classmethod
     def open(cls, path, cfg, lm, transitions=DEFAULT_TRANSITIONS, overwrite=False, dtype="float16"):
@@ -170,18 +177,18 @@ class CaptureRecorder:
 
     # -- HandoffObserver -------------------------------------------------------------
     def on_handoff(self, event) -> None:
+        shared = event.shared
+        if self._batch_cache is None or self._batch_cache() is not shared:  # a new batch: each solve has its own cache
+            self._begin_batch(shared, [p.number for p in event.problems])
         name = handoff_name(event.from_agent, event.to_agent)
         if self.transitions is not None and name not in self.transitions:
             return
-        shared = event.shared
-        self._staged = None  # left by a batch that never reached write_batch: its rows get overwritten
         similarities = None
         if self.similarity not in PREFILL_MODES:
             similarities = layer_similarities(shared.layer_keys(), event.query, self.similarity)
         pending = _Pending(event.from_agent, event.to_agent, similarities, shared.mask, shared.positions,
                            shared.token_ids, shared.segment_ids, list(shared.segments))
         self._pending.append(pending)
-        self._numbers = [p.number for p in event.problems]
         if similarities is None:
             self._awaiting.append((event, pending))
         else:
@@ -210,31 +217,33 @@ class CaptureRecorder:
     # -- writing -----------------------------------------------------------------------
     def while_decoding(self) -> None:
         """Write the batch's hand-offs now, while the device works through the judger's queued decoding."""
-        if self._staged is None:
+        if self._staged is None and self._pending:
             self._stage()
 
     def _stage(self) -> None:
-        seen, self._pending, self._awaiting = self._pending, [], []
-        unwatched = [p for p in seen if p.similarities is None]
+        unwatched = [p for p in self._pending if p.similarities is None]
         if unwatched:
             p = unwatched[0]
             raise RuntimeError(f"similarity {self.similarity!r} needs the incoming agent's prefill, but "
                                f"{handoff_name(p.from_agent, p.to_agent)}'s was never watched "
                                "(call watch_prefill(event) around it)")
-        pending = [p.host() for p in seen]
-        self._staged = (list(self._numbers), self.writer.stage(
-            [[self._handoff(p, row) for p in pending] for row in range(len(self._numbers))], self._numbers))
+        pending = [p.host() for p in self._pending]
+        staged = self.writer.stage(
+            [[self._handoff(p, row) for p in pending] for row in range(len(self._numbers))], self._numbers)
+        self._staged = (list(self._numbers), staged)
+        self._pending, self._awaiting = [], []
 
     def write_batch(self, results) -> None:
         """Commit each problem of the batch just solved, with the hand-offs seen for it."""
+        numbers = [r.number for r in results]
+        if self._staged is None and not self._pending:
+            self._numbers = numbers  # no hand-off was captured: the problems are written without any
         if self._staged is None:
-            if not self._pending:  # no hand-off was seen: the problems are written without any
-                self._numbers = [r.number for r in results]
             self._stage()
-        (numbers, staged), self._staged = self._staged, None
-        if numbers != [r.number for r in results]:
-            raise RuntimeError(f"write_batch got problems {[r.number for r in results]}, but the hand-offs "
-                               f"seen were for {numbers}")
+        (staged_numbers, staged), self._staged = self._staged, None
+        self._batch_cache = None
+        if staged_numbers != numbers:
+            raise RuntimeError(f"write_batch got problems {numbers}, but the hand-offs seen were for {staged_numbers}")
         self.writer.commit(staged, [
             ProblemRecord(number=r.number, question=r.question, gold=r.gold, prediction=r.prediction,
                           correct=r.correct) for r in results])

@@ -30,7 +30,7 @@ T = TypeVar("T")
 TIMEOUT = dt.timedelta(hours=6)
 
 # Test-only hook (tests/test_distributed.py): "RANK:N" makes that rank SIGKILL itself right
-# after committing its N-th problem of the run, like a lost node.
+# after committing the batch that holds its N-th problem of the run, like a lost node.
 DIE_AFTER_ENV = "LATENTMAS_TEST_DIE_AFTER"
 
 

@@ -116,6 +116,8 @@ class StaticStep:
 
     def start(self, shared: SharedCache) -> StaticStep:
         """Continue from `shared` (same batch size, at most `capacity` columns with the steps to come)."""
+        if shared.batch_size != self.kv.mask.shape[0]:
+            raise ValueError(f"a batch of {shared.batch_size} does not fit a step built for {self.kv.mask.shape[0]}")
         if shared.length >= self.kv.capacity:
             raise ValueError(f"a {shared.length}-column cache does not fit a {self.kv.capacity}-slot step")
         self.kv.load(shared)
@@ -150,7 +152,8 @@ class StaticStep:
     def run(self, value: torch.Tensor) -> torch.Tensor:
         """Feed token ids `[batch]` or embeddings `[batch, hidden]` at the next slot; return the output.
 
-        The output is a static tensor, overwritten by this step's next `run`: copy it to keep it.
+        The output is a static tensor that the next `run` of this or any other step may
+        overwrite (captured graphs share one memory pool): use or copy it before then.
         """
         if self.steps >= self._room:
             raise RuntimeError(f"the static buffer is full ({self.kv.capacity} slots)")
@@ -167,24 +170,48 @@ class StaticStep:
 
 
 KEEP_STEPS = 6  # captured steps kept per model (a few buffer sizes x decode/latent)
+KEEP_MEMORY_FRACTION = 0.25  # at most this share of the GPU's memory held by kept steps' buffers
+
+
+def buffer_bytes(lm, batch: int, capacity: int) -> int:
+    """Bytes of a step's key and value buffers."""
+    itemsize = torch.empty((), dtype=lm.dtype).element_size()
+    return 2 * lm.num_layers * batch * lm.num_kv_heads * capacity * lm.head_dim * itemsize
+
+
+def memory_budget(device: torch.device) -> float:
+    """Bytes the kept steps' buffers may hold: KEEP_MEMORY_FRACTION of a GPU, no limit on the CPU."""
+    if device.type != "cuda":
+        return float("inf")
+    return torch.cuda.get_device_properties(device).total_memory * KEEP_MEMORY_FRACTION
 
 
 def static_step(lm, shared: SharedCache, extra: int, tokens: bool = True, use_graph: bool | None = None) -> StaticStep:
     """A step started on `shared` with room for `extra` more columns, reused when one of its shape exists.
 
-    Steps live on the model (`lm.static_steps`), keyed by (tokens, batch, capacity, graph):
-    the least recently used go past KEEP_STEPS, and all of another batch size go when a
-    new one is built (a run's batch size changes only for its last, smaller batch).
+    Steps live on the model (`lm.static_steps`), keyed by (tokens, batch, capacity, graph).
+    Before a new one is built, all of another batch size go (a run's batch size changes only
+    for its last, smaller batch), then the least recently used while there are KEEP_STEPS or
+    their buffers would pass KEEP_MEMORY_FRACTION of the GPU; out of GPU memory, all go and
+    the build is tried once more.
     """
     graph = use_fast(lm.device, use_graph)
     key = (tokens, shared.batch_size, capacity_for(shared.length + extra), graph)
     steps = lm.static_steps
     if key in steps:
         steps.move_to_end(key)
-    else:
-        for other in [k for k in steps if k[1] != key[1]]:
-            del steps[other]
-        while len(steps) >= KEEP_STEPS:
-            steps.popitem(last=False)
-        steps[key] = StaticStep(lm, key[1], key[2], tokens=tokens, use_graph=graph)
-    return steps[key].start(shared)
+        return steps[key].start(shared)
+    for other in [k for k in steps if k[1] != key[1]]:
+        del steps[other]
+    needed, budget = buffer_bytes(lm, key[1], key[2]), memory_budget(lm.device)
+    while steps and (len(steps) >= KEEP_STEPS or
+                     sum(buffer_bytes(lm, k[1], k[2]) for k in steps) + needed > budget):
+        steps.popitem(last=False)
+    try:
+        step = StaticStep(lm, key[1], key[2], tokens=tokens, use_graph=graph)
+    except torch.cuda.OutOfMemoryError:
+        steps.clear()
+        torch.cuda.empty_cache()
+        step = StaticStep(lm, key[1], key[2], tokens=tokens, use_graph=graph)
+    steps[key] = step
+    return step.start(shared)

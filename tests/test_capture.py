@@ -270,6 +270,54 @@ def test_writing_while_decoding_stores_what_writing_after_stores(tiny_lm, gsm8k_
                 np.testing.assert_array_equal(ha.layer_similarities, hb.layer_similarities)
 
 
+class _FailingAt:
+    """Passes hand-offs on to a recorder and raises at the `n`-th one (a batch that never finishes)."""
+
+    def __init__(self, recorder, n):
+        self.recorder, self.n, self.seen = recorder, n, 0
+
+    def on_handoff(self, event):
+        self.seen += 1
+        if self.seen == self.n:
+            raise RuntimeError("out of memory, say")
+        self.recorder.on_handoff(event)
+
+    def watch_prefill(self, event):
+        return self.recorder.watch_prefill(event)
+
+
+def test_a_failed_batch_leaves_nothing_for_the_next(tiny_lm, gsm8k_problems, tmp_path):
+    cfg = _config()
+    task = get_task(cfg.task)
+    solve = get_method("latent_mas")
+    clean, after_failure = tmp_path / "clean.h5", tmp_path / "after.h5"
+    _capture(tiny_lm, clean, cfg, gsm8k_problems[2:], batch_size=1)
+    recorder = CaptureRecorder.open(after_failure, cfg, tiny_lm, TRANSITIONS, overwrite=True)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        solve(tiny_lm, gsm8k_problems[:2], task, cfg, observer=_FailingAt(recorder, 2))
+    recorder.write_batch(solve(tiny_lm, gsm8k_problems[2:], task, cfg, observer=recorder))
+    recorder.close()
+    with CaptureReader(clean) as a, CaptureReader(after_failure) as b:
+        assert b.problem_numbers == [3]
+        assert [h.name for h in b.handoffs(3)] == list(TRANSITIONS)
+        for ha, hb in zip(a.handoffs(3), b.handoffs(3), strict=True):
+            assert ha.tokens == hb.tokens
+            np.testing.assert_array_equal(ha.layer_similarities, hb.layer_similarities)
+
+
+def test_no_captured_handoff_still_writes_the_problems(tiny_lm, gsm8k_problems, tmp_path):
+    cfg = _config()
+    path = tmp_path / "none.h5"
+    recorder = CaptureRecorder.open(path, cfg, tiny_lm, transitions=(), overwrite=True)
+    for start in (0, 2):
+        batch = gsm8k_problems[start:start + 2]
+        recorder.write_batch(get_method("latent_mas")(tiny_lm, batch, get_task(cfg.task), cfg, observer=recorder))
+    recorder.close()
+    with CaptureReader(path) as capture:
+        assert capture.problem_numbers == [1, 2, 3]
+        assert all(list(capture.handoffs(n)) == [] for n in capture.problem_numbers)
+
+
 def test_unwritable_path_is_one_clear_line(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")

@@ -157,5 +157,26 @@ def test_a_full_step_says_so(tiny_lm):
     step.run(token)
     with pytest.raises(RuntimeError, match="full"):
         step.run(token)
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match="does not fit a 5-slot"):
         StaticStep(tiny_lm, 1, 5, use_graph=False).start(shared)
+    with pytest.raises(ValueError, match="batch of 1 does not fit a step built for 4"):
+        StaticStep(tiny_lm, 4, 256, use_graph=False).start(shared)
+
+
+def test_kept_steps_stay_within_the_memory_budget(tiny_lm, monkeypatch):
+    """On CUDA the budget is a share of the GPU; with a tiny one, the least recently used go first."""
+    from latentmas import fast_decode
+    from latentmas.shared_cache import SegmentKey, SharedCache
+
+    shared = SharedCache(tiny_lm, 1)
+    ids = torch.arange(3, 8)[None]
+    shared.extend(tiny_lm.model.get_input_embeddings()(ids), torch.ones_like(ids, dtype=torch.bool), ids,
+                  SegmentKey("planner", "prompt"))
+    monkeypatch.setattr(fast_decode, "memory_budget", lambda device: 3.5 * fast_decode.buffer_bytes(tiny_lm, 1, 256))
+    tiny_lm.static_steps.clear()
+    for extra, tokens in ((10, True), (10, False), (300, True)):  # 256, 256, then 512 slots (two 256s' worth)
+        fast_decode.static_step(tiny_lm, shared, extra, tokens=tokens, use_graph=False)
+    assert [(k[0], k[2]) for k in tiny_lm.static_steps] == [(False, 256), (True, 512)]
+    assert sum(s.kv.keys[0].nbytes * 2 * tiny_lm.num_layers for s in tiny_lm.static_steps.values()) == \
+        3 * fast_decode.buffer_bytes(tiny_lm, 1, 256)
+    tiny_lm.static_steps.clear()

@@ -137,7 +137,7 @@ def think_latently(shared: SharedCache, latent_input: LatentInput, hidden: torch
         for _ in range(steps):
             hidden = step.run(latent_input(hidden))
         shared.adopt(step.kv, steps, LATENT, segment)
-        return hidden.clone()  # the step's output tensor is reused by its next run
+        return hidden.clone()  # the step's output tensor is overwritten by later steps' runs
     ones = torch.ones(shared.batch_size, 1, dtype=torch.bool, device=hidden.device)
     latent_ids = torch.full((shared.batch_size, 1), LATENT, dtype=torch.long, device=hidden.device)
     for _ in range(steps):

@@ -1,0 +1,91 @@
+"""The CUDA-only paths: graph-replayed steps, their reuse, and capture's asynchronous host copies.
+
+Skipped without a GPU (CI has none); run them on one with `pytest tests/test_cuda.py`.
+The model is tiny-qwen3 in fp32, so the graph and eager paths agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from capture.format import CaptureReader
+from capture.recorder import CaptureRecorder
+from latentmas.config import RunConfig
+from latentmas.methods import get_method
+from latentmas.tasks import get_task
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def cuda_lm(tiny_lm_cache_env):
+    from latentmas.models import load_model
+
+    lm = load_model("tiny-qwen3", "cuda")
+    lm.model.float()
+    return lm
+
+
+def _capture(lm, problems, path, batch_size, **settings):
+    cfg = RunConfig(model_name="tiny-qwen3", device="cuda", latent_steps=4, max_new_tokens=24, temperature=0.0,
+                    **settings)
+    task = get_task("gsm8k")
+    recorder = CaptureRecorder.open(path, cfg, lm, overwrite=True)
+    outputs = []
+    for start in range(0, len(problems), batch_size):
+        results = get_method("latent_mas")(lm, problems[start:start + batch_size], task, cfg, observer=recorder)
+        recorder.write_batch(results)
+        outputs += [r.output for r in results]
+    recorder.close()
+    return outputs
+
+
+def _assert_same_capture(a_path, b_path, atol):
+    with CaptureReader(a_path) as a, CaptureReader(b_path) as b:
+        assert a.problem_numbers == b.problem_numbers
+        for number in a.problem_numbers:
+            for ha, hb in zip(a.handoffs(number), b.handoffs(number), strict=True):
+                assert ha.tokens == hb.tokens
+                np.testing.assert_array_equal(ha.positions, hb.positions)
+                np.testing.assert_allclose(ha.layer_similarities.astype(np.float32),
+                                           hb.layer_similarities.astype(np.float32), atol=atol)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_graph_steps_decode_what_the_plain_loop_decodes(cuda_lm, fake_problems, tmp_path, batch_size):
+    problems = fake_problems()
+    plain = _capture(cuda_lm, problems, tmp_path / "plain.h5", batch_size, fast_decode=False)
+    cuda_lm.static_steps.clear()
+    fast = _capture(cuda_lm, problems, tmp_path / "fast.h5", batch_size, fast_decode=True)
+    assert fast == plain
+    assert any(step.graph is not None for step in cuda_lm.static_steps.values())
+    _assert_same_capture(tmp_path / "plain.h5", tmp_path / "fast.h5", atol=2e-3)
+
+
+def test_reused_graphs_forget_earlier_problems(cuda_lm, fake_problems, tmp_path):
+    problems = fake_problems()
+    cuda_lm.static_steps.clear()
+    fresh = _capture(cuda_lm, problems[1:2], tmp_path / "fresh.h5", 1, fast_decode=True)
+    _capture(cuda_lm, problems[2:3], tmp_path / "longer.h5", 1, fast_decode=True)  # leaves its columns behind
+    again = _capture(cuda_lm, problems[1:2], tmp_path / "again.h5", 1, fast_decode=True)
+    assert again == fresh
+    _assert_same_capture(tmp_path / "fresh.h5", tmp_path / "again.h5", atol=0)
+
+
+class _StageAtTheEnd(CaptureRecorder):
+    def while_decoding(self):
+        pass
+
+
+def test_capture_written_while_decoding_equals_written_after(cuda_lm, fake_problems, tmp_path):
+    """The asynchronous pinned copies hold what the device computed."""
+    problems = fake_problems()
+    cfg = RunConfig(model_name="tiny-qwen3", device="cuda", latent_steps=4, max_new_tokens=40, temperature=0.0)
+    task = get_task("gsm8k")
+    for name, recorder_class in (("during", CaptureRecorder), ("after", _StageAtTheEnd)):
+        recorder = recorder_class.open(tmp_path / f"{name}.h5", cfg, cuda_lm, overwrite=True)
+        recorder.write_batch(get_method("latent_mas")(cuda_lm, problems, task, cfg, observer=recorder))
+        recorder.close()
+    _assert_same_capture(tmp_path / "during.h5", tmp_path / "after.h5", atol=0)
