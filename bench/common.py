@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from unittest import mock
 from pathlib import Path
 
 import torch
@@ -12,8 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from capture.recorder import CaptureRecorder  # noqa: E402
-from latentmas import decoding  # noqa: E402
-from latentmas.methods import get_method  # noqa: E402
+from latentmas.methods import common, get_method  # noqa: E402
 
 
 def sync(device) -> None:
@@ -62,7 +63,6 @@ class Pass:
     judger: float = 0.0  # the judger's prefill + decode
     recorder: float = float("nan")  # inside the recorder (timed passes only)
     decoded_tokens: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def run_pass(lm, problems, task, cfg, capture_path: Path | None = None, timed: bool = False) -> Pass:
@@ -75,7 +75,7 @@ def run_pass(lm, problems, task, cfg, capture_path: Path | None = None, timed: b
     recorder_class = TimedRecorder if timed else CaptureRecorder
     recorder = recorder_class.open(capture_path, cfg, lm, overwrite=True) if capture_path else None
     judger_seconds = [0.0]
-    original_generate = decoding.generate
+    original_generate = common.generate
 
     def timed_generate(*args, **kwargs):
         sync(lm.device)
@@ -85,11 +85,7 @@ def run_pass(lm, problems, task, cfg, capture_path: Path | None = None, timed: b
         judger_seconds[0] += time.perf_counter() - start
         return out
 
-    if timed:
-        from latentmas.methods import common
-
-        common.generate = timed_generate
-    try:
+    with mock.patch.object(common, "generate", timed_generate) if timed else contextlib.nullcontext():
         sync(lm.device)
         if lm.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(lm.device)
@@ -103,11 +99,6 @@ def run_pass(lm, problems, task, cfg, capture_path: Path | None = None, timed: b
                 recorder.write_batch(results)
         sync(lm.device)
         elapsed = time.perf_counter() - start
-    finally:
-        if timed:
-            from latentmas.methods import common
-
-            common.generate = original_generate
     peak = torch.cuda.max_memory_allocated(lm.device) / 2**20 if lm.device.type == "cuda" else float("nan")
     inside = getattr(recorder, "seconds", float("nan"))
     if recorder is not None:

@@ -258,14 +258,20 @@ def check_same_problems(path, stored: dict[int, str], questions: dict[int, str])
     for number in sorted(stored.keys() & questions.keys()):
         if stored[number] != questions[number]:
             raise CaptureConfigMismatch(
-                f"{path} holds another problem {number} ({_shorten(stored[number])!r}, now "
-                f"{_shorten(questions[number])!r}): the problems changed (other data file contents, or a "
+                f"{path} holds another problem {number} ({shorten(stored[number])!r}, now "
+                f"{shorten(questions[number])!r}): the problems changed (other data file contents, or a "
                 "hub/bundled fallback); pass another --capture_file or --overwrite")
 
 
-def _shorten(text: str, width: int = 40) -> str:
-    text = " ".join(text.split())
+def shorten(value, width: int = 40) -> str:
+    """`value` as text on one line, cut to `width` characters with an ellipsis."""
+    text = " ".join(str(value).split())
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (its type's name when it has none)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 class CaptureWriter(_OpenFile):
@@ -593,13 +599,18 @@ class CaptureReader(_OpenFile):
             prediction=_decode(p["prediction"][row]), correct=None if correct < 0 else bool(correct),
             handoff_names=names, handoff_columns=[int(t) for t in h["num_columns"][first:first + count]])
 
-    def handoffs(self, problem: int) -> Iterator[Handoff]:
-        """Every hand-off of one problem, in run order, with its matrix."""
+    def handoffs(self, problem: int, which: Sequence[int] | None = None) -> Iterator[Handoff]:
+        """The hand-offs of one problem, in run order, with their matrices.
+
+        which: their 0-based places in the problem's run order, to read only those (default: all).
+        """
         row = self._row(problem)
         first = int(self._file["problems/first_handoff"][row])
         count = int(self._file["problems/num_handoffs"][row])
-        for index in range(first, first + count):
-            yield self._handoff(index)
+        for index in range(count) if which is None else which:
+            if not 0 <= index < count:
+                raise CaptureError(f"problem {problem} in {self.path} has {count} hand-offs, no hand-off {index}")
+            yield self._handoff(first + index)
 
     def handoff(self, problem: int, name: str) -> Handoff:
         for handoff in self.handoffs(problem):

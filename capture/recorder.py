@@ -63,8 +63,6 @@ class _Pending:
             self._copied.record()
 
     def host(self) -> dict:
-        if self._copies is None:
-            self.to_host()
         if self._copied is not None:
             self._copied.synchronize()
         arrays = {name: t.numpy() for name, t in self._copies.items()}
@@ -158,7 +156,7 @@ class CaptureRecorder:
         self._token_text: dict[int, str] = {}
         self._batch_cache = None  # a weak reference to the shared cache of the batch being solved
         self._numbers: list[int] = []  # its problem numbers
-        self._staged = None  # its hand-offs once written (`while_decoding`), until `write_batch` commits them
+        self._staged = None  # its StagedHandoffs once written (`while_decoding`), until `write_batch` commits them
 
     def _begin_batch(self, shared, numbers: list[int]) -> None:
         """Forget whatever a batch that never reached `write_batch` left (its staged rows get overwritten)."""
@@ -228,9 +226,8 @@ class CaptureRecorder:
                                f"{handoff_name(p.from_agent, p.to_agent)}'s was never watched "
                                "(call watch_prefill(event) around it)")
         pending = [p.host() for p in self._pending]
-        staged = self.writer.stage(
+        self._staged = self.writer.stage(
             [[self._handoff(p, row) for p in pending] for row in range(len(self._numbers))], self._numbers)
-        self._staged = (list(self._numbers), staged)
         self._pending, self._awaiting = [], []
 
     def write_batch(self, results) -> None:
@@ -240,10 +237,9 @@ class CaptureRecorder:
             self._numbers = numbers  # no hand-off was captured: the problems are written without any
         if self._staged is None:
             self._stage()
-        (staged_numbers, staged), self._staged = self._staged, None
-        self._batch_cache = None
-        if staged_numbers != numbers:
-            raise RuntimeError(f"write_batch got problems {numbers}, but the hand-offs seen were for {staged_numbers}")
+        staged, self._staged, self._batch_cache = self._staged, None, None
+        if self._numbers != numbers:
+            raise RuntimeError(f"write_batch got problems {numbers}, but the hand-offs seen were for {self._numbers}")
         self.writer.commit(staged, [
             ProblemRecord(number=r.number, question=r.question, gold=r.gold, prediction=r.prediction,
                           correct=r.correct) for r in results])

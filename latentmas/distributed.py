@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from capture.format import one_line
+
 T = TypeVar("T")
 
 # Ranks wait for each other at the start (after loading the model) and at the end (while
@@ -124,7 +126,7 @@ class Group:
             if error is not None:
                 raise error
             return value
-        reports = self.gather(None if error is None else (type(error).__name__, _one_line(error)))
+        reports = self.gather(None if error is None else (type(error).__name__, one_line(error)))
         if not any(reports):
             return value
         if not self.is_main:
@@ -193,9 +195,6 @@ def _silence() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _rebuild(kind: str, message: str) -> Exception:

@@ -219,10 +219,10 @@ def _run_sharded(group, cfg, capture_file, transitions, overwrite, output_dir, p
             for start in range(0, len(mine), cfg.generate_bs):
                 batch = mine[start:start + cfg.generate_bs]
                 batch_results = solve(lm, batch, task, cfg, observer=recorder)
+                out.write("".join(_jsonl(result) for result in batch_results))
+                out.flush()  # results first, as in `_run_single`: a kill in between re-solves the batch
                 if recorder is not None:
                     recorder.write_batch(batch_results)
-                out.write("".join(_jsonl(result) for result in batch_results))
-                out.flush()
                 results.extend(batch_results)
                 if tracker is not None:
                     tracker.poll()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from capture.format import CaptureError, CaptureReader, Handoff, number_ranges
+from capture.format import CaptureError, CaptureReader, Handoff, number_ranges, one_line
 
 from .colormaps import DEFAULT_MODE, DEFAULT_SINGLE_CMAP, UnknownColormap, check_cmap
 from .figures import DEFAULT_DPI, multi_layer_heatmap, pretty_handoff, save_figure, single_layer_strip
@@ -91,17 +91,7 @@ def figure_filename(kind: str, handoff: str, problem: int, fmt: str = "png", occ
     return f"{prefix}{_safe(handoff)}_problem{int(problem)}{suffix}.{fmt}"
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
-
-
 # -- opening ---------------------------------------------------------------------------
-
-def open_capture(path: str | os.PathLike) -> CaptureReader:
-    """The capture at `path` (CaptureReader refuses truncated or foreign files with one line)."""
-    return CaptureReader(path)
-
 
 # -- tasks -------------------------------------------------------------------------------
 
@@ -238,29 +228,25 @@ def render_task(task: Task, reader: CaptureReader | None = None,
     own = reader is None
     try:
         if own:
-            reader = open_capture(task.capture)
+            reader = CaptureReader(task.capture)
     except CaptureError as error:
         result.errors.append(str(error))
         return result
     try:
         wanted = {index: (name, occurrence) for index, name, occurrence in task.handoffs}
-        handoffs = reader.handoffs(task.problem)
-        for index in range(max(wanted) + 1):
+        handoffs = reader.handoffs(task.problem, sorted(wanted))  # only the wanted matrices are read
+        for index in sorted(wanted):
             try:
                 handoff = next(handoffs)
-            except StopIteration:
-                break
             except (OSError, KeyError, ValueError, CaptureError) as error:
-                result.errors.append(f"{task.capture}: problem {task.problem} could not be read ({_one_line(error)})")
+                result.errors.append(f"{task.capture}: problem {task.problem} could not be read ({one_line(error)})")
                 break
-            if index not in wanted:
-                continue
             name, occurrence = wanted[index]
             try:
                 part = render_handoff(handoff, task.problem, task.out_dir, task.options, task.mode, occurrence,
                                       task.notes, on_figure)
             except Exception as error:  # one bad figure must not stop the others
-                result.errors.append(f"problem {task.problem} {name}: {type(error).__name__}: {_one_line(error)}")
+                result.errors.append(f"problem {task.problem} {name}: {type(error).__name__}: {one_line(error)}")
                 continue
             result.written += part.written
             result.notices += part.notices
@@ -338,11 +324,11 @@ def render_capture(
         raise RenderError(str(error)) from None
     options = RenderOptions(kinds, cmap, single_cmap, vmin, vmax, dpi, fmt, token_labels)
     out_dir = Path(out_dir)
-    with open_capture(path) as reader:
+    with CaptureReader(path) as reader:
         try:
             tasks, warnings = plan_tasks(reader, out_dir, options, wanted_problems, parse_transitions(transitions))
         except (OSError, KeyError) as error:
-            raise RenderError(f"{path} could not be read ({_one_line(error)})") from None
+            raise RenderError(f"{path} could not be read ({one_line(error)})") from None
         for line in warnings:
             warn(f"warning: {line}")
         if not tasks:
@@ -390,7 +376,7 @@ def _run(tasks: list[Task], reader: CaptureReader | None, workers: int, total: i
                         results[i] = future.result()
                     except Exception as error:  # a worker that died (e.g. killed for memory)
                         results[i] = TaskResult(errors=[f"problem {tasks[i].problem}: worker failed "
-                                                        f"({type(error).__name__}: {_one_line(error)})"])
+                                                        f"({type(error).__name__}: {one_line(error)})"])
                     bar.update(tasks[i].num_figures)
             except KeyboardInterrupt:
                 pool.shutdown(wait=False, cancel_futures=True)

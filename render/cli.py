@@ -140,23 +140,12 @@ def _lookup(attrs: dict, config: dict, keys) -> object:
     return None
 
 
-def _short(value, width: int = 60) -> str:
-    text = " ".join(str(value).split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _handoff_widths(reader, number: int) -> list[tuple[str, int]]:
-    """(name, T) of each hand-off of a problem, without reading the matrices."""
-    summary = reader.problem(number)
-    return list(zip(summary.handoff_names, summary.handoff_columns))
-
-
 def describe(path) -> str:
     """The text `info` prints: run metadata, then one row per committed problem."""
-    from .batch import open_capture
+    from capture.format import CaptureReader, shorten
 
     lines = []
-    with open_capture(path) as reader:
+    with CaptureReader(path) as reader:
         attrs = reader.attrs
         try:
             config = reader.config
@@ -174,23 +163,23 @@ def describe(path) -> str:
             elif label == "similarity" and value is None:
                 value = "seed (not recorded; assumed)"
             if value is not None:
-                lines.append(f"  {label:<13} {_short(value)}")
+                lines.append(f"  {label:<13} {shorten(value, 60)}")
             elif label in _ALWAYS:
                 lines.append(f"  {label:<13} (not recorded)")
         knn = {k: v for k, v in {**config, **attrs}.items() if k.lower().startswith("knn")}
         used.update(knn)
-        knn_text = ", ".join(f"{k}={_short(v, 20)}" for k, v in sorted(knn.items())) or "(not recorded)"
+        knn_text = ", ".join(f"{k}={shorten(v, 20)}" for k, v in sorted(knn.items())) or "(not recorded)"
         lines.append(f"  {'kNN':<13} {knn_text}")
         if config:
-            lines.append(f"  {'config':<13} {_short(json.dumps(config, sort_keys=True), 100)}")
+            lines.append(f"  {'config':<13} {shorten(json.dumps(config, sort_keys=True), 100)}")
         finished = reader.finished_at
         lines.append(f"  {'finished':<13} {finished if finished else 'no (still running, or stopped early)'}")
         summary = reader.summary
         if summary:
-            lines.append(f"  {'summary':<13} {_short(json.dumps(summary, sort_keys=True), 100)}")
+            lines.append(f"  {'summary':<13} {shorten(json.dumps(summary, sort_keys=True), 100)}")
         others = {k: v for k, v in attrs.items() if k not in used}
         for key in sorted(others):
-            lines.append(f"  {key:<13} {_short(others[key])}")
+            lines.append(f"  {key:<13} {shorten(others[key], 60)}")
         numbers = reader.problem_numbers
         lines.append(f"  {'problems':<13} {len(numbers)} committed")
         lines.append("")
@@ -200,8 +189,8 @@ def describe(path) -> str:
         for number in numbers:
             p = reader.problem(number)
             correct = {True: "yes", False: "no", None: "?"}[p.correct]
-            handoffs = ", ".join(f"{name} {width}" for name, width in _handoff_widths(reader, number)) or "-"
-            lines.append(f"{number:>7}  {_short(p.gold, 14):<14} {_short(p.prediction, 14) or '-':<14} "
+            handoffs = ", ".join(f"{name} {width}" for name, width in zip(p.handoff_names, p.handoff_columns)) or "-"
+            lines.append(f"{number:>7}  {shorten(p.gold, 14):<14} {shorten(p.prediction, 14) or '-':<14} "
                          f"{correct:<7}  {handoffs}")
         if not numbers:
             lines.append("(no committed problems yet)")
@@ -229,10 +218,6 @@ def main():
 
 main.add_command(render_command)
 main.add_command(info_command)
-
-# Short names for `from render.cli import render, info`.
-render = render_command
-info = info_command
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -116,7 +116,7 @@ def _gap_note(gaps: L.Gaps) -> str:
 
 # -- shared pieces --------------------------------------------------------------------------
 
-def _draw_band(ax, lay: L.Layout, segments: Sequence, num_columns: int) -> None:
+def _draw_band(ax, lay: L.Layout, segments: Sequence, placed: Sequence, num_columns: int) -> None:
     """The coloured segment band above the heatmap frame, with labels above it.
 
     Drawn by the heatmap axes outside its frame (x in data units, y in axes fractions).
@@ -129,7 +129,7 @@ def _draw_band(ax, lay: L.Layout, segments: Sequence, num_columns: int) -> None:
                    facecolors=[_UNCOVERED], edgecolors="0.3", linewidth=0.5)
     ax.broken_barh(bars, (y0, y1 - y0), transform=over, clip_on=False, facecolors=colours,
                    edgecolors="white", linewidth=0.8)
-    for label in L.place_segment_labels(segments, num_columns, lay.plot_width_in):
+    for label in placed:
         ax.text(label.x, y1 + 0.25 * lay.label_row + label.row * lay.label_row, label.text, transform=over,
                 ha="center", va="bottom", fontsize=L.SEGMENT_LABEL_PT, clip_on=False)
     ax.text(-0.006, (y0 + y1) / 2, "segments", transform=ax.transAxes, ha="right", va="center", fontsize=7,
@@ -159,7 +159,7 @@ def _x_axis(ax, lay: L.Layout, num_columns: int, tokens: Sequence[str] | None, t
 
 
 def _heatmap_axes(fig: Figure, lay: L.Layout, data: np.ndarray, cmap_name: str, vmin: float, vmax: float,
-                  segments: Sequence, gaps: L.Gaps, tokens, token_labels: bool):
+                  segments: Sequence, placed: Sequence, gaps: L.Gaps, tokens):
     """Heatmap, segment band, boundaries, gap marks and x axis; returns (heat axes, mappable for the colour bar)."""
     rows, num_columns = data.shape
     ax = fig.add_axes(lay.heat)
@@ -175,10 +175,10 @@ def _heatmap_axes(fig: Figure, lay: L.Layout, data: np.ndarray, cmap_name: str, 
     if cuts:
         ax.vlines(np.asarray(cuts) - 0.5, -0.5, rows - 0.5, colors="black", linewidth=0.7, alpha=0.6)
     if lay.band is not None:
-        _draw_band(ax, lay, segments, num_columns)
+        _draw_band(ax, lay, segments, placed, num_columns)
     if lay.rug is not None:
         _draw_rug(ax, lay, gaps)
-    _x_axis(ax, lay, num_columns, tokens, lay.token_labels and token_labels)
+    _x_axis(ax, lay, num_columns, tokens, lay.token_labels)
     fig.render_info = RenderInfo(values=data, cmap=cmap_name, vmin=vmin, vmax=vmax, layout=lay)
     return ax, mappable
 
@@ -191,17 +191,43 @@ def _title_lines(parts: Sequence[str], width_in: float) -> list[str]:
     return L.wrap_title(parts, max(width_in - 0.4, 3.0))
 
 
-def _label_rows(segments: Sequence, num_columns: int, token_labels: bool) -> int:
-    """How many rows of segment labels the band needs."""
-    placed = L.place_segment_labels(segments, num_columns, L.plot_width_in(num_columns, token_labels))
-    return max((p.row for p in placed), default=-1) + 1
-
-
 def _token_labels(tokens, num_columns: int, wanted: bool) -> tuple[bool, int]:
     """(draw token labels?, longest label in characters): only with one token per column that fits."""
     if not wanted or tokens is None or len(tokens) != num_columns or num_columns > L.max_labelled_tokens():
         return False, 0
     return True, max((len(L.format_token(t)) for t in tokens), default=1)
+
+
+def _empty(title: str, mode: str, rows: int, num_columns: int, dpi: float) -> Figure | None:
+    """The figure that says there is nothing to draw, or None when there is something."""
+    if num_columns and rows:
+        return None
+    what = "empty cache (T = 0)" if num_columns == 0 else "no layers in this capture"
+    return empty_figure(f"{title} · similarity: {mode}" if title else f"similarity: {mode}", what, dpi)
+
+
+def _framed(data: np.ndarray, cmap_name: str, vmin: float, vmax: float, *, title_parts: Sequence[str],
+            notes: Sequence[str], segments: Sequence, positions, tokens, token_labels: bool, dpi: float,
+            strip: bool = False):
+    """What both figures share: layout, title, heatmap, segment band, gap marks and x axis.
+
+    data: `[rows, T]` values to draw; title_parts: the title's lines before the gap note and `notes`.
+    Returns (figure, heat axes, mappable for the colour bar, layout).
+    """
+    rows, num_columns = data.shape
+    token_labels, label_chars = _token_labels(tokens, num_columns, token_labels)
+    gaps = L.find_gaps(positions)
+    segments = list(segments or ())
+    placed = L.place_segment_labels(segments, num_columns, L.plot_width_in(num_columns, token_labels))
+    width = L.figure_width_in(num_columns, token_labels, strip=strip)
+    lines = _title_lines([*title_parts, _gap_note(gaps), *notes], width)
+    lay = L.heatmap_layout(rows, num_columns, dpi, title_lines=len(lines), has_segments=bool(segments),
+                           has_gaps=bool(len(gaps)), token_labels=token_labels, strip=strip,
+                           token_label_chars=label_chars, label_rows=max((p.row for p in placed), default=-1) + 1)
+    fig = new_figure(lay.width_in, lay.height_in, dpi)
+    ax, image = _heatmap_axes(fig, lay, data, cmap_name, vmin, vmax, segments, placed, gaps, tokens)
+    _title(fig, lay, lines)
+    return fig, ax, image, lay
 
 
 def _as_matrix(layer_similarities) -> np.ndarray:
@@ -251,23 +277,15 @@ def multi_layer_heatmap(
     """
     data = _as_matrix(layer_similarities)
     num_layers, num_columns = data.shape
-    if num_columns == 0 or num_layers == 0:
-        what = "empty cache (T = 0)" if num_columns == 0 else "no layers in this capture"
-        return empty_figure(f"{title} · similarity: {mode}" if title else f"similarity: {mode}", what, dpi)
+    empty = _empty(title, mode, num_layers, num_columns, dpi)
+    if empty is not None:
+        return empty
     scale = scale_for(mode, data, cmap, vmin, vmax)
-    token_labels, label_chars = _token_labels(tokens, num_columns, token_labels)
-    gaps = L.find_gaps(positions)
-    bad = count_bad(data)
-    segments = list(segments or ())
-    width = L.figure_width_in(num_columns, token_labels)
-    lines = _title_lines([title, f"{num_layers} layers × {num_columns} tokens", f"similarity: {mode}",
-                          _bad_note(bad, data.size), _gap_note(gaps), *notes], width)
-    lay = L.heatmap_layout(num_layers, num_columns, dpi, title_lines=len(lines), has_segments=bool(segments),
-                           has_gaps=bool(len(gaps)), token_labels=token_labels, token_label_chars=label_chars,
-                           label_rows=_label_rows(segments, num_columns, token_labels))
-    fig = new_figure(lay.width_in, lay.height_in, dpi)
-    ax, image = _heatmap_axes(fig, lay, data, scale.cmap, scale.vmin, scale.vmax, segments, gaps, tokens,
-                              token_labels)
+    fig, ax, image, lay = _framed(
+        data, scale.cmap, scale.vmin, scale.vmax, title_parts=[
+            title, f"{num_layers} layers × {num_columns} tokens", f"similarity: {mode}",
+            _bad_note(count_bad(data), data.size)],
+        notes=notes, segments=segments, positions=positions, tokens=tokens, token_labels=token_labels, dpi=dpi)
     plot_h_in = lay.heat[3] * lay.height_in
     ax.set_yticks(L.layer_ticks(num_layers, plot_h_in))
     ax.tick_params(axis="y", labelsize=L.TICK_PT)
@@ -280,7 +298,6 @@ def multi_layer_heatmap(
         bar.locator = MaxNLocator(nbins=5)
     bar.set_label(f"{scale.label} [{scale.vmin:.3g}, {scale.vmax:.3g}]", fontsize=9)
     bar.ax.tick_params(labelsize=L.TICK_PT)
-    _title(fig, lay, lines)
     return fig
 
 
@@ -315,27 +332,21 @@ def single_layer_strip(
     if layer is None:
         layer = data.shape[0] // 2
     num_columns = data.shape[1]
-    if num_columns == 0 or data.shape[0] == 0:
-        what = "empty cache (T = 0)" if num_columns == 0 else "no layers in this capture"
-        return empty_figure(f"{title} · similarity: {mode}" if title else f"similarity: {mode}", what, dpi)
+    empty = _empty(title, mode, data.shape[0], num_columns, dpi)
+    if empty is not None:
+        return empty
     row = data[layer] if num_layers is not None else data[0]
     normalised, lo, hi = normalise_row(row)
     range_text = f"Range: [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else "Range: n/a (no finite value)"
-    token_labels, label_chars = _token_labels(tokens, num_columns, token_labels)
-    gaps = L.find_gaps(positions)
-    segments = list(segments or ())
-    width = L.figure_width_in(num_columns, token_labels, strip=True)
     of_layers = f"layer {layer} of {num_layers} (middle)" if num_layers else f"layer {layer}"
     if num_layers and layer != num_layers // 2:
         of_layers = f"layer {layer} of {num_layers}"
-    lines = _title_lines([title, of_layers, f"{num_columns} tokens", range_text, f"similarity: {mode}",
-                          _bad_note(count_bad(row), row.size), _gap_note(gaps), *notes], width)
-    lay = L.heatmap_layout(1, num_columns, dpi, title_lines=len(lines), has_segments=bool(segments),
-                           has_gaps=bool(len(gaps)), token_labels=token_labels, strip=True,
-                           token_label_chars=label_chars, label_rows=_label_rows(segments, num_columns, token_labels))
-    fig = new_figure(lay.width_in, lay.height_in, dpi)
-    ax, image = _heatmap_axes(fig, lay, normalised[np.newaxis, :], cmap, 0.0, 1.0, segments, gaps, tokens,
-                              token_labels)
+    fig, ax, image, lay = _framed(
+        normalised[np.newaxis, :], cmap, 0.0, 1.0, title_parts=[
+            title, of_layers, f"{num_columns} tokens", range_text, f"similarity: {mode}",
+            _bad_note(count_bad(row), row.size)],
+        notes=notes, segments=segments, positions=positions, tokens=tokens, token_labels=token_labels, dpi=dpi,
+        strip=True)
     ax.set_yticks([0])
     ax.set_yticklabels([f"layer {layer}"], fontsize=L.TICK_PT)
     cax = fig.add_axes(lay.cbar)
@@ -343,7 +354,6 @@ def single_layer_strip(
     bar.set_ticks([0, 0.5, 1])
     bar.ax.tick_params(labelsize=L.TICK_PT)
     bar.ax.set_title("normalised: 0 = layer min, 1 = layer max", fontsize=8, loc="left")
-    _title(fig, lay, lines)
     return fig
 
 

@@ -19,6 +19,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from capture.format import one_line
+
 from .base import Problem, Task, TaskDataError, get_task
 
 Located = tuple[str, Any]  # (location for messages, e.g. "data.jsonl:3", raw record)
@@ -29,9 +31,6 @@ _HUB_PROBE_SECONDS = 2.0
 
 # --------------------------------------------------------------------------- files
 
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
 
 
 def _skip(text: str, pos: int, chars: str = " \t\r\n") -> int:
@@ -90,7 +89,7 @@ def read_records(path: str | os.PathLike[str], display: str | None = None) -> li
     except FileNotFoundError:
         raise TaskDataError(f"data file not found: {shown}") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise TaskDataError(f"{shown}: cannot read file ({_one_line(error)})") from None
+        raise TaskDataError(f"{shown}: cannot read file ({one_line(error)})") from None
     if not text.strip():
         raise TaskDataError(f"{shown}: file is empty; expected JSON or JSONL problem records")
     items = _json_document(text, shown)
@@ -217,7 +216,7 @@ def to_problems(
         except KeyError as error:
             raise TaskDataError(f"{where}: missing field {error.args[0]!r} for task {task.name}") from None
         except (ValueError, TypeError, AttributeError) as error:
-            raise TaskDataError(f"{where}: bad record for task {task.name} ({_one_line(error)})") from None
+            raise TaskDataError(f"{where}: bad record for task {task.name} ({one_line(error)})") from None
         parsed.append((question, gold, source or where))
     if max_samples >= 0:
         parsed = parsed[:max_samples]
