@@ -16,6 +16,7 @@ import pytest
 
 from capture.format import LATENT_TOKEN, CaptureError, CaptureReader, CaptureWriter, Handoff, ProblemRecord
 from capture.recorder import CaptureRecorder
+from captures import assert_same_handoffs
 from latentmas.config import RunConfig
 from latentmas.methods import get_method
 from latentmas.methods.common import encode
@@ -87,15 +88,9 @@ def test_matrices_do_not_depend_on_batch_size(tiny_lm, gsm8k_problems, tmp_path)
     one, three = tmp_path / "bs1.h5", tmp_path / "bs3.h5"
     _capture(tiny_lm, one, cfg, gsm8k_problems, batch_size=1)
     _capture(tiny_lm, three, cfg, gsm8k_problems, batch_size=3)
-    with CaptureReader(one) as a, CaptureReader(three) as b:
-        assert a.problem_numbers == b.problem_numbers == [1, 2, 3]
-        for number in a.problem_numbers:
-            for ha, hb in zip(a.handoffs(number), b.handoffs(number)):
-                assert ha.tokens == hb.tokens
-                np.testing.assert_array_equal(ha.positions, hb.positions)
-                # float16 storage: equal up to one rounding step
-                np.testing.assert_allclose(ha.layer_similarities.astype(np.float32),
-                                           hb.layer_similarities.astype(np.float32), atol=2e-3)
+    with CaptureReader(one) as a:
+        assert a.problem_numbers == [1, 2, 3]
+    assert_same_handoffs(one, three, atol=2e-3, names=TRANSITIONS)  # float16 storage: one rounding step
 
 
 def test_knn_positions_leave_gaps(tiny_lm, gsm8k_problems, tmp_path):
@@ -261,13 +256,9 @@ def test_writing_while_decoding_stores_what_writing_after_stores(tiny_lm, gsm8k_
         recorder.close()
         assert len(calls) == 2  # once per batch
     with CaptureReader(files["during"]) as a, CaptureReader(files["after"]) as b:
-        assert a.problem_numbers == b.problem_numbers == [1, 2, 3]
-        for number in a.problem_numbers:
-            assert a.problem(number) == b.problem(number)
-            for ha, hb in zip(a.handoffs(number), b.handoffs(number), strict=True):
-                assert (ha.name, ha.tokens, ha.segments) == (hb.name, hb.tokens, hb.segments)
-                np.testing.assert_array_equal(ha.positions, hb.positions)
-                np.testing.assert_array_equal(ha.layer_similarities, hb.layer_similarities)
+        assert a.problem_numbers == [1, 2, 3]
+        assert all(a.problem(n) == b.problem(n) for n in a.problem_numbers)
+    assert_same_handoffs(files["during"], files["after"], names=TRANSITIONS)
 
 
 class _FailingAt:
@@ -297,12 +288,9 @@ def test_a_failed_batch_leaves_nothing_for_the_next(tiny_lm, gsm8k_problems, tmp
         solve(tiny_lm, gsm8k_problems[:2], task, cfg, observer=_FailingAt(recorder, 2))
     recorder.write_batch(solve(tiny_lm, gsm8k_problems[2:], task, cfg, observer=recorder))
     recorder.close()
-    with CaptureReader(clean) as a, CaptureReader(after_failure) as b:
+    with CaptureReader(after_failure) as b:
         assert b.problem_numbers == [3]
-        assert [h.name for h in b.handoffs(3)] == list(TRANSITIONS)
-        for ha, hb in zip(a.handoffs(3), b.handoffs(3), strict=True):
-            assert ha.tokens == hb.tokens
-            np.testing.assert_array_equal(ha.layer_similarities, hb.layer_similarities)
+    assert_same_handoffs(clean, after_failure, names=TRANSITIONS)
 
 
 def test_no_captured_handoff_still_writes_the_problems(tiny_lm, gsm8k_problems, tmp_path):
@@ -363,21 +351,27 @@ def test_resume_rebuilds_from_committed_rows(tmp_path):
 
 
 
-def test_resume_summary_and_results_cover_the_requested_problems(tiny_lm_cache_env, offline, tmp_path):
+def test_resume_summary_and_results_cover_the_requested_problems(tiny_lm_cache_env, offline, tmp_path,
+                                                                 monkeypatch):
     from latentmas.runner import run
 
+    # the tiny model answers nothing right: count problems 1 and 3 as correct, so the counts mean something
+    golds = [p.gold for p in load_problems("gsm8k", max_samples=5)]
+    assert len(set(golds)) == 5
+    task_class = type(get_task("gsm8k"))
+    monkeypatch.setattr(task_class, "is_correct", lambda self, prediction, gold: gold in (golds[0], golds[2]))
     cfg = _config(max_samples=4)
     path, out = tmp_path / "resume.h5", tmp_path / "runs"
     first = run(cfg, capture_file=path, output_dir=out, progress=False)
-    assert first["total"] == 4
+    assert first["total"] == 4 and first["correct"] == 2
     results = out / cfg.run_name() / "results.jsonl"
     # a results line whose problem never reached the capture (killed in between) is dropped on resume
     with open(results, "a", encoding="utf-8") as f:
         f.write('{"number": 99, "correct": true}\n')
     fewer = run(_config(max_samples=2), capture_file=path, output_dir=out, progress=False)
-    assert fewer["total"] == 2 and 0 <= fewer["correct"] <= 2 and fewer["accuracy"] <= 1
+    assert fewer["total"] == 2 and fewer["correct"] == 1 and fewer["accuracy"] == 0.5  # problems 1 and 2 only
     more = run(_config(max_samples=5), capture_file=path, output_dir=out, progress=False)
-    assert more["total"] == 5 and more["resumed_problems"] == 4
+    assert more["total"] == 5 and more["resumed_problems"] == 4 and more["correct"] == 2
     numbers = [json.loads(line)["number"] for line in results.read_text().splitlines()]
     assert numbers == [1, 2, 3, 4, 5]
     with CaptureReader(path) as capture:

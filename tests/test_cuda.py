@@ -6,12 +6,11 @@ The model is tiny-qwen3 in fp32, so the graph and eager paths agree to float rou
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from capture.format import CaptureReader
 from capture.recorder import CaptureRecorder
+from captures import assert_same_handoffs
 from latentmas.config import RunConfig
 from latentmas.methods import get_method
 from latentmas.tasks import get_task
@@ -42,17 +41,6 @@ def _capture(lm, problems, path, batch_size, **settings):
     return outputs
 
 
-def _assert_same_capture(a_path, b_path, atol):
-    with CaptureReader(a_path) as a, CaptureReader(b_path) as b:
-        assert a.problem_numbers == b.problem_numbers
-        for number in a.problem_numbers:
-            for ha, hb in zip(a.handoffs(number), b.handoffs(number), strict=True):
-                assert ha.tokens == hb.tokens
-                np.testing.assert_array_equal(ha.positions, hb.positions)
-                np.testing.assert_allclose(ha.layer_similarities.astype(np.float32),
-                                           hb.layer_similarities.astype(np.float32), atol=atol)
-
-
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_graph_steps_decode_what_the_plain_loop_decodes(cuda_lm, fake_problems, tmp_path, batch_size):
     problems = fake_problems()
@@ -61,7 +49,7 @@ def test_graph_steps_decode_what_the_plain_loop_decodes(cuda_lm, fake_problems, 
     fast = _capture(cuda_lm, problems, tmp_path / "fast.h5", batch_size, fast_decode=True)
     assert fast == plain
     assert any(step.graph is not None for step in cuda_lm.static_steps.values())
-    _assert_same_capture(tmp_path / "plain.h5", tmp_path / "fast.h5", atol=2e-3)
+    assert_same_handoffs(tmp_path / "plain.h5", tmp_path / "fast.h5", atol=2e-3)
 
 
 def test_reused_graphs_forget_earlier_problems(cuda_lm, fake_problems, tmp_path):
@@ -71,7 +59,7 @@ def test_reused_graphs_forget_earlier_problems(cuda_lm, fake_problems, tmp_path)
     _capture(cuda_lm, problems[2:3], tmp_path / "longer.h5", 1, fast_decode=True)  # leaves its columns behind
     again = _capture(cuda_lm, problems[1:2], tmp_path / "again.h5", 1, fast_decode=True)
     assert again == fresh
-    _assert_same_capture(tmp_path / "fresh.h5", tmp_path / "again.h5", atol=0)
+    assert_same_handoffs(tmp_path / "fresh.h5", tmp_path / "again.h5")
 
 
 class _StageAtTheEnd(CaptureRecorder):
@@ -88,4 +76,4 @@ def test_capture_written_while_decoding_equals_written_after(cuda_lm, fake_probl
         recorder = recorder_class.open(tmp_path / f"{name}.h5", cfg, cuda_lm, overwrite=True)
         recorder.write_batch(get_method("latent_mas")(cuda_lm, problems, task, cfg, observer=recorder))
         recorder.close()
-    _assert_same_capture(tmp_path / "during.h5", tmp_path / "after.h5", atol=0)
+    assert_same_handoffs(tmp_path / "during.h5", tmp_path / "after.h5")

@@ -199,3 +199,5 @@ def test_capture_identity_is_what_the_recorder_stores(tmp_path, tiny_lm):
         recorder.close()
         with CaptureReader(tmp_path / f"{dtype}.h5") as capture:
             assert capture.config == capture_identity(cfg, transitions, dtype)
+            assert capture.config["transitions"] == ("all" if transitions is None else list(TRANSITIONS))
+            assert capture.config["capture_dtype"] == dtype and capture.config["knn"]["percentage"] == 0.8

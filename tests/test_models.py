@@ -137,4 +137,8 @@ def test_random_weights_keeps_shapes(tiny_lm, tiny_lm_cache_env):
     again = load_model("tiny-qwen3", "cpu", random_weights=True, seed=3)
     for name, tensor in again.model.named_parameters():
         torch.testing.assert_close(tensor, fresh[name], rtol=0, atol=0)
+    other_seed = dict(load_model("tiny-qwen3", "cpu", random_weights=True, seed=4).model.named_parameters())
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(fresh[name], real[name])  # not the stored weights
+    assert not torch.equal(fresh[name], other_seed[name])  # the seed decides
     assert Path(tiny_qwen3.cache_dir()).exists()
