@@ -79,7 +79,7 @@ def _query_source(module: torch.nn.Module) -> torch.nn.Module:
 
 # Most elements (of the fp32 scores or keys) one batched computation over several layers may hold;
 # the layers of a prefill are reduced in groups that fit (fewer, larger launches).
-LAYER_CHUNK_ELEMENTS = 1 << 26
+LAYER_CHUNK_ELEMENTS = 1 << 25
 
 
 class PrefillProbe:
@@ -194,7 +194,7 @@ class PrefillProbe:
         keys = stack([k for _, _, k in group]).reshape(count * batch, *group[0][2].shape[1:])
         if count > 1:
             cos, sin = cos.repeat(count, 1, 1), sin.repeat(count, 1, 1)
-        queries, _ = self._rope(queries, queries, cos, sin)  # [count * B, heads, n, D]
+        queries, _ = self._rope(queries, queries[:, :1], cos, sin)  # [count * B, heads, n, D]; 1-head k unused
         prompt_mask, kv_mask, bias = self._masks(count)
         if self.mode == "query":
             result = query_similarities(queries, keys, prompt_mask, kv_mask)

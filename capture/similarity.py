@@ -32,6 +32,7 @@ PREFILL_MODES = ("query", "attention")  # modes computed from the incoming agent
 # Largest score block (elements) `attention_received` materialises at once; bigger layers are
 # chunked over kv-head groups so the fp32 scores stay a few hundred MiB at most.
 ATTENTION_CHUNK_ELEMENTS = 1 << 26
+_EPS = 1e-12  # as F.normalize: a zero vector has cosine 0 with everything
 
 
 def check_mode(mode: str) -> str:
@@ -108,19 +109,48 @@ def query_similarities(queries: torch.Tensor, keys: torch.Tensor, prompt_mask: t
     over real prompt tokens i and all heads h (query head h reads kv head h // (heads // kv_heads)).
 
     A mean of cosines is the dot product of the mean unit query with each unit key, so the work
-    is O(heads·n·D + kv_heads·T·D), never `[heads, n, T]`. Several layers can go at once by
-    stacking them along the batch axis.
+    is O(heads·n·D + kv_heads·T·D), never `[heads, n, T]`; each input is read in its own dtype
+    and only the products are fp32 (norms via `vector_norm(dtype=float32)`, no normalised copy;
+    half keys through `_dots`).
+    Several layers can go at once by stacking them along the batch axis.
     """
     batch, kv_heads, group = _check_shapes(queries, keys, prompt_mask)
-    unit_q = F.normalize(queries.float(), dim=-1)  # [B, H, n, D]
-    weights = _token_weights(prompt_mask).to(unit_q.device)
-    mean_q = torch.matmul(weights[:, None, None, :], unit_q)  # [B, H, 1, D], mean over real tokens
+    weights = _token_weights(prompt_mask).to(queries.device)  # [B, n]
+    q_norms = torch.linalg.vector_norm(queries, dim=-1, dtype=torch.float32).clamp_min(_EPS)  # [B, H, n]
+    mean_q = (queries * (weights[:, None, :] / q_norms)[..., None]).sum(dim=2)  # [B, H, D]: mean unit query
     mean_q = mean_q.view(batch, kv_heads, group, -1).mean(dim=2)  # [B, KV, D], mean over the group's heads
-    unit_k = F.normalize(keys.float(), dim=-1)  # [B, KV, T, D]
-    sims = torch.matmul(unit_k, mean_q[..., None]).squeeze(-1).mean(dim=1)  # [B, T], mean over kv heads
+    k_norms = torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32).clamp_min(_EPS)  # [B, KV, T]
+    T, head_dim = keys.shape[2:]
+    dots = _dots(keys.reshape(batch * kv_heads, T, head_dim), mean_q.reshape(batch * kv_heads, head_dim))
+    sims = (dots.view(batch, kv_heads, T) / k_norms).mean(dim=1)  # [B, T], mean over kv heads
     if kv_mask is not None:
         sims = sims.masked_fill(~kv_mask.to(device=sims.device, dtype=torch.bool), 0.0)
     return sims
+
+
+def _dots(rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """`rows` `[N, T, D]` (any float dtype) · `vectors` `[N, D]` fp32 -> fp32 `[N, T]`, reading `rows` once.
+
+    Half-precision rows on CUDA: each vector is split into its half-precision value and the
+    remainder, both multiplied by one fp32-accumulating product (`fp32_bmm`) and added: about
+    fp32 precision without an fp32 copy of `rows`.
+    """
+    if rows.dtype == torch.float32 or not rows.is_cuda:
+        return torch.bmm(rows.float(), vectors[..., None]).squeeze(-1)
+    high = vectors.to(rows.dtype)
+    low = (vectors - high.float()).to(rows.dtype)
+    return fp32_bmm(rows, torch.stack([high, low], dim=-1)).sum(dim=-1)
+
+
+def fp32_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`torch.bmm(a, b)` with an fp32 result. Half-precision inputs on CUDA stay on the tensor cores
+    (`out_dtype`, fp32 accumulation, as attention kernels compute scores); elsewhere, fp32 inputs."""
+    if a.dtype != torch.float32 and a.is_cuda:
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except TypeError:  # a torch without out_dtype
+            pass
+    return torch.bmm(a.float(), b.float())
 
 
 def attention_bias(prompt_mask: torch.Tensor, kv_mask: torch.Tensor) -> torch.Tensor:
@@ -156,9 +186,10 @@ def attention_received(queries: torch.Tensor, keys: torch.Tensor, prompt_mask: t
     the causal real prompt part, restricted to the cache columns, averaged over heads and real
     prompt tokens. Each row sums to at most 1; the rest is attention to the prompt itself.
 
-    Scores are fp32 `[batch, heads, n, T + n]`, built a group of kv heads at a time when they
-    would exceed `ATTENTION_CHUNK_ELEMENTS`. Several layers can go at once by stacking them along
-    the batch axis. No host synchronisation.
+    Scores are fp32 `[batch, heads, n, T + n]` (`fp32_bmm`: half inputs, fp32 products), built
+    a group of kv heads at a time when they would exceed `ATTENTION_CHUNK_ELEMENTS`; the softmax
+    rows are weighted and summed by one batched product over the cache's full width. Several
+    layers can go at once by stacking them along the batch axis. No host synchronisation.
     """
     batch, kv_heads, group = _check_shapes(queries, keys, prompt_mask)
     n, width = queries.shape[2], keys.shape[2]
@@ -169,18 +200,21 @@ def attention_received(queries: torch.Tensor, keys: torch.Tensor, prompt_mask: t
     prompt_mask = prompt_mask.to(device=queries.device, dtype=torch.bool)
     if bias is None:
         bias = attention_bias(prompt_mask, kv_mask.to(queries.device))  # [B, 1, 1, n, T + n]
-    weights = _token_weights(prompt_mask)[:, None, None, None, :]  # [B, 1, 1, 1, n]
+    weights = _token_weights(prompt_mask)  # [B, n]
+    head_dim = queries.shape[-1]
+    q = queries.reshape(batch, kv_heads, group * n, head_dim)  # each kv head's query rows (its heads' tokens)
 
     per_kv_head = batch * group * n * width
     step = max(1, min(kv_heads, ATTENTION_CHUNK_ELEMENTS // max(per_kv_head, 1)))
-    q = queries.reshape(batch, kv_heads, group, n, -1)
     received = None
     for start in range(0, kv_heads, step):
-        stop = min(kv_heads, start + step)
-        q_chunk = q[:, start:stop].float() * scaling  # [B, k, G, n, D]
-        k_chunk = keys[:, start:stop, None].float()  # [B, k, 1, T + n, D]
-        scores = torch.matmul(q_chunk, k_chunk.transpose(-1, -2)) + bias  # [B, k, G, n, T + n]
-        probs = torch.softmax(scores, dim=-1)[..., :T]
-        part = torch.matmul(weights, probs).sum(dim=(1, 2, 3))  # [B, T]: over real tokens, then heads
+        k = min(kv_heads, start + step) - start
+        scores = fp32_bmm(q[:, start:start + k].reshape(batch * k, group * n, head_dim),
+                          keys[:, start:start + k].reshape(batch * k, width, head_dim).transpose(1, 2))
+        scores = torch.add(bias, scores.view(batch, k, group, n, width), alpha=scaling)  # [B, k, G, n, T + n]
+        probs = torch.softmax(scores, dim=-1).view(batch, k * group * n, width)
+        del scores
+        row_weights = weights[:, None, :].expand(batch, k * group, n).reshape(batch, 1, k * group * n)
+        part = torch.bmm(row_weights, probs)[:, 0, :T]  # [B, T]: over real tokens and the chunk's heads
         received = part if received is None else received + part
     return received / (kv_heads * group)

@@ -77,3 +77,21 @@ def test_capture_written_while_decoding_equals_written_after(cuda_lm, fake_probl
         recorder.write_batch(get_method("latent_mas")(cuda_lm, problems, task, cfg, observer=recorder))
         recorder.close()
     assert_same_handoffs(tmp_path / "during.h5", tmp_path / "after.h5")
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(32, 8), (4, 4)])
+def test_bf16_similarities_match_fp64_loops(heads, kv_heads):
+    """The half-precision paths (fp32 products of bf16 inputs via `fp32_bmm`, fp32 norms) on CUDA."""
+    from capture.similarity import attention_received, query_similarities
+    from test_similarity_modes import naive_attention, naive_query, random_case
+
+    queries, keys, prompt_mask, kv_mask = random_case(heads=heads, kv_heads=kv_heads, n=9, T=40, D=64)
+    queries, keys = queries.bfloat16(), keys.bfloat16()  # the fp64 loops see exactly these values
+    T = kv_mask.shape[1]
+    cuda = [t.cuda() for t in (queries, keys, prompt_mask, kv_mask)]
+    got = attention_received(*cuda, scaling=0.125).cpu()
+    torch.testing.assert_close(got, naive_attention(queries.float(), keys.float(), prompt_mask, kv_mask, 0.125),
+                               atol=1e-6, rtol=1e-4)
+    got = query_similarities(cuda[0], cuda[1][:, :, :T], cuda[2], cuda[3]).cpu()
+    want = naive_query(queries.float(), keys[:, :, :T].float(), prompt_mask)
+    torch.testing.assert_close(got[kv_mask], want[kv_mask], atol=1e-5, rtol=0)

@@ -1,0 +1,101 @@
+"""What the `query` and `attention` hooks cost per prompt prefill (diagnostic, prints raw figures).
+
+Builds a shared cache of `--cache_tokens` columns, then times one prompt prefill of
+`--prompt_tokens` on it (the cache restored after each) with no probe and with a
+`PrefillProbe` per mode, rounds rotating, device synced around each prefill. With
+`--profile` it also prints torch.profiler's busiest ops for one probed prefill.
+
+    python bench/probe_cost.py --model_name .gpu_inputs/qwen3-4b-arch --random_weights --profile
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import click
+import torch
+from common import machine, sync
+
+from capture import hooks
+from capture.hooks import PrefillProbe, restored
+from latentmas.models import load_model
+from latentmas.shared_cache import SegmentKey, SharedCache
+
+
+def _prompt(lm, batch: int, n: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, lm.tokenizer.vocab_size, (batch, n), generator=generator).to(lm.device)
+    mask = torch.ones(batch, n, dtype=torch.bool, device=lm.device)
+    return lm.model.get_input_embeddings()(ids), mask, ids
+
+
+def _prefill(shared, prompt, variant: str, chunk: int):
+    embeds, mask, ids = prompt
+    hooks.LAYER_CHUNK_ELEMENTS = chunk
+    with torch.no_grad(), restored(shared):
+        if variant == "off":
+            shared.extend(embeds, mask, ids, SegmentKey("critic", "prompt"))
+            return None
+        probe = PrefillProbe(shared, mask, variant)
+        with probe:
+            shared.extend(embeds, mask, ids, SegmentKey("critic", "prompt"))
+        return probe.result()
+
+
+@click.command()
+@click.option("--model_name", default="tiny-qwen3")
+@click.option("--random_weights", is_flag=True)
+@click.option("--cache_tokens", default=600, show_default=True, help="T, the cache's columns at the hand-off")
+@click.option("--prompt_tokens", default=250, show_default=True, help="n, the incoming prompt's tokens")
+@click.option("--batch", default=1, show_default=True)
+@click.option("--repeats", default=20, show_default=True)
+@click.option("--chunks", default="", help="extra LAYER_CHUNK_ELEMENTS values to time `query` with, comma-separated")
+@click.option("--profile", is_flag=True, help="print torch.profiler's busiest ops for one prefill per variant")
+@click.option("--device", default="auto", show_default=True)
+def main(model_name, random_weights, cache_tokens, prompt_tokens, batch, repeats, chunks, profile, device):
+    lm = load_model(model_name, device, random_weights=random_weights)
+    print(f"machine: {machine(lm)}; {lm.num_layers} layers; batch {batch}, T {cache_tokens}, n {prompt_tokens}")
+    shared = SharedCache(lm, batch)
+    with torch.no_grad():
+        shared.extend(*_prompt(lm, batch, cache_tokens, 0), SegmentKey("planner", "prompt"))
+    prompt = _prompt(lm, batch, prompt_tokens, 1)
+    default = hooks.LAYER_CHUNK_ELEMENTS
+    variants = [("off", default), ("query", default), ("attention", default)]
+    variants += [("query", int(c)) for c in chunks.split(",") if c.strip()]
+    for variant, chunk in variants:  # warm up
+        _prefill(shared, prompt, variant, chunk)
+    times: dict = {v: [] for v in variants}
+    peaks: dict = {}
+    for r in range(repeats):
+        for variant in variants[r % len(variants):] + variants[:r % len(variants)]:
+            sync(lm.device)
+            if lm.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(lm.device)
+            start = time.perf_counter()
+            _prefill(shared, prompt, *variant)
+            sync(lm.device)
+            times[variant].append(time.perf_counter() - start)
+            if lm.device.type == "cuda":
+                peaks[variant] = torch.cuda.max_memory_allocated(lm.device) / 2**20
+    off = statistics.median(times[variants[0]])
+    for variant in variants:
+        median = statistics.median(times[variant])
+        peak = f", peak {peaks[variant]:.0f} MiB" if variant in peaks else ""
+        print(f"{variant[0]:>9} chunk 2^{variant[1].bit_length() - 1}: {median * 1000:8.2f} ms per prefill "
+              f"(+{(median - off) * 1000:.2f} ms){peak}")
+    hooks.LAYER_CHUNK_ELEMENTS = default
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if lm.device.type == "cuda" else [])
+        for variant in ("off", "query", "attention"):
+            with torch_profile(activities=activities) as prof:
+                _prefill(shared, prompt, variant, default)
+                sync(lm.device)
+            sort_by = "self_device_time_total" if lm.device.type == "cuda" else "self_cpu_time_total"
+            print(f"--- {variant} ---")
+            print(prof.key_averages().table(sort_by=sort_by, row_limit=18, max_name_column_width=70))
+
+if __name__ == "__main__":
+    main()
