@@ -1,10 +1,35 @@
-"""Comparing two capture files in tests (imported by the test modules; pytest puts tests/ on sys.path)."""
+"""Capture files in tests: solving problems into one, and comparing two.
+
+Imported by the test modules (pytest puts tests/ on sys.path)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from capture.format import CaptureReader
+from capture.recorder import CaptureRecorder
+
+
+def solve_and_capture(lm, problems, cfg, path=None, batch_size: int = 1, recorder_class=CaptureRecorder,
+                      **open_args) -> list:
+    """Solve `problems` with `cfg.method` in batches of `batch_size` and return the results. With
+    `path`, capture them there: `recorder_class.open(path, cfg, lm, overwrite=True, **open_args)`,
+    one `write_batch` per batch, then finished (summary {"done": True}) and closed."""
+    from latentmas.methods import get_method
+    from latentmas.tasks import get_task
+
+    solve, task = get_method(cfg.method), get_task(cfg.task)
+    recorder = recorder_class.open(path, cfg, lm, overwrite=True, **open_args) if path is not None else None
+    results = []
+    for start in range(0, len(problems), batch_size):
+        batch = solve(lm, problems[start:start + batch_size], task, cfg, observer=recorder)
+        if recorder is not None:
+            recorder.write_batch(batch)
+        results += batch
+    if recorder is not None:
+        recorder.finish({"done": True})
+        recorder.close()
+    return results
 
 
 def assert_same_handoffs(a_path, b_path, *, atol: float = 0.0, names=None) -> None:

@@ -7,6 +7,7 @@ so test files that never touch a model (render, tasks) stay torch-free.
   (pass it to subprocesses).
 - `tiny_lm`: the built model loaded on CPU with `load_model("tiny-qwen3", "cpu")`.
 - `make_problems` / `fake_problems`: a list of `latentmas.tasks.Problem`.
+- `workdir`: tmp_path as the working directory, offline, with tiny-qwen3 built (CLI runs).
 """
 
 from __future__ import annotations
@@ -58,3 +59,10 @@ def tiny_lm(tiny_lm_cache_env):
 @pytest.fixture
 def fake_problems():
     return make_problems
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, tiny_lm_cache_env, offline):
+    """Run in tmp_path (offline, tiny-qwen3 built) so captures/, charts/ and runs/ land there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -16,7 +16,7 @@ import pytest
 
 from capture.format import LATENT_TOKEN, CaptureError, CaptureReader, CaptureWriter, Handoff, ProblemRecord
 from capture.recorder import CaptureRecorder
-from captures import assert_same_handoffs
+from captures import assert_same_handoffs, solve_and_capture
 from latentmas.config import RunConfig
 from latentmas.methods import get_method
 from latentmas.methods.common import encode
@@ -33,17 +33,6 @@ def _config(**overrides) -> RunConfig:
     return RunConfig(**settings)
 
 
-def _capture(lm, path, cfg, problems, batch_size):
-    task = get_task(cfg.task)
-    recorder = CaptureRecorder.open(path, cfg, lm, TRANSITIONS, overwrite=True)
-    solve = get_method("latent_mas")
-    for start in range(0, len(problems), batch_size):
-        batch = problems[start:start + batch_size]
-        recorder.write_batch(solve(lm, batch, task, cfg, observer=recorder))
-    recorder.finish({"done": True})
-    recorder.close()
-
-
 @pytest.fixture(scope="module")
 def gsm8k_problems(offline):
     return load_problems("gsm8k", max_samples=3)
@@ -52,7 +41,7 @@ def gsm8k_problems(offline):
 def test_capture_holds_every_handoff_with_cache_context(tiny_lm, gsm8k_problems, tmp_path):
     cfg = _config()
     path = tmp_path / "run.h5"
-    _capture(tiny_lm, path, cfg, gsm8k_problems, batch_size=1)
+    solve_and_capture(tiny_lm, gsm8k_problems, cfg, path, batch_size=1, transitions=TRANSITIONS)
     task = get_task("gsm8k")
     with CaptureReader(path) as capture:
         assert capture.problem_numbers == [1, 2, 3]
@@ -86,8 +75,8 @@ def test_capture_holds_every_handoff_with_cache_context(tiny_lm, gsm8k_problems,
 def test_matrices_do_not_depend_on_batch_size(tiny_lm, gsm8k_problems, tmp_path):
     cfg = _config()
     one, three = tmp_path / "bs1.h5", tmp_path / "bs3.h5"
-    _capture(tiny_lm, one, cfg, gsm8k_problems, batch_size=1)
-    _capture(tiny_lm, three, cfg, gsm8k_problems, batch_size=3)
+    solve_and_capture(tiny_lm, gsm8k_problems, cfg, one, batch_size=1, transitions=TRANSITIONS)
+    solve_and_capture(tiny_lm, gsm8k_problems, cfg, three, batch_size=3, transitions=TRANSITIONS)
     with CaptureReader(one) as a:
         assert a.problem_numbers == [1, 2, 3]
     assert_same_handoffs(one, three, atol=2e-3, names=TRANSITIONS)  # float16 storage: one rounding step
@@ -96,7 +85,7 @@ def test_matrices_do_not_depend_on_batch_size(tiny_lm, gsm8k_problems, tmp_path)
 def test_knn_positions_leave_gaps(tiny_lm, gsm8k_problems, tmp_path):
     cfg = _config(knn_filter=True, knn_percentage=0.5, knn_min_keep=3)
     path = tmp_path / "knn.h5"
-    _capture(tiny_lm, path, cfg, gsm8k_problems[:1], batch_size=1)
+    solve_and_capture(tiny_lm, gsm8k_problems[:1], cfg, path, batch_size=1, transitions=TRANSITIONS)
     with CaptureReader(path) as capture:
         first = capture.handoff(1, "planner_to_critic")
         assert np.all(np.diff(first.positions) > 0)  # original order kept
@@ -282,7 +271,7 @@ def test_a_failed_batch_leaves_nothing_for_the_next(tiny_lm, gsm8k_problems, tmp
     task = get_task(cfg.task)
     solve = get_method("latent_mas")
     clean, after_failure = tmp_path / "clean.h5", tmp_path / "after.h5"
-    _capture(tiny_lm, clean, cfg, gsm8k_problems[2:], batch_size=1)
+    solve_and_capture(tiny_lm, gsm8k_problems[2:], cfg, clean, batch_size=1, transitions=TRANSITIONS)
     recorder = CaptureRecorder.open(after_failure, cfg, tiny_lm, TRANSITIONS, overwrite=True)
     with pytest.raises(RuntimeError, match="out of memory"):
         solve(tiny_lm, gsm8k_problems[:2], task, cfg, observer=_FailingAt(recorder, 2))
@@ -296,11 +285,7 @@ def test_a_failed_batch_leaves_nothing_for_the_next(tiny_lm, gsm8k_problems, tmp
 def test_no_captured_handoff_still_writes_the_problems(tiny_lm, gsm8k_problems, tmp_path):
     cfg = _config()
     path = tmp_path / "none.h5"
-    recorder = CaptureRecorder.open(path, cfg, tiny_lm, transitions=(), overwrite=True)
-    for start in (0, 2):
-        batch = gsm8k_problems[start:start + 2]
-        recorder.write_batch(get_method("latent_mas")(tiny_lm, batch, get_task(cfg.task), cfg, observer=recorder))
-    recorder.close()
+    solve_and_capture(tiny_lm, gsm8k_problems, cfg, path, batch_size=2, transitions=())
     with CaptureReader(path) as capture:
         assert capture.problem_numbers == [1, 2, 3]
         assert all(list(capture.handoffs(n)) == [] for n in capture.problem_numbers)

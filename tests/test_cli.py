@@ -27,13 +27,6 @@ GSM_RECORDS = [
 ]
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch, tiny_lm_cache_env, offline):
-    """Run in tmp_path so captures/, charts/ and runs/ land there."""
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def base_args(out: Path, *extra: str) -> list[str]:
     return ["--model_name", "tiny-qwen3", "--device", "cpu", "--max_samples", "2", "--max_new_tokens", "16",
             "--latent_steps", "2", "--output_dir", str(out), *extra]

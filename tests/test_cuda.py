@@ -10,10 +10,8 @@ import pytest
 import torch
 
 from capture.recorder import CaptureRecorder
-from captures import assert_same_handoffs
+from captures import assert_same_handoffs, solve_and_capture
 from latentmas.config import RunConfig
-from latentmas.methods import get_method
-from latentmas.tasks import get_task
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -30,15 +28,7 @@ def cuda_lm(tiny_lm_cache_env):
 def _capture(lm, problems, path, batch_size, **settings):
     cfg = RunConfig(model_name="tiny-qwen3", device="cuda", latent_steps=4, max_new_tokens=24, temperature=0.0,
                     **settings)
-    task = get_task("gsm8k")
-    recorder = CaptureRecorder.open(path, cfg, lm, overwrite=True)
-    outputs = []
-    for start in range(0, len(problems), batch_size):
-        results = get_method("latent_mas")(lm, problems[start:start + batch_size], task, cfg, observer=recorder)
-        recorder.write_batch(results)
-        outputs += [r.output for r in results]
-    recorder.close()
-    return outputs
+    return [r.output for r in solve_and_capture(lm, problems, cfg, path, batch_size)]
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
@@ -71,11 +61,8 @@ def test_capture_written_while_decoding_equals_written_after(cuda_lm, fake_probl
     """The asynchronous pinned copies hold what the device computed."""
     problems = fake_problems()
     cfg = RunConfig(model_name="tiny-qwen3", device="cuda", latent_steps=4, max_new_tokens=40, temperature=0.0)
-    task = get_task("gsm8k")
     for name, recorder_class in (("during", CaptureRecorder), ("after", _StageAtTheEnd)):
-        recorder = recorder_class.open(tmp_path / f"{name}.h5", cfg, cuda_lm, overwrite=True)
-        recorder.write_batch(get_method("latent_mas")(cuda_lm, problems, task, cfg, observer=recorder))
-        recorder.close()
+        solve_and_capture(cuda_lm, problems, cfg, tmp_path / f"{name}.h5", len(problems), recorder_class)
     assert_same_handoffs(tmp_path / "during.h5", tmp_path / "after.h5")
 
 

@@ -6,28 +6,17 @@ import pytest
 import torch
 
 from capture.recorder import DEFAULT_TRANSITIONS as TRANSITIONS
-from capture.recorder import CaptureRecorder
-from captures import assert_same_handoffs
+from captures import assert_same_handoffs, solve_and_capture
 from latentmas.config import RunConfig
 from latentmas.methods import get_method
 from latentmas.tasks import get_task
 
 
 def _solve(lm, problems, method, tmp_path, batch_size, **settings):
-    cfg = RunConfig(model_name="tiny-qwen3", device="cpu", latent_steps=3, max_new_tokens=24, **settings)
-    task = get_task("gsm8k")
+    cfg = RunConfig(model_name="tiny-qwen3", device="cpu", method=method, latent_steps=3, max_new_tokens=24,
+                    **settings)
     path = tmp_path / f"{method}-{settings.get('fast_decode')}-{batch_size}.h5"
-    recorder = CaptureRecorder.open(path, cfg, lm, overwrite=True) if method == "latent_mas" else None
-    results = []
-    for start in range(0, len(problems), batch_size):
-        batch = problems[start:start + batch_size]
-        batch_results = get_method(method)(lm, batch, task, cfg, observer=recorder)
-        if recorder is not None:
-            recorder.write_batch(batch_results)
-        results += batch_results
-    if recorder is not None:
-        recorder.close()
-    return results, path
+    return solve_and_capture(lm, problems, cfg, path if method == "latent_mas" else None, batch_size), path
 
 
 @pytest.mark.parametrize("method", ["latent_mas", "baseline"])

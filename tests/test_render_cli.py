@@ -15,8 +15,7 @@ from click.testing import CliRunner
 
 from render.cli import info_command, main, render_command
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_render import write_capture  # noqa: E402  (shared synthetic-capture helper)
+from test_render import write_capture  # the synthetic-capture helper (pytest puts tests/ on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 

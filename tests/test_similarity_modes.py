@@ -19,11 +19,11 @@ from capture import similarity
 from capture.format import CaptureReader
 from capture.hooks import PrefillProbe, score_prompt
 from capture.recorder import CaptureRecorder
+from captures import solve_and_capture
 from capture.similarity import MODES, attention_received, layer_similarities, query_similarities
 from latentmas.cli import capture_command
 from latentmas.config import SIMILARITY_MODES, RunConfig
 from latentmas.knn import KnnFilter
-from latentmas.methods import get_method
 from latentmas.methods.common import encode
 from latentmas.prompts import agent_prompt
 from latentmas.realign import LatentInput
@@ -376,13 +376,7 @@ def test_knn_score_is_part_of_the_identity():
 
 def capture(lm, problems, cfg, path, batch_size):
     """Capture `problems` in batches; returns {number: {handoff name: Handoff}}."""
-    recorder = CaptureRecorder.open(path, cfg, lm, TRANSITIONS, overwrite=True, dtype="float32")
-    solve = get_method("latent_mas")
-    for start in range(0, len(problems), batch_size):
-        batch = problems[start:start + batch_size]
-        recorder.write_batch(solve(lm, batch, TASK, cfg, observer=recorder))
-    recorder.finish({})
-    recorder.close()
+    solve_and_capture(lm, problems, cfg, path, batch_size, transitions=TRANSITIONS, dtype="float32")
     with CaptureReader(path) as reader:
         assert reader.attrs["similarity"] == cfg.similarity
         return {n: {h.name: h for h in reader.handoffs(n)} for n in reader.problem_numbers}
@@ -444,12 +438,6 @@ def test_probe_refuses_other_forward_passes(tiny_lm, fake_problems):
 
 
 # --------------------------------------------------------------------------- end to end
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch, tiny_lm_cache_env, offline):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def cli_capture(workdir, *extra):
