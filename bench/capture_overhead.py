@@ -17,16 +17,11 @@ import tempfile
 from pathlib import Path
 
 import click
-from common import machine, run_pass
+from common import machine, rotations, run_pass
 
 from latentmas.config import SIMILARITY_MODES, RunConfig
 from latentmas.models import load_model
 from latentmas.tasks import get_task, load_problems
-
-
-def _rotations(modes: list[str], repeats: int) -> list[list[str]]:
-    """Each repeat runs every mode once; the order rotates so no mode always follows the same one."""
-    return [modes[r % len(modes):] + modes[: r % len(modes)] for r in range(repeats)]
 
 
 @click.command()
@@ -65,7 +60,7 @@ def main(model_name, random_weights, data_file, num_problems, repeats, generate_
         path = {name: (None if name == "off" else Path(tmp) / f"{name}.h5") for name in passes}
         for name in passes:  # warm-up: kernels, graphs, allocator, realignment, file creation
             run_pass(lm, problems, task, configs[name], path[name])
-        for r, order in enumerate(_rotations(list(passes), repeats)):
+        for r, order in enumerate(rotations(list(passes), repeats)):
             for name in order:
                 result = run_pass(lm, problems, task, configs[name], path[name])
                 passes[name].append(result)
@@ -80,7 +75,7 @@ def main(model_name, random_weights, data_file, num_problems, repeats, generate_
     print("time on/off: ratio of medians; paired: median over rounds of (mode / off of the same round), "
           "with its range")
     print("| mode | s/problem | time on/off | paired | paired range | peak MiB | memory on/off | "
-          "inside recorder ms/problem | file KiB |")
+          "inside recorder ms/problem (prefill hooks not included, see probe_cost.py) | file KiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for mode in modes:
         on = statistics.median(p.per_problem for p in passes[mode])

@@ -22,6 +22,11 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def rotations(items: list, repeats: int) -> list[list]:
+    """Each repeat runs every item once; the order rotates so no item always follows the same one."""
+    return [items[r % len(items):] + items[: r % len(items)] for r in range(repeats)]
+
+
 def machine(lm) -> str:
     import transformers
 

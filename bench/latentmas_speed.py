@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import click
-from common import machine, run_pass
+from common import machine, rotations, run_pass
 
 from latentmas.config import RunConfig
 from latentmas.models import load_model
@@ -56,10 +56,11 @@ def main(model_name, random_weights, data_file, batch_sizes, problems_bs1, batch
                             latent_steps=10, max_new_tokens=max_new_tokens, ignore_eos=True, temperature=0.6,
                             top_p=0.95, generate_bs=bs, device=device, fast_decode=fast)
             subset = problems[: problems_bs1 if bs == 1 else bs * batches]
-            run_pass(lm, subset, task, cfg)  # warm-up: a CUDA graph per buffer size, the allocator
+            for warm_up in (None, capture_path):  # a CUDA graph per buffer size, the allocator, the first write
+                run_pass(lm, subset, task, cfg, warm_up)
             passes = {False: [], True: []}
-            for r in range(repeats):  # capture off and on alternate, so drift hits both alike
-                for capture in ((False, True) if r % 2 == 0 else (True, False)):
+            for order in rotations([False, True], repeats):  # capture off and on alternate: drift hits both
+                for capture in order:
                     passes[capture].append(run_pass(lm, subset, task, cfg, capture_path if capture else None))
             for capture in (False, True):
                 timed = run_pass(lm, subset, task, cfg, capture_path if capture else None, timed=True)

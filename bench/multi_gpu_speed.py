@@ -33,7 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from capture.format import CaptureReader  # noqa: E402
-from latentmas.config import RunConfig  # noqa: E402
 
 
 def _default_nproc() -> int:
@@ -46,7 +45,7 @@ def _default_nproc() -> int:
     return max(count, 2)
 
 
-def _one_world(world: int, folder: Path, args: list[str], cfg: RunConfig, timeout: float) -> dict:
+def _one_world(world: int, folder: Path, args: list[str], timeout: float) -> dict:
     capture_file = folder / "capture.h5"
     out_dir = folder / "runs"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
@@ -63,7 +62,7 @@ def _one_world(world: int, folder: Path, args: list[str], cfg: RunConfig, timeou
     if done.returncode != 0:
         sys.stderr.write(done.stdout[-4000:] + done.stderr[-8000:])
         raise click.ClickException(f"world size {world} failed (exit status {done.returncode})")
-    summary = json.loads((out_dir / cfg.run_name() / "summary.json").read_text())
+    summary = json.loads(next(out_dir.glob("*/summary.json")).read_text())  # the run's own folder
     with CaptureReader(capture_file) as capture:
         device = capture.attrs.get("device", "?")
     solve = summary["total_time_sec"]
@@ -118,7 +117,6 @@ def main(model_name, random_weights, data_file, num_problems, nproc, generate_bs
         args.append("--random_weights")
     if data_file is not None:
         args += ["--data_file", data_file]
-    cfg = RunConfig(model_name=model_name)
     print(f"up to {num_problems} problems, generate_bs {generate_bs}, latent_steps {latent_steps}, max_new_tokens "
           f"{max_new_tokens} (EOS ignored), model {model_name}; world size 1 vs {nproc}", flush=True)
     with tempfile.TemporaryDirectory(prefix="multi-gpu-bench-") as tmp:
@@ -126,7 +124,7 @@ def main(model_name, random_weights, data_file, num_problems, nproc, generate_bs
         for world in (1, nproc):
             folder = Path(tmp) / f"world{world}"
             folder.mkdir()
-            runs.append(_one_world(world, folder, args, cfg, timeout))
+            runs.append(_one_world(world, folder, args, timeout))
         one, many = runs
         print(f"problems/s: world size 1 {one['rate']:.3f}, world size {nproc} {many['rate']:.3f}; "
               f"ratio {many['rate'] / one['rate']:.2f}x (ideal {nproc}x, efficiency "

@@ -10,12 +10,14 @@ Builds a shared cache of `--cache_tokens` columns, then times one prompt prefill
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
+from unittest import mock
 
 import click
 import torch
-from common import machine, sync
+from common import machine, rotations, sync
 
 from capture import hooks
 from capture.hooks import PrefillProbe, restored
@@ -31,16 +33,13 @@ def _prompt(lm, batch: int, n: int, seed: int):
 
 
 def _prefill(shared, prompt, variant: str, chunk: int):
+    """One prompt prefill on `shared` (restored after), watched by a `variant` probe unless "off"."""
     embeds, mask, ids = prompt
-    hooks.LAYER_CHUNK_ELEMENTS = chunk
-    with torch.no_grad(), restored(shared):
-        if variant == "off":
+    with mock.patch.object(hooks, "LAYER_CHUNK_ELEMENTS", chunk), torch.no_grad(), restored(shared):
+        probe = None if variant == "off" else PrefillProbe(shared, mask, variant)  # reads the chunk size
+        with probe or contextlib.nullcontext():
             shared.extend(embeds, mask, ids, SegmentKey("critic", "prompt"))
-            return None
-        probe = PrefillProbe(shared, mask, variant)
-        with probe:
-            shared.extend(embeds, mask, ids, SegmentKey("critic", "prompt"))
-        return probe.result()
+    return None if probe is None else probe.result()
 
 
 @click.command()
@@ -67,8 +66,8 @@ def main(model_name, random_weights, cache_tokens, prompt_tokens, batch, repeats
         _prefill(shared, prompt, variant, chunk)
     times: dict = {v: [] for v in variants}
     peaks: dict = {}
-    for r in range(repeats):
-        for variant in variants[r % len(variants):] + variants[:r % len(variants)]:
+    for order in rotations(variants, repeats):
+        for variant in order:
             sync(lm.device)
             if lm.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(lm.device)
@@ -77,14 +76,13 @@ def main(model_name, random_weights, cache_tokens, prompt_tokens, batch, repeats
             sync(lm.device)
             times[variant].append(time.perf_counter() - start)
             if lm.device.type == "cuda":
-                peaks[variant] = torch.cuda.max_memory_allocated(lm.device) / 2**20
+                peaks[variant] = max(peaks.get(variant, 0.0), torch.cuda.max_memory_allocated(lm.device) / 2**20)
     off = statistics.median(times[variants[0]])
     for variant in variants:
         median = statistics.median(times[variant])
         peak = f", peak {peaks[variant]:.0f} MiB" if variant in peaks else ""
         print(f"{variant[0]:>9} chunk 2^{variant[1].bit_length() - 1}: {median * 1000:8.2f} ms per prefill "
               f"(+{(median - off) * 1000:.2f} ms){peak}")
-    hooks.LAYER_CHUNK_ELEMENTS = default
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 

@@ -250,6 +250,15 @@ class _OpenFile:
         return {int(n): _decode(q) for n, q in zip(problems["number"][:count], problems["question"][:count])}
 
 
+def check_same_config(path, stored: dict, config: dict) -> None:
+    """Refuse to resume `path` when the settings it was captured with differ from `config`."""
+    differences = [f"{k}: file has {stored.get(k)!r}, now {config.get(k)!r}"
+                   for k in sorted(set(stored) | set(config)) if stored.get(k) != config.get(k)]
+    if differences:
+        raise CaptureConfigMismatch(f"{path} was captured with other settings ({'; '.join(differences)}); "
+                                    "pass another --capture_file or --overwrite")
+
+
 def check_same_problems(path, stored: dict[int, str], questions: dict[int, str]) -> None:
     """Refuse to resume `path` when a problem number it holds now names another question.
 
@@ -298,11 +307,14 @@ class CaptureWriter(_OpenFile):
         num_layers: int,
         dtype: str = "float16",
         overwrite: bool = False,
+        questions: dict[int, str] | None = None,
     ) -> "CaptureWriter":
-        """Create `path`, or resume it if it holds a capture of the same `config`.
+        """Create `path`, or resume it if it holds a capture of the same `config` (and `questions`).
 
         run_attrs: metadata stored as root attributes (JSON-able scalars).
         config: the settings that must match to resume (compared as JSON).
+        questions: number -> question of the run; a stored problem with another question refuses
+            the resume (`check_same_problems`), before anything is copied.
         """
         path = Path(path)
         try:
@@ -310,7 +322,7 @@ class CaptureWriter(_OpenFile):
         except OSError as error:
             raise CaptureError(f"cannot create the folder for {path}: {error.strerror or error}") from None
         if path.exists() and not overwrite:
-            return cls._resume(path, config)
+            return cls._resume(path, config, questions or {})
         return cls._create(path, path, run_attrs, config, num_layers, dtype)
 
     @classmethod
@@ -338,15 +350,11 @@ class CaptureWriter(_OpenFile):
         return cls(file, final_path)
 
     @classmethod
-    def _resume(cls, path: Path, config: dict) -> "CaptureWriter":
+    def _resume(cls, path: Path, config: dict, questions: dict[int, str]) -> "CaptureWriter":
         """Rebuild the file from its committed rows (a crashed writer leaves it locked) and go on."""
         with CaptureReader(path) as old:
-            differences = _config_differences(old.config, config)
-            if differences:
-                raise CaptureConfigMismatch(
-                    f"{path} was captured with other settings ({'; '.join(differences)}); "
-                    "pass another --capture_file or --overwrite"
-                )
+            check_same_config(path, old.config, config)
+            check_same_problems(path, old.questions(), questions)
             run_attrs = {k: v for k, v in old.attrs.items() if k not in ("schema_version", "config")}
             tmp = path.with_name(path.name + ".resume-tmp")
             writer = cls._create(tmp, path, run_attrs, config, old.num_layers, old.similarity_dtype, source=old)
@@ -500,9 +508,6 @@ def _copy_committed(source: "CaptureReader | None", file: h5py.File, num_layers:
     return list(committed)
 
 
-def _config_differences(old: dict, new: dict) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: file has {old.get(k)!r}, now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
 @dataclass

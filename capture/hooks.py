@@ -47,14 +47,6 @@ def _rope_function(module: torch.nn.Module):
     return rope
 
 
-def head_dim_of(module: torch.nn.Module) -> int:
-    head_dim = getattr(module, "head_dim", None)
-    if head_dim is None:
-        config = module.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return int(head_dim)
-
-
 def attention_modules(lm) -> list[torch.nn.Module]:
     """Each decoder layer's attention module (`model.model.layers[i].self_attn`)."""
     decoder = lm.model.base_model
@@ -120,7 +112,7 @@ class PrefillProbe:
             for i in self.layers:
                 _check_plain_softmax(self._modules[i], i)
         module = self._modules[self.layers[0]]
-        self._head_dim = head_dim_of(module)
+        self._head_dim = shared.lm.head_dim
         self._rope = _rope_function(module)
         batch, n = self.prompt_mask.shape
         lm = shared.lm
@@ -163,7 +155,7 @@ class PrefillProbe:
                                f"{tuple(hidden.shape[:2])}")
         queries = self._queries.pop(index, None)
         if queries is None:  # the query projection ran outside a module call: rebuild it
-            queries = _pre_rope_queries(module, hidden)
+            queries = _pre_rope_queries(module, hidden, self._head_dim)
         keys = self.shared.cache.layers[getattr(module, "layer_idx", index)].keys
         T = self.width
         if keys.shape[2] != T + n:
@@ -233,10 +225,9 @@ class PrefillProbe:
         return torch.cat(self._chunks, dim=0).transpose(0, 1)
 
 
-def _pre_rope_queries(module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+def _pre_rope_queries(module: torch.nn.Module, hidden_states: torch.Tensor, head_dim: int) -> torch.Tensor:
     """q_proj then q_norm (if any) of `hidden_states` [batch, n, hidden] -> [batch, n, heads, head_dim]."""
     batch, n, _ = hidden_states.shape
-    head_dim = head_dim_of(module)
     q = module.q_proj(hidden_states)
     q_norm = getattr(module, "q_norm", None)
     if isinstance(q_norm, torch.nn.Module):

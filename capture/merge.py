@@ -22,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .format import CaptureConfigMismatch, CaptureReader, CaptureWriter, ProblemRecord, check_same_problems
+from .format import (CaptureConfigMismatch, CaptureReader, CaptureWriter, ProblemRecord, check_same_config,
+                     check_same_problems)
 
 SHARD_DIR_SUFFIX = ".shards"
 MERGE_TMP_SUFFIX = ".merge-tmp"
@@ -63,7 +64,7 @@ def completed_numbers(capture_file: str | os.PathLike, config: dict,
     done: set[int] = set()
     for path in sources(capture_file):
         with CaptureReader(path) as reader:
-            _check_config(path, reader.config, config)
+            check_same_config(path, reader.config, config)
             if questions is not None:
                 check_same_problems(path, reader.questions(), questions)
             done.update(reader.problem_numbers)
@@ -117,7 +118,7 @@ def merge(
         first = readers[0]
         config = first.config
         for reader in readers[1:]:
-            _check_config(reader.path, reader.config, config)
+            check_same_config(reader.path, reader.config, config)
         owner: dict[int, CaptureReader] = {}
         for reader in readers:
             for number in reader.problem_numbers:
@@ -150,13 +151,3 @@ def merge(
     os.replace(tmp, capture_file)
     remove_shards(capture_file)
     return stats
-
-
-def _check_config(path: Path, found: dict, expected: dict) -> None:
-    keys = sorted(set(found) | set(expected))
-    differences = [f"{k}: file has {found.get(k)!r}, now {expected.get(k)!r}"
-                   for k in keys if found.get(k) != expected.get(k)]
-    if differences:
-        raise CaptureConfigMismatch(
-            f"{path} was captured with other settings ({'; '.join(differences)}); "
-            "pass another --capture_file or --overwrite")

@@ -28,7 +28,7 @@ from latentmas.shared_cache import LATENT
 
 from .format import LATENT_TOKEN, CaptureWriter, Handoff, ProblemRecord, Segment, handoff_name
 from .hooks import PrefillProbe
-from .similarity import MODES, PREFILL_MODES, layer_similarities
+from .similarity import PREFILL_MODES, check_mode, layer_similarities
 
 DEFAULT_TRANSITIONS = ("planner_to_critic", "critic_to_refiner", "refiner_to_judger")
 
@@ -103,7 +103,7 @@ def run_attributes(cfg, lm) -> dict:
         "knn_percentage": knn.get("percentage", 0.0),
         "knn_min_keep": knn.get("min_keep", 0),
         "knn_strategy": knn.get("strategy", ""),
-        "knn_score": getattr(cfg, "knn_score", "seed") if knn else "",
+        "knn_score": cfg.knn_score if knn else "",
         "similarity": cfg.similarity,
         "seed": cfg.seed,
         "generate_bs": cfg.generate_bs,
@@ -147,9 +147,7 @@ class CaptureRecorder:
     def __init__(self, writer: CaptureWriter, lm, similarity: str = "seed", transitions=DEFAULT_TRANSITIONS):
         self.writer = writer
         self.lm = lm
-        if similarity not in MODES:
-            raise ValueError(f"unknown similarity mode {similarity!r}; choose from {', '.join(MODES)}")
-        self.similarity = similarity
+        self.similarity = check_mode(similarity)
         self.transitions = transitions
         self._pending: list[_Pending] = []
         self._awaiting: list[tuple[object, _Pending]] = []  # (event, entry) whose prefill is still to come
@@ -164,9 +162,11 @@ class CaptureRecorder:
         self._pending, self._awaiting, self._staged = [], [], None
 
     @classmethod
-    def open(cls, path, cfg, lm, transitions=DEFAULT_TRANSITIONS, overwrite=False, dtype="float16"):
+    def open(cls, path, cfg, lm, transitions=DEFAULT_TRANSITIONS, overwrite=False, dtype="float16", questions=None):
+        """`CaptureWriter.open` with this run's settings; `questions` (number -> question) guard a resume."""
         identity = capture_identity(cfg, transitions, dtype)
-        writer = CaptureWriter.open(path, run_attributes(cfg, lm), identity, lm.num_layers, dtype, overwrite)
+        writer = CaptureWriter.open(path, run_attributes(cfg, lm), identity, lm.num_layers, dtype, overwrite,
+                                    questions)
         return cls(writer, lm, cfg.similarity, transitions)
 
     @property
@@ -205,8 +205,8 @@ class CaptureRecorder:
         self._awaiting = [(e, p) for e, p in self._awaiting if e is not event]
         probe = PrefillProbe(event.shared, event.prompt_mask, self.similarity)
         if probe.width != entry.mask.shape[1]:
-            raise RuntimeError(f"{entry.from_agent}_to_{entry.to_agent}: the cache changed between the hand-off "
-                               "and the prefill")
+            name = handoff_name(entry.from_agent, entry.to_agent)
+            raise RuntimeError(f"{name}: the cache changed between the hand-off and the prefill")
         with probe:
             yield
         entry.similarities = probe.result()

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.torch_version import TorchVersion
 
 MODES = ("seed", "query", "attention")
 PREFILL_MODES = ("query", "attention")  # modes computed from the incoming agent's prefill
@@ -33,6 +34,7 @@ PREFILL_MODES = ("query", "attention")  # modes computed from the incoming agent
 # chunked over kv-head groups so the fp32 scores stay a few hundred MiB at most.
 ATTENTION_CHUNK_ELEMENTS = 1 << 26
 _EPS = 1e-12  # as F.normalize: a zero vector has cosine 0 with everything
+_BMM_OUT_DTYPE = TorchVersion(torch.__version__) >= (2, 8)  # torch.bmm(..., out_dtype=) exists
 
 
 def check_mode(mode: str) -> str:
@@ -144,12 +146,10 @@ def _dots(rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
 
 def fp32_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`torch.bmm(a, b)` with an fp32 result. Half-precision inputs on CUDA stay on the tensor cores
-    (`out_dtype`, fp32 accumulation, as attention kernels compute scores); elsewhere, fp32 inputs."""
-    if a.dtype != torch.float32 and a.is_cuda:
-        try:
-            return torch.bmm(a, b, out_dtype=torch.float32)
-        except TypeError:  # a torch without out_dtype
-            pass
+    (`out_dtype`, torch >= 2.8: fp32 accumulation, as attention kernels compute scores); elsewhere,
+    fp32 inputs."""
+    if a.dtype != torch.float32 and a.is_cuda and _BMM_OUT_DTYPE:
+        return torch.bmm(a, b, out_dtype=torch.float32)
     return torch.bmm(a.float(), b.float())
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from capture.format import CaptureError, check_same_problems
 from capture.recorder import capture_identity
 
 from .config import RunConfig
@@ -86,12 +85,8 @@ def _run_single(cfg, capture_file, transitions, overwrite, output_dir, progress,
 
     recorder = None
     if capture_file is not None:
-        recorder = CaptureRecorder.open(capture_file, cfg, lm, transitions, overwrite, capture_dtype)
-        try:
-            check_same_problems(capture_file, recorder.writer.questions(), {p.number: p.question for p in problems})
-        except CaptureError:
-            recorder.close()
-            raise
+        recorder = CaptureRecorder.open(capture_file, cfg, lm, transitions, overwrite, capture_dtype,
+                                        questions={p.number: p.question for p in problems})
     done = recorder.completed_numbers if recorder else set()
     todo = [p for p in problems if p.number not in done]
 

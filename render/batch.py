@@ -91,8 +91,6 @@ def figure_filename(kind: str, handoff: str, problem: int, fmt: str = "png", occ
     return f"{prefix}{_safe(handoff)}_problem{int(problem)}{suffix}.{fmt}"
 
 
-# -- opening ---------------------------------------------------------------------------
-
 # -- tasks -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -234,8 +232,9 @@ def render_task(task: Task, reader: CaptureReader | None = None,
         return result
     try:
         wanted = {index: (name, occurrence) for index, name, occurrence in task.handoffs}
-        handoffs = reader.handoffs(task.problem, sorted(wanted))  # only the wanted matrices are read
-        for index in sorted(wanted):
+        indices = sorted(wanted)
+        handoffs = reader.handoffs(task.problem, indices)  # only the wanted matrices are read
+        for index in indices:
             try:
                 handoff = next(handoffs)
             except (OSError, KeyError, ValueError, CaptureError) as error:

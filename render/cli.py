@@ -201,13 +201,13 @@ def describe(path) -> str:
 @click.argument("capture", type=click.Path(dir_okay=False, path_type=Path))
 def info_command(capture):
     """Show a capture's run metadata and its problems with their hand-offs."""
-    from capture.format import CaptureError
+    from capture.format import CaptureError, one_line
     try:
         text = describe(capture)
     except CaptureError as error:
         raise click.ClickException(str(error)) from None
     except (OSError, KeyError) as error:
-        raise click.ClickException(f"{capture} could not be read ({' '.join(str(error).split())})") from None
+        raise click.ClickException(f"{capture} could not be read ({one_line(error)})") from None
     click.echo(text)
 
 

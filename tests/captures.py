@@ -10,6 +10,14 @@ from capture.format import CaptureReader
 from capture.recorder import CaptureRecorder
 
 
+def tiny_config(**overrides):
+    """A `RunConfig` for tiny-qwen3 on the CPU, greedy, short: max_new_tokens 8, latent_steps 3."""
+    from latentmas.config import RunConfig
+
+    settings = dict(model_name="tiny-qwen3", device="cpu", max_new_tokens=8, temperature=0.0, latent_steps=3)
+    return RunConfig(**{**settings, **overrides})
+
+
 def solve_and_capture(lm, problems, cfg, path=None, batch_size: int = 1, recorder_class=CaptureRecorder,
                       **open_args) -> list:
     """Solve `problems` with `cfg.method` in batches of `batch_size` and return the results. With

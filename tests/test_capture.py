@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import h5py
@@ -16,8 +17,7 @@ import pytest
 
 from capture.format import LATENT_TOKEN, CaptureError, CaptureReader, CaptureWriter, Handoff, ProblemRecord
 from capture.recorder import CaptureRecorder
-from captures import assert_same_handoffs, solve_and_capture
-from latentmas.config import RunConfig
+from captures import assert_same_handoffs, solve_and_capture, tiny_config
 from latentmas.methods import get_method
 from latentmas.methods.common import encode
 from latentmas.prompts import AGENTS, agent_prompt
@@ -27,10 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRANSITIONS = ("planner_to_critic", "critic_to_refiner", "refiner_to_judger")
 
 
-def _config(**overrides) -> RunConfig:
-    settings = dict(model_name="tiny-qwen3", device="cpu", max_new_tokens=8, temperature=0.0, latent_steps=4)
-    settings.update(overrides)
-    return RunConfig(**settings)
+_config = partial(tiny_config, latent_steps=4)
 
 
 @pytest.fixture(scope="module")
@@ -382,8 +379,10 @@ def test_resume_refuses_changed_problems(tiny_lm_cache_env, offline, tmp_path):
     path, out = tmp_path / "changed.h5", tmp_path / "runs"
     run(cfg, capture_file=path, output_dir=out, progress=False)
     write("What is 2 + 30?")
+    stored = path.read_bytes()
     with pytest.raises(CaptureConfigMismatch, match="another problem 1 .*problems changed"):
         run(cfg, capture_file=path, output_dir=out, progress=False)
+    assert path.read_bytes() == stored  # refused before the resume rewrote anything
     with CaptureReader(path) as capture:
         assert capture.problem_numbers == [1, 2] and capture.problem(1).question == "What is 2 + 3?"
     identity = capture_identity(cfg, TRANSITIONS, "float16")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from capture.similarity import layer_similarities, reduce_query
-from latentmas.config import RunConfig
+from captures import tiny_config
 from latentmas.knn import KnnFilter
 from latentmas.methods import get_method
 from latentmas.methods.common import encode
@@ -20,12 +20,6 @@ from latentmas.shared_cache import LATENT, PAD, SegmentKey, SharedCache
 from latentmas.tasks import get_task
 
 TASK = get_task("gsm8k")
-
-
-def config(**overrides) -> RunConfig:
-    settings = dict(model_name="tiny-qwen3", device="cpu", max_new_tokens=8, temperature=0.0, latent_steps=3)
-    settings.update(overrides)
-    return RunConfig(**settings)
 
 
 def prompt_lengths(lm, problems, cfg) -> dict[str, list[int]]:
@@ -73,7 +67,7 @@ class Recorder:
 @pytest.mark.parametrize("latent_steps", [0, 4])
 def test_cache_length_at_each_handoff(tiny_lm, fake_problems, latent_steps):
     problems = fake_problems()
-    cfg = config(latent_steps=latent_steps, max_new_tokens=2)
+    cfg = tiny_config(latent_steps=latent_steps, max_new_tokens=2)
     recorder = Recorder()
     results = get_method("latent_mas")(tiny_lm, problems, TASK, cfg, observer=recorder)
     lengths = prompt_lengths(tiny_lm, problems, cfg)
@@ -111,7 +105,7 @@ def test_cache_length_at_each_handoff(tiny_lm, fake_problems, latent_steps):
 
 def test_query_is_mean_prompt_embedding(tiny_lm, fake_problems):
     problems = fake_problems()[:2]
-    cfg = config(latent_steps=1, max_new_tokens=1)
+    cfg = tiny_config(latent_steps=1, max_new_tokens=1)
     recorder = Recorder()
     get_method("latent_mas")(tiny_lm, problems, TASK, cfg, observer=recorder)
     embed = tiny_lm.model.get_input_embeddings()
@@ -160,7 +154,7 @@ def test_realign_changes_the_run(tiny_lm, fake_problems):
     runs = []
     for realign in (False, True):
         recorder = Recorder()
-        get_method("latent_mas")(tiny_lm, problems, TASK, config(latent_space_realign=realign, max_new_tokens=1),
+        get_method("latent_mas")(tiny_lm, problems, TASK, tiny_config(latent_space_realign=realign, max_new_tokens=1),
                                  observer=recorder)
         runs.append(recorder.events[0]["rows"][0]["keys"][0])
     assert runs[0].shape == runs[1].shape
@@ -398,7 +392,7 @@ KNN_CASES = [
 def test_batch_independence(tiny_lm, fake_problems, strategy):
     problems = fake_problems()
     knn = dict(knn_filter=True, knn_strategy=strategy, knn_percentage=0.5, knn_min_keep=5) if strategy else {}
-    cfg = config(latent_steps=3, max_new_tokens=8, generate_bs=3, **knn)
+    cfg = tiny_config(latent_steps=3, max_new_tokens=8, generate_bs=3, **knn)
     solve = get_method("latent_mas")
     batched = Recorder()
     batch_results = solve(tiny_lm, problems, TASK, cfg, observer=batched)
@@ -406,7 +400,7 @@ def test_batch_independence(tiny_lm, fake_problems, strategy):
     singles, single_results = [], []
     for problem in problems:
         recorder = Recorder()
-        single_results += solve(tiny_lm, [problem], TASK, config(**{**cfg.to_dict(), "generate_bs": 1}),
+        single_results += solve(tiny_lm, [problem], TASK, tiny_config(**{**cfg.to_dict(), "generate_bs": 1}),
                                 observer=recorder)
         singles.append(recorder)
     if strategy:
@@ -423,7 +417,7 @@ def test_batch_independence(tiny_lm, fake_problems, strategy):
 @pytest.mark.slow
 def test_sampling_is_batch_independent(tiny_lm, fake_problems):
     problems = fake_problems()
-    cfg = config(latent_steps=2, max_new_tokens=8, temperature=1.0, top_p=0.9)
+    cfg = tiny_config(latent_steps=2, max_new_tokens=8, temperature=1.0, top_p=0.9)
     solve = get_method("latent_mas")
     batched = [r.output for r in solve(tiny_lm, problems, TASK, cfg)]
     single = [solve(tiny_lm, [p], TASK, cfg)[0].output for p in problems]
@@ -491,9 +485,9 @@ def test_layer_similarities_errors():
 def test_middle_layer_scores_drive_the_knn(tiny_lm, fake_problems):
     """The kNN keeps, after the planner, exactly what keep_mask picks from the middle layer's similarities."""
     problems = fake_problems()[:2]
-    cfg = config(latent_steps=2, max_new_tokens=1, knn_filter=True, knn_percentage=0.4, knn_min_keep=3)
+    cfg = tiny_config(latent_steps=2, max_new_tokens=1, knn_filter=True, knn_percentage=0.4, knn_min_keep=3)
     plain, trimmed = Recorder(), Recorder()
-    get_method("latent_mas")(tiny_lm, problems, TASK, config(latent_steps=2, max_new_tokens=1), observer=plain)
+    get_method("latent_mas")(tiny_lm, problems, TASK, tiny_config(latent_steps=2, max_new_tokens=1), observer=plain)
     get_method("latent_mas")(tiny_lm, problems, TASK, cfg, observer=trimmed)
     knn = KnnFilter(0.4, 3, "top")
     middle = tiny_lm.num_layers // 2

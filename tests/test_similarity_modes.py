@@ -19,10 +19,10 @@ from capture import similarity
 from capture.format import CaptureReader
 from capture.hooks import PrefillProbe, score_prompt
 from capture.recorder import CaptureRecorder
-from captures import solve_and_capture
 from capture.similarity import MODES, attention_received, layer_similarities, query_similarities
+from captures import solve_and_capture, tiny_config
 from latentmas.cli import capture_command
-from latentmas.config import SIMILARITY_MODES, RunConfig
+from latentmas.config import SIMILARITY_MODES
 from latentmas.knn import KnnFilter
 from latentmas.methods.common import encode
 from latentmas.prompts import agent_prompt
@@ -32,12 +32,6 @@ from latentmas.tasks import get_task
 
 TASK = get_task("gsm8k")
 TRANSITIONS = ("planner_to_critic", "critic_to_refiner", "refiner_to_judger")
-
-
-def config(**overrides) -> RunConfig:
-    settings = dict(model_name="tiny-qwen3", device="cpu", max_new_tokens=8, temperature=0.0, latent_steps=3)
-    settings.update(overrides)
-    return RunConfig(**settings)
 
 
 @pytest.fixture(scope="module")
@@ -345,8 +339,8 @@ def test_knn_ranks_by_the_chosen_score(tiny_lm, fake_problems, tmp_path, score):
     """After the planner, the kNN keeps exactly what keep_mask picks from the middle layer of the
     planner_to_critic matrix an untrimmed capture in that mode records."""
     problems = fake_problems()[:2]
-    plain = capture(tiny_lm, problems, config(similarity=score, max_new_tokens=1), tmp_path / "plain.h5", 2)
-    knn_cfg = config(similarity=score, max_new_tokens=1, knn_filter=True, knn_percentage=0.4, knn_min_keep=3,
+    plain = capture(tiny_lm, problems, tiny_config(similarity=score, max_new_tokens=1), tmp_path / "plain.h5", 2)
+    knn_cfg = tiny_config(similarity=score, max_new_tokens=1, knn_filter=True, knn_percentage=0.4, knn_min_keep=3,
                      knn_score=score)
     trimmed = capture(tiny_lm, problems, knn_cfg, tmp_path / "knn.h5", 2)
     middle = tiny_lm.num_layers // 2
@@ -357,16 +351,16 @@ def test_knn_ranks_by_the_chosen_score(tiny_lm, fake_problems, tmp_path, score):
         keep = knn.keep_mask(scores, torch.ones_like(scores, dtype=torch.bool))[0].numpy()
         np.testing.assert_array_equal(trimmed[number]["planner_to_critic"].positions, before.positions[keep])
     # and a different score keeps different columns
-    seed = capture(tiny_lm, problems, config(max_new_tokens=1, knn_filter=True, knn_percentage=0.4,
+    seed = capture(tiny_lm, problems, tiny_config(max_new_tokens=1, knn_filter=True, knn_percentage=0.4,
                                              knn_min_keep=3), tmp_path / "seed.h5", 2)
     assert any(not np.array_equal(seed[n]["planner_to_critic"].positions,
                                   trimmed[n]["planner_to_critic"].positions) for n in (1, 2))
 
 
 def test_knn_score_is_part_of_the_identity():
-    assert config(knn_filter=True).identity()["knn"] == {"percentage": 0.8, "min_keep": 5, "strategy": "top"}
-    assert config(knn_filter=True, knn_score="attention").identity()["knn"]["score"] == "attention"
-    assert config(knn_score="attention").identity()["knn"] is None
+    assert tiny_config(knn_filter=True).identity()["knn"] == {"percentage": 0.8, "min_keep": 5, "strategy": "top"}
+    assert tiny_config(knn_filter=True, knn_score="attention").identity()["knn"]["score"] == "attention"
+    assert tiny_config(knn_score="attention").identity()["knn"] is None
     with pytest.raises(ValueError, match="knn score"):
         KnnFilter(score="cosine")
 
@@ -388,7 +382,7 @@ def capture(lm, problems, cfg, path, batch_size):
 def test_batches_with_padding_match_one_by_one(tiny_lm, fake_problems, tmp_path, mode, knn_score):
     problems = fake_problems()
     knn = dict(knn_filter=True, knn_percentage=0.5, knn_min_keep=3, knn_score=knn_score) if knn_score else {}
-    cfg = config(similarity=mode, generate_bs=3, **knn)
+    cfg = tiny_config(similarity=mode, generate_bs=3, **knn)
     batched = capture(tiny_lm, problems, cfg, tmp_path / "batched.h5", 3)
     single = capture(tiny_lm, problems, cfg, tmp_path / "single.h5", 1)
     widths = {len(batched[n]["planner_to_critic"].positions) for n in (1, 2, 3)}
@@ -411,7 +405,7 @@ def test_recorder_needs_the_prefill(tiny_lm, fake_problems, tmp_path):
     problems = fake_problems()[:1]
     shared = filled_cache(lm, problems)
     ids, mask = critic_prompt(lm, problems)
-    recorder = CaptureRecorder.open(tmp_path / "x.h5", config(similarity="query"), lm, overwrite=True)
+    recorder = CaptureRecorder.open(tmp_path / "x.h5", tiny_config(similarity="query"), lm, overwrite=True)
     recorder.on_handoff(HandoffEvent("planner", "critic", shared, torch.zeros(1, lm.hidden_size), ids, mask,
                                      problems))
     with pytest.raises(RuntimeError, match="never watched"):
