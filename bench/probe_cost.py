@@ -2,8 +2,9 @@
 
 Builds a shared cache of `--cache_tokens` columns, then times one prompt prefill of
 `--prompt_tokens` on it (the cache restored after each) with no probe and with a
-`PrefillProbe` per mode, rounds rotating, device synced around each prefill. With
-`--profile` it also prints torch.profiler's busiest ops for one probed prefill.
+`PrefillProbe` per mode, rounds rotating, device synced around each prefill. `--eager` also
+times `query` with its fused (torch.compile) part run eager; `--profile` prints torch.profiler's
+busiest ops for one probed prefill.
 
     python bench/probe_cost.py --model_name .gpu_inputs/qwen3-4b-arch --random_weights --profile
 """
@@ -19,7 +20,7 @@ import click
 import torch
 from common import machine, rotations, sync
 
-from capture import hooks
+from capture import hooks, similarity
 from capture.hooks import PrefillProbe, restored
 from latentmas.models import load_model
 from latentmas.shared_cache import SegmentKey, SharedCache
@@ -32,14 +33,20 @@ def _prompt(lm, batch: int, n: int, seed: int):
     return lm.model.get_input_embeddings()(ids), mask, ids
 
 
-def _prefill(shared, prompt, variant: str, chunk: int):
+def _prefill(shared, prompt, variant: str, chunk: int, fused: bool = True):
     """One prompt prefill on `shared` (restored after), watched by a `variant` probe unless "off"."""
     embeds, mask, ids = prompt
-    with mock.patch.object(hooks, "LAYER_CHUNK_ELEMENTS", chunk), torch.no_grad(), restored(shared):
+    with mock.patch.object(hooks, "LAYER_CHUNK_ELEMENTS", chunk), mock.patch.object(similarity, "FUSE_ON_CUDA", fused), \
+            torch.no_grad(), restored(shared):
         probe = None if variant == "off" else PrefillProbe(shared, mask, variant)  # reads the chunk size
         with probe or contextlib.nullcontext():
             shared.extend(embeds, mask, ids, SegmentKey("critic", "prompt"))
     return None if probe is None else probe.result()
+
+
+def _label(variant) -> str:
+    mode, chunk, fused = variant
+    return f"{mode:>9} chunk 2^{chunk.bit_length() - 1}{'' if fused else ' eager'}"
 
 
 @click.command()
@@ -50,9 +57,10 @@ def _prefill(shared, prompt, variant: str, chunk: int):
 @click.option("--batch", default=1, show_default=True)
 @click.option("--repeats", default=20, show_default=True)
 @click.option("--chunks", default="", help="extra LAYER_CHUNK_ELEMENTS values to time `query` with, comma-separated")
+@click.option("--eager", is_flag=True, help="also time `query` with torch.compile off")
 @click.option("--profile", is_flag=True, help="print torch.profiler's busiest ops for one prefill per variant")
 @click.option("--device", default="auto", show_default=True)
-def main(model_name, random_weights, cache_tokens, prompt_tokens, batch, repeats, chunks, profile, device):
+def main(model_name, random_weights, cache_tokens, prompt_tokens, batch, repeats, chunks, eager, profile, device):
     lm = load_model(model_name, device, random_weights=random_weights)
     print(f"machine: {machine(lm)}; {lm.num_layers} layers; batch {batch}, T {cache_tokens}, n {prompt_tokens}")
     shared = SharedCache(lm, batch)
@@ -60,10 +68,14 @@ def main(model_name, random_weights, cache_tokens, prompt_tokens, batch, repeats
         shared.extend(*_prompt(lm, batch, cache_tokens, 0), SegmentKey("planner", "prompt"))
     prompt = _prompt(lm, batch, prompt_tokens, 1)
     default = hooks.LAYER_CHUNK_ELEMENTS
-    variants = [("off", default), ("query", default), ("attention", default)]
-    variants += [("query", int(c)) for c in chunks.split(",") if c.strip()]
-    for variant, chunk in variants:  # warm up
-        _prefill(shared, prompt, variant, chunk)
+    variants = [("off", default, True), ("query", default, True), ("attention", default, True)]
+    variants += [("query", int(c), True) for c in chunks.split(",") if c.strip()]
+    variants += [("query", default, False)] if eager else []
+    for variant in variants:  # warm up (and compile)
+        start = time.perf_counter()
+        _prefill(shared, prompt, *variant)
+        sync(lm.device)
+        print(f"first prefill, {_label(variant)}: {time.perf_counter() - start:.2f} s")
     times: dict = {v: [] for v in variants}
     peaks: dict = {}
     for order in rotations(variants, repeats):
@@ -81,7 +93,7 @@ def main(model_name, random_weights, cache_tokens, prompt_tokens, batch, repeats
     for variant in variants:
         median = statistics.median(times[variant])
         peak = f", peak {peaks[variant]:.0f} MiB" if variant in peaks else ""
-        print(f"{variant[0]:>9} chunk 2^{variant[1].bit_length() - 1}: {median * 1000:8.2f} ms per prefill "
+        print(f"{_label(variant)}: {median * 1000:8.2f} ms per prefill "
               f"(+{(median - off) * 1000:.2f} ms){peak}")
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile

@@ -17,7 +17,8 @@ called with, applies RoPE with the modeling file's own `apply_rotary_pos_emb`, a
 layer's keys from the cache, which by then holds the T cached columns followed by the
 prompt's n columns. `capture.similarity` reduces them to a `[batch, T]` row per layer; the
 layers are reduced a few at a time as their hooks fire, on the device, with no host sync and
-no extra model work (no second forward pass, no recomputed projection).
+no extra model work (no second forward pass, no recomputed projection). On CUDA the `query`
+reduction, RoPE included, is one compiled function (`rotated_query_similarities`).
 
 `score_prompt` is the kNN scoring pass: the prompt runs on the cache up to one layer, that
 layer's scores are kept, and the cache is put back as it was (`restored`).
@@ -32,7 +33,8 @@ from functools import partial
 
 import torch
 
-from .similarity import PREFILL_MODES, attention_bias, attention_received, query_similarities
+from .similarity import (PREFILL_MODES, attention_bias, attention_received, fused_on_cuda, key_similarities,
+                         mean_unit_query)
 
 
 class ProbeDone(Exception):
@@ -182,16 +184,16 @@ class PrefillProbe:
         count = len(group)
         batch, n = self.prompt_mask.shape
         stack = (lambda ts: ts[0]) if count == 1 else torch.stack
-        queries = stack([q for _, q, _ in group]).reshape(count * batch, n, -1, self._head_dim).transpose(1, 2)
+        queries = stack([q for _, q, _ in group]).reshape(count * batch, n, -1, self._head_dim)
         keys = stack([k for _, _, k in group]).reshape(count * batch, *group[0][2].shape[1:])
         if count > 1:
             cos, sin = cos.repeat(count, 1, 1), sin.repeat(count, 1, 1)
-        queries, _ = self._rope(queries, queries[:, :1], cos, sin)  # [count * B, heads, n, D]; 1-head k unused
         prompt_mask, kv_mask, bias = self._masks(count)
         if self.mode == "query":
-            result = query_similarities(queries, keys, prompt_mask, kv_mask)
+            result = rotated_query_similarities(queries, cos, sin, prompt_mask, keys, kv_mask, self._rope)
         else:
-            result = attention_received(queries, keys, prompt_mask, kv_mask, scaling, bias)
+            result = attention_received(rotated(queries, cos, sin, self._rope), keys, prompt_mask, kv_mask, scaling,
+                                        bias)
         self._chunks.append(result.view(count, batch, -1))
         self._done.extend(index for index, _, _ in group)
 
@@ -223,6 +225,22 @@ class PrefillProbe:
         if missing:
             raise RuntimeError(f"the prefill never reached layer {missing[0]}: was the probe open around it?")
         return torch.cat(self._chunks, dim=0).transpose(0, 1)
+
+
+def rotated(queries: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope) -> torch.Tensor:
+    """Pre-RoPE queries `[batch, n, heads, head_dim]` -> `[batch, heads, n, head_dim]` after the model's own
+    `rope(q, k, cos, sin)` (cos, sin `[batch, n, head_dim]`); its key output (one head) is unused."""
+    queries = queries.transpose(1, 2)
+    return rope(queries, queries[:, :1], cos, sin)[0]
+
+
+@fused_on_cuda
+def rotated_query_similarities(queries: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, prompt_mask: torch.Tensor,
+                               keys: torch.Tensor, kv_mask: torch.Tensor, rope) -> torch.Tensor:
+    """`query_similarities` of the `rotated` pre-RoPE queries `[batch, n, heads, head_dim]` with the cached
+    keys `[batch, kv_heads, T, head_dim]` -> fp32 `[batch, T]`. On CUDA one compiled function, whose
+    RoPE, norms and products the compiler fuses into a few kernels."""
+    return key_similarities(mean_unit_query(rotated(queries, cos, sin, rope), prompt_mask), keys, kv_mask)
 
 
 def _pre_rope_queries(module: torch.nn.Module, hidden_states: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -22,8 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .format import (CaptureConfigMismatch, CaptureReader, CaptureWriter, ProblemRecord, check_same_config,
-                     check_same_problems)
+from .format import CaptureReader, CaptureWriter, ProblemRecord, check_same_config, check_same_problems
 
 SHARD_DIR_SUFFIX = ".shards"
 MERGE_TMP_SUFFIX = ".merge-tmp"

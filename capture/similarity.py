@@ -21,7 +21,9 @@ from it. The functions here are pure tensor maths with no host synchronisation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import warnings
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,39 @@ PREFILL_MODES = ("query", "attention")  # modes computed from the incoming agent
 ATTENTION_CHUNK_ELEMENTS = 1 << 26
 _EPS = 1e-12  # as F.normalize: a zero vector has cosine 0 with everything
 _BMM_OUT_DTYPE = TorchVersion(torch.__version__) >= (2, 8)  # torch.bmm(..., out_dtype=) exists
+
+
+# On CUDA, `fused_on_cuda` functions run through torch.compile: their elementwise work and
+# reductions become a few fused kernels instead of one pass over memory per op.
+FUSE_ON_CUDA = True
+
+
+def fused_on_cuda(fn: Callable) -> Callable:
+    """`fn` compiled with `torch.compile(dynamic=True)` when its first argument is a CUDA tensor, eager otherwise.
+
+    One compilation serves every shape (seconds, once per process). If compiling fails (no
+    Triton, no C compiler), a one-line warning says so and `fn` runs eager from then on.
+    `FUSE_ON_CUDA = False` keeps it eager.
+    """
+    compiled: Callable | None = None
+    failed = False
+
+    @functools.wraps(fn)
+    def run(*args):
+        nonlocal compiled, failed
+        if failed or not FUSE_ON_CUDA or not args[0].is_cuda:
+            return fn(*args)
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=True)
+        try:
+            return compiled(*args)
+        except Exception as error:  # a broken compiler, not bad input: eager re-raises real errors
+            failed = True
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            warnings.warn(f"torch.compile of {fn.__name__} failed ({reason}); running it eager", stacklevel=2)
+            return fn(*args)
+
+    return run
 
 
 def check_mode(mode: str) -> str:
@@ -111,18 +146,38 @@ def query_similarities(queries: torch.Tensor, keys: torch.Tensor, prompt_mask: t
     over real prompt tokens i and all heads h (query head h reads kv head h // (heads // kv_heads)).
 
     A mean of cosines is the dot product of the mean unit query with each unit key, so the work
-    is O(heads·n·D + kv_heads·T·D), never `[heads, n, T]`; each input is read in its own dtype
-    and only the products are fp32 (norms via `vector_norm(dtype=float32)`, no normalised copy;
-    half keys through `_dots`).
-    Several layers can go at once by stacking them along the batch axis.
+    is O(heads·n·D + kv_heads·T·D), never `[heads, n, T]`: `mean_unit_query`, then
+    `key_similarities`. Several layers can go at once by stacking them along the batch axis.
     """
-    batch, kv_heads, group = _check_shapes(queries, keys, prompt_mask)
+    _check_shapes(queries, keys, prompt_mask)
+    return key_similarities(mean_unit_query(queries, prompt_mask), keys, kv_mask)
+
+
+def mean_unit_query(queries: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """`[batch, heads, n, head_dim]` queries, `[batch, n]` bool mask -> fp32 `[batch, heads, head_dim]`:
+    each head's unit query averaged over the real prompt tokens.
+
+    Read in the queries' own dtype, fp32 products; norms via `vector_norm(dtype=float32)`, no
+    normalised copy.
+    """
     weights = _token_weights(prompt_mask).to(queries.device)  # [B, n]
-    q_norms = torch.linalg.vector_norm(queries, dim=-1, dtype=torch.float32).clamp_min(_EPS)  # [B, H, n]
-    mean_q = (queries * (weights[:, None, :] / q_norms)[..., None]).sum(dim=2)  # [B, H, D]: mean unit query
-    mean_q = mean_q.view(batch, kv_heads, group, -1).mean(dim=2)  # [B, KV, D], mean over the group's heads
+    norms = torch.linalg.vector_norm(queries, dim=-1, dtype=torch.float32).clamp_min(_EPS)  # [B, H, n]
+    return (queries * (weights[:, None, :] / norms)[..., None]).sum(dim=2)
+
+
+def key_similarities(mean_queries: torch.Tensor, keys: torch.Tensor,
+                     kv_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Dot product of each head's mean unit query with each unit key of its GQA group, averaged over heads.
+
+    mean_queries: fp32 `[batch, heads, head_dim]` (`mean_unit_query`).
+    keys: `[batch, kv_heads, T, head_dim]`; heads // kv_heads query heads share each kv head.
+    kv_mask: `[batch, T]` bool, False for padding columns, which are set to 0.
+    Returns float32 `[batch, T]`. Keys are read in their own dtype (`_dots`).
+    """
+    batch, heads, head_dim = mean_queries.shape
+    kv_heads, T = keys.shape[1:3]
+    mean_q = mean_queries.view(batch, kv_heads, heads // kv_heads, head_dim).mean(dim=2)  # [B, KV, D]
     k_norms = torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32).clamp_min(_EPS)  # [B, KV, T]
-    T, head_dim = keys.shape[2:]
     dots = _dots(keys.reshape(batch * kv_heads, T, head_dim), mean_q.reshape(batch * kv_heads, head_dim))
     sims = (dots.view(batch, kv_heads, T) / k_norms).mean(dim=1)  # [B, T], mean over kv heads
     if kv_mask is not None:
@@ -135,8 +190,11 @@ def _dots(rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
 
     Half-precision rows on CUDA: each vector is split into its half-precision value and the
     remainder, both multiplied by one fp32-accumulating product (`fp32_bmm`) and added: about
-    fp32 precision without an fp32 copy of `rows`.
+    fp32 precision without an fp32 copy of `rows`. Under torch.compile, a plain fp32 product and
+    sum, which the compiler fuses (no copy either).
     """
+    if torch.compiler.is_compiling():  # fused with the caller's key norms: one fp32 pass over `rows`
+        return (rows.float() * vectors[:, None, :]).sum(dim=-1)
     if rows.dtype == torch.float32 or not rows.is_cuda:
         return torch.bmm(rows.float(), vectors[..., None]).squeeze(-1)
     high = vectors.to(rows.dtype)

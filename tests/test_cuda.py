@@ -82,3 +82,55 @@ def test_bf16_similarities_match_fp64_loops(heads, kv_heads):
     got = query_similarities(cuda[0], cuda[1][:, :, :T], cuda[2], cuda[3]).cpu()
     want = naive_query(queries.float(), keys[:, :, :T].float(), prompt_mask)
     torch.testing.assert_close(got[kv_mask], want[kv_mask], atol=1e-5, rtol=0)
+
+
+def _rope_fp64(queries, cos, sin):
+    """[B, n, H, D] queries rotated as RoPE does (rotate_half form), in fp64 -> [B, H, n, D]."""
+    q, cos, sin = queries.double().transpose(1, 2), cos.double()[:, None], sin.double()[:, None]
+    half = q.shape[-1] // 2
+    return q * cos + torch.cat([-q[..., half:], q[..., :half]], dim=-1) * sin
+
+
+@pytest.mark.parametrize("batch, n, T", [(1, 7, 30), (3, 11, 41), (16, 5, 9)])
+def test_fused_query_similarities_match_fp64(batch, n, T, monkeypatch):
+    """The torch.compile'd query reduction (RoPE, norms, products) on bf16 CUDA inputs, against fp64
+    loops and against its own eager run; compiling must not fail (its fallback warns)."""
+    import warnings
+
+    from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb as rope
+
+    from capture import similarity
+    from capture.hooks import rotated_query_similarities
+    from test_similarity_modes import naive_query, random_case
+
+    _, keys, prompt_mask, kv_mask = random_case(batch=batch, heads=8, kv_heads=2, n=n, T=T, D=64, seed=batch)
+    g = torch.Generator().manual_seed(batch)
+    queries = torch.randn(batch, n, 8, 64, generator=g).bfloat16()
+    keys = keys[:, :, :T].bfloat16()
+    angles = torch.rand(batch, n, 32, generator=g) * n
+    cos, sin = torch.cat([angles.cos()] * 2, -1).bfloat16(), torch.cat([angles.sin()] * 2, -1).bfloat16()
+    want = naive_query(_rope_fp64(queries, cos, sin), keys.double(), prompt_mask)
+    args = [t.cuda() for t in (queries, cos, sin, prompt_mask, keys, kv_mask)] + [rope]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = rotated_query_similarities(*args).cpu()
+    assert not [w for w in caught if "torch.compile of rotated_query_similarities failed" in str(w.message)]
+    monkeypatch.setattr(similarity, "FUSE_ON_CUDA", False)
+    eager = rotated_query_similarities(*args).cpu()
+    assert fused.shape == (batch, T) and fused.dtype == torch.float32
+    assert (fused[~kv_mask] == 0).all()
+    torch.testing.assert_close(fused[kv_mask], want[kv_mask], atol=1e-3, rtol=0)
+    torch.testing.assert_close(eager[kv_mask], want[kv_mask], atol=2e-3, rtol=0)  # rotated queries rounded to bf16
+
+
+def test_fused_query_capture_equals_eager(cuda_lm, fake_problems, tmp_path, monkeypatch):
+    """A `query` capture with the compiled reduction is the eager one (fp32 model)."""
+    from capture import similarity
+
+    problems = fake_problems()
+    cfg = RunConfig(model_name="tiny-qwen3", device="cuda", latent_steps=4, max_new_tokens=24, temperature=0.0,
+                    similarity="query")
+    solve_and_capture(cuda_lm, problems, cfg, tmp_path / "fused.h5", 3, dtype="float32")
+    monkeypatch.setattr(similarity, "FUSE_ON_CUDA", False)
+    solve_and_capture(cuda_lm, problems, cfg, tmp_path / "eager.h5", 3, dtype="float32")
+    assert_same_handoffs(tmp_path / "fused.h5", tmp_path / "eager.h5", atol=1e-5)

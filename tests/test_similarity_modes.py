@@ -477,3 +477,40 @@ def test_capture_command_knn_with_attention_score(workdir, tiny_lm):
         for number in reader.problem_numbers:
             first = next(reader.handoffs(number))
             assert np.any(np.diff(first.positions) > 1), "kNN should leave gaps"
+
+
+def test_fused_on_cuda_falls_back_to_eager_once_with_a_warning(monkeypatch):
+    """A failing compiler (no Triton, no C compiler) costs one warning, then the eager function."""
+    import warnings
+    from types import SimpleNamespace
+
+    compiles = []
+
+    def broken_compile(fn, dynamic):
+        compiles.append(fn)
+        return lambda *args: (_ for _ in ()).throw(RuntimeError("Cannot find a working triton\ndetails"))
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+
+    @similarity.fused_on_cuda
+    def double(x):
+        return x.value * 2
+
+    on_cuda = SimpleNamespace(is_cuda=True, value=3)
+    with pytest.warns(UserWarning, match=r"torch.compile of double failed \(Cannot find a working triton\); "
+                                         "running it eager"):
+        assert double(on_cuda) == 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: eager from now on
+        assert double(on_cuda) == 6 and len(compiles) == 1
+    assert double(SimpleNamespace(is_cuda=False, value=4)) == 8
+
+
+def test_fused_on_cuda_runs_eager_on_cpu_or_when_switched_off(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic: pytest.fail("compiled"))
+    double = similarity.fused_on_cuda(lambda x: x.value * 2)
+    assert double(SimpleNamespace(is_cuda=False, value=1)) == 2
+    monkeypatch.setattr(similarity, "FUSE_ON_CUDA", False)
+    assert double(SimpleNamespace(is_cuda=True, value=1)) == 2
