@@ -36,7 +36,9 @@ def _prompt(lm, batch: int, n: int, seed: int):
 def _prefill(shared, prompt, variant: str, chunk: int, fused: bool = True):
     """One prompt prefill on `shared` (restored after), watched by a `variant` probe unless "off"."""
     embeds, mask, ids = prompt
-    with mock.patch.object(hooks, "LAYER_CHUNK_ELEMENTS", chunk), mock.patch.object(similarity, "FUSE_ON_CUDA", fused), \
+    devices = similarity.FUSED_DEVICE_TYPES if fused else ()
+    with mock.patch.object(hooks, "LAYER_CHUNK_ELEMENTS", chunk), mock.patch.object(similarity, "FUSED_DEVICE_TYPES",
+                                                                                    devices), \
             torch.no_grad(), restored(shared):
         probe = None if variant == "off" else PrefillProbe(shared, mask, variant)  # reads the chunk size
         with probe or contextlib.nullcontext():

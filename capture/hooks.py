@@ -33,7 +33,7 @@ from functools import partial
 
 import torch
 
-from .similarity import (PREFILL_MODES, attention_bias, attention_received, fused_on_cuda, key_similarities,
+from .similarity import (PREFILL_MODES, attention_bias, attention_received, fused, key_similarities,
                          mean_unit_query)
 
 
@@ -121,7 +121,7 @@ class PrefillProbe:
         if mode == "attention":
             per_layer = batch * lm.num_heads * n * (self.width + n)
         else:
-            per_layer = batch * (lm.num_kv_heads * self.width + lm.num_heads * n) * self._head_dim
+            per_layer = batch * (lm.num_kv_heads * (self.width + n) + lm.num_heads * n) * self._head_dim
         self._chunk = max(1, LAYER_CHUNK_ELEMENTS // max(per_layer, 1))
         self._queries: dict[int, torch.Tensor] = {}  # layer -> pre-RoPE queries, until its attention hook
         self._group: list[tuple] = []  # (layer, queries, keys) waiting to be reduced together
@@ -170,7 +170,7 @@ class PrefillProbe:
                                 and key[2] == self._group_key[2]):
             self._reduce()  # layers with their own RoPE or scaling go in their own group
         self._group_key = key
-        self._group.append((index, queries, keys if self.mode == "attention" else keys[:, :, :T]))
+        self._group.append((index, queries, keys))
         last = index == self.layers[-1]
         if len(self._group) >= self._chunk or last:
             self._reduce()
@@ -234,13 +234,15 @@ def rotated(queries: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope) -
     return rope(queries, queries[:, :1], cos, sin)[0]
 
 
-@fused_on_cuda
+@fused
 def rotated_query_similarities(queries: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, prompt_mask: torch.Tensor,
                                keys: torch.Tensor, kv_mask: torch.Tensor, rope) -> torch.Tensor:
-    """`query_similarities` of the `rotated` pre-RoPE queries `[batch, n, heads, head_dim]` with the cached
-    keys `[batch, kv_heads, T, head_dim]` -> fp32 `[batch, T]`. On CUDA one compiled function, whose
-    RoPE, norms and products the compiler fuses into a few kernels."""
-    return key_similarities(mean_unit_query(rotated(queries, cos, sin, rope), prompt_mask), keys, kv_mask)
+    """`query_similarities` of pre-RoPE queries `[batch, n, heads, head_dim]` (`rotated` here) with the
+    first T = kv_mask.shape[1] columns of the layer's keys `[batch, kv_heads, T + n, head_dim]` (the
+    cache right after the prefill) -> fp32 `[batch, T]`. On CUDA one compiled function (`fused`):
+    the compiler fuses RoPE, norms and products into a few kernels."""
+    cached = keys[:, :, :kv_mask.shape[1]]
+    return key_similarities(mean_unit_query(rotated(queries, cos, sin, rope), prompt_mask), cached, kv_mask)
 
 
 def _pre_rope_queries(module: torch.nn.Module, hidden_states: torch.Tensor, head_dim: int) -> torch.Tensor:

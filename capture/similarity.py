@@ -9,14 +9,15 @@ exist at a hand-off:
 - "query": the cosine between the incoming agent's real attention queries (layer input norm
   -> q_proj -> q_norm -> RoPE at the tokens' positions) and the cached keys of each query
   head's own GQA group, averaged over real prompt tokens and heads; in [-1, 1]
-  (`query_similarities`, one layer at a time).
+  (`query_similarities` = `mean_unit_query` then `key_similarities`, one layer at a time).
 - "attention": the attention probability each cached column receives from the incoming
   agent's real prompt tokens, as the model computes it (softmax over the cache plus the
   causal prompt part, scaled by `module.scaling`), averaged over heads and real prompt
   tokens; in [0, 1], each row sums to at most 1 (`attention_received`, one layer at a time).
 
 "query" and "attention" need the incoming agent's prefill; `capture.hooks` collects them
-from it. The functions here are pure tensor maths with no host synchronisation.
+from it. The functions here are tensor maths with no host synchronisation; `fused` runs a
+function through torch.compile on CUDA.
 """
 
 from __future__ import annotations
@@ -39,17 +40,20 @@ _EPS = 1e-12  # as F.normalize: a zero vector has cosine 0 with everything
 _BMM_OUT_DTYPE = TorchVersion(torch.__version__) >= (2, 8)  # torch.bmm(..., out_dtype=) exists
 
 
-# On CUDA, `fused_on_cuda` functions run through torch.compile: their elementwise work and
-# reductions become a few fused kernels instead of one pass over memory per op.
-FUSE_ON_CUDA = True
+# Device types on which `fused` functions run through torch.compile, so that their elementwise
+# work and reductions become a few fused kernels instead of one pass over memory per op.
+FUSED_DEVICE_TYPES = ("cuda",)
 
 
-def fused_on_cuda(fn: Callable) -> Callable:
-    """`fn` compiled with `torch.compile(dynamic=True)` when its first argument is a CUDA tensor, eager otherwise.
+def fused(fn: Callable) -> Callable:
+    """`fn` compiled with `torch.compile(dynamic=True)` when its first argument is a tensor on one of
+    `FUSED_DEVICE_TYPES`, eager otherwise.
 
-    One compilation serves every shape (seconds, once per process). If compiling fails (no
-    Triton, no C compiler), a one-line warning says so and `fn` runs eager from then on.
-    `FUSE_ON_CUDA = False` keeps it eager.
+    It compiles on the first such call and again for a few new shape patterns (a batch of one,
+    other strides, another dtype), seconds each, then reuses the graphs. If the compiler fails
+    (no Triton, no C compiler), a one-line warning gives the reason and `fn` runs eager from then
+    on; errors that are not the compiler's (bad input, out of memory) propagate as they are.
+    `run.compiled_calls` counts the calls that ran compiled.
     """
     compiled: Callable | None = None
     failed = False
@@ -57,18 +61,23 @@ def fused_on_cuda(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def run(*args):
         nonlocal compiled, failed
-        if failed or not FUSE_ON_CUDA or not args[0].is_cuda:
+        if failed or args[0].device.type not in FUSED_DEVICE_TYPES:
             return fn(*args)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=True)
         try:
-            return compiled(*args)
-        except Exception as error:  # a broken compiler, not bad input: eager re-raises real errors
+            result = compiled(*args)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
             failed = True
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            warnings.warn(f"torch.compile of {fn.__name__} failed ({reason}); running it eager", stacklevel=2)
+            cause = error.inner_exception
+            reason = (str(cause).strip().splitlines() or [""])[0]
+            warnings.warn(f"torch.compile of {fn.__name__} failed ({type(cause).__name__}: {reason}); running it "
+                          "eager", stacklevel=2)
             return fn(*args)
+        run.compiled_calls += 1
+        return result
 
+    run.compiled_calls = 0
     return run
 
 

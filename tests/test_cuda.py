@@ -91,31 +91,33 @@ def _rope_fp64(queries, cos, sin):
     return q * cos + torch.cat([-q[..., half:], q[..., :half]], dim=-1) * sin
 
 
-@pytest.mark.parametrize("batch, n, T", [(1, 7, 30), (3, 11, 41), (16, 5, 9)])
-def test_fused_query_similarities_match_fp64(batch, n, T, monkeypatch):
+@pytest.mark.parametrize("batch, n, T, sliced", [(1, 7, 30, False), (3, 11, 41, True), (16, 5, 9, False)])
+def test_fused_query_similarities_match_fp64(batch, n, T, sliced, monkeypatch):
     """The torch.compile'd query reduction (RoPE, norms, products) on bf16 CUDA inputs, against fp64
-    loops and against its own eager run; compiling must not fail (its fallback warns)."""
-    import warnings
-
+    loops and against its own eager run."""
     from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb as rope
 
     from capture import similarity
     from capture.hooks import rotated_query_similarities
-    from test_similarity_modes import naive_query, random_case
+    from test_similarity_modes import naive_query
 
-    _, keys, prompt_mask, kv_mask = random_case(batch=batch, heads=8, kv_heads=2, n=n, T=T, D=64, seed=batch)
     g = torch.Generator().manual_seed(batch)
     queries = torch.randn(batch, n, 8, 64, generator=g).bfloat16()
-    keys = keys[:, :, :T].bfloat16()
+    keys = (torch.randn(batch, 2, T + n + 3, 64, generator=g) + 0.3 * torch.randn(64, generator=g)).bfloat16()
+    keys = keys[:, :, :T + n] if sliced else keys[:, :, :T + n].contiguous()  # the cache after the prefill
+    prompt_mask = torch.ones(batch, n, dtype=torch.bool)
+    kv_mask = torch.ones(batch, T, dtype=torch.bool)
+    for b in range(batch):  # left padding, different per row, never a whole row
+        prompt_mask[b, :b % n] = False
+        kv_mask[b, :(2 * b) % T] = False
     angles = torch.rand(batch, n, 32, generator=g) * n
     cos, sin = torch.cat([angles.cos()] * 2, -1).bfloat16(), torch.cat([angles.sin()] * 2, -1).bfloat16()
-    want = naive_query(_rope_fp64(queries, cos, sin), keys.double(), prompt_mask)
+    want = naive_query(_rope_fp64(queries, cos, sin), keys[:, :, :T].double(), prompt_mask)
     args = [t.cuda() for t in (queries, cos, sin, prompt_mask, keys, kv_mask)] + [rope]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fused = rotated_query_similarities(*args).cpu()
-    assert not [w for w in caught if "torch.compile of rotated_query_similarities failed" in str(w.message)]
-    monkeypatch.setattr(similarity, "FUSE_ON_CUDA", False)
+    compiled_before = rotated_query_similarities.compiled_calls
+    fused = rotated_query_similarities(*args).cpu()
+    assert rotated_query_similarities.compiled_calls == compiled_before + 1
+    monkeypatch.setattr(similarity, "FUSED_DEVICE_TYPES", ())
     eager = rotated_query_similarities(*args).cpu()
     assert fused.shape == (batch, T) and fused.dtype == torch.float32
     assert (fused[~kv_mask] == 0).all()
@@ -126,11 +128,14 @@ def test_fused_query_similarities_match_fp64(batch, n, T, monkeypatch):
 def test_fused_query_capture_equals_eager(cuda_lm, fake_problems, tmp_path, monkeypatch):
     """A `query` capture with the compiled reduction is the eager one (fp32 model)."""
     from capture import similarity
+    from capture.hooks import rotated_query_similarities
 
     problems = fake_problems()
     cfg = RunConfig(model_name="tiny-qwen3", device="cuda", latent_steps=4, max_new_tokens=24, temperature=0.0,
                     similarity="query")
+    compiled_before = rotated_query_similarities.compiled_calls
     solve_and_capture(cuda_lm, problems, cfg, tmp_path / "fused.h5", 3, dtype="float32")
-    monkeypatch.setattr(similarity, "FUSE_ON_CUDA", False)
+    assert rotated_query_similarities.compiled_calls > compiled_before
+    monkeypatch.setattr(similarity, "FUSED_DEVICE_TYPES", ())
     solve_and_capture(cuda_lm, problems, cfg, tmp_path / "eager.h5", 3, dtype="float32")
     assert_same_handoffs(tmp_path / "fused.h5", tmp_path / "eager.h5", atol=1e-5)

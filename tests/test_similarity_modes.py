@@ -479,38 +479,85 @@ def test_capture_command_knn_with_attention_score(workdir, tiny_lm):
             assert np.any(np.diff(first.positions) > 1), "kNN should leave gaps"
 
 
-def test_fused_on_cuda_falls_back_to_eager_once_with_a_warning(monkeypatch):
-    """A failing compiler (no Triton, no C compiler) costs one warning, then the eager function."""
+# --------------------------------------------------------------------------- `fused` (torch.compile on CUDA)
+
+
+@pytest.fixture
+def compile_on_cpu(monkeypatch):
+    """`fused` compiles on CPU too, with `backend` ("eager": Dynamo traces, no code generation, so no
+    compiler is needed). Returns a setter for the backend."""
+    import functools
+
+    real_compile = torch.compile
+    monkeypatch.setattr(similarity, "FUSED_DEVICE_TYPES", ("cpu",))
+
+    def use(backend):
+        monkeypatch.setattr(torch, "compile", functools.partial(real_compile, backend=backend))
+
+    use("eager")
+    return use
+
+
+@pytest.mark.parametrize("batch, n, T, sliced", [(2, 7, 30, False), (3, 11, 41, True), (1, 5, 9, False)])
+def test_fused_query_reduction_traces_and_matches_eager(compile_on_cpu, batch, n, T, sliced):
+    """Dynamo traces the whole `query` reduction, the model's own RoPE included, and gives what the
+    eager maths gives, for several batch sizes, prompt lengths and key layouts."""
+    from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb as rope
+
+    from capture.hooks import rotated, rotated_query_similarities
+
+    _, keys, prompt_mask, kv_mask = random_case(batch=batch, heads=4, kv_heads=2, n=n, T=T, D=8)
+    if sliced:  # a view into a wider buffer, as a static cache would hold it
+        keys = torch.cat([keys, torch.randn(batch, 2, 3, 8)], dim=2)[:, :, :T + n]
+    g = torch.Generator().manual_seed(n)
+    queries = torch.randn(batch, n, 4, 8, generator=g)
+    angles = torch.rand(batch, n, 4, generator=g) * n
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    fused_fn = similarity.fused(rotated_query_similarities.__wrapped__)
+    got = fused_fn(queries, cos, sin, prompt_mask, keys, kv_mask, rope)
+    want = query_similarities(rotated(queries, cos, sin, rope), keys[:, :, :T], prompt_mask, kv_mask)
+    assert fused_fn.compiled_calls == 1
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_fused_falls_back_to_eager_once_with_the_compilers_reason(compile_on_cpu):
+    """A failing compiler (no Triton, no C compiler) costs one one-line warning, then `fn` runs eager."""
     import warnings
-    from types import SimpleNamespace
 
-    compiles = []
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("Cannot find a working triton installation\nsee the docs")
 
-    def broken_compile(fn, dynamic):
-        compiles.append(fn)
-        return lambda *args: (_ for _ in ()).throw(RuntimeError("Cannot find a working triton\ndetails"))
+    compile_on_cpu(broken_backend)
 
-    monkeypatch.setattr(torch, "compile", broken_compile)
-
-    @similarity.fused_on_cuda
+    @similarity.fused
     def double(x):
-        return x.value * 2
+        return x * 2
 
-    on_cuda = SimpleNamespace(is_cuda=True, value=3)
-    with pytest.warns(UserWarning, match=r"torch.compile of double failed \(Cannot find a working triton\); "
-                                         "running it eager"):
-        assert double(on_cuda) == 6
+    with pytest.warns(UserWarning, match=r"^torch.compile of double failed \(RuntimeError: Cannot find a working "
+                                         r"triton installation\); running it eager$"):
+        assert double(torch.ones(2)).tolist() == [2, 2]
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no second warning: eager from now on
-        assert double(on_cuda) == 6 and len(compiles) == 1
-    assert double(SimpleNamespace(is_cuda=False, value=4)) == 8
+        warnings.simplefilter("error")  # no second warning, no second attempt
+        assert double(torch.ones(3)).tolist() == [2, 2, 2]
+    assert double.compiled_calls == 0
 
 
-def test_fused_on_cuda_runs_eager_on_cpu_or_when_switched_off(monkeypatch):
-    from types import SimpleNamespace
+def test_fused_lets_input_errors_through_and_keeps_compiling(compile_on_cpu):
+    import warnings
 
+    @similarity.fused
+    def add(x, y):
+        return x + y
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not mistaken for a broken compiler
+        with pytest.raises(RuntimeError, match="size of tensor"):
+            add(torch.ones(3), torch.ones(4))
+    assert add(torch.ones(2), torch.ones(2)).tolist() == [2, 2] and add.compiled_calls == 1
+
+
+def test_fused_runs_eager_on_other_devices(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, dynamic: pytest.fail("compiled"))
-    double = similarity.fused_on_cuda(lambda x: x.value * 2)
-    assert double(SimpleNamespace(is_cuda=False, value=1)) == 2
-    monkeypatch.setattr(similarity, "FUSE_ON_CUDA", False)
-    assert double(SimpleNamespace(is_cuda=True, value=1)) == 2
+    double = similarity.fused(lambda x: x * 2)
+    assert double(torch.ones(1)).tolist() == [2]  # CPU, not in FUSED_DEVICE_TYPES
+    assert double.compiled_calls == 0
