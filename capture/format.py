@@ -56,6 +56,8 @@ from typing import Iterator, Sequence
 import h5py
 import numpy as np
 
+from .text import shorten
+
 SCHEMA_VERSION = 1
 LATENT_TOKEN = "<latent>"
 SEGMENT_KINDS = ("prompt", "latent")
@@ -270,17 +272,6 @@ def check_same_problems(path, stored: dict[int, str], questions: dict[int, str])
                 f"{path} holds another problem {number} ({shorten(stored[number])!r}, now "
                 f"{shorten(questions[number])!r}): the problems changed (other data file contents, or a "
                 "hub/bundled fallback); pass another --capture_file or --overwrite")
-
-
-def shorten(value, width: int = 40) -> str:
-    """`value` as text on one line, cut to `width` characters with an ellipsis."""
-    text = " ".join(str(value).split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def one_line(error: BaseException) -> str:
-    """An exception's message on one line (its type's name when it has none)."""
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 class CaptureWriter(_OpenFile):

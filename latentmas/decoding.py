@@ -89,6 +89,7 @@ def generate(
     generators: list[torch.Generator],
     prefill: contextlib.AbstractContextManager | None = None,
     while_decoding: Callable[[], None] | None = None,
+    prompt_embeds: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Prefill a left-padded prompt `[batch, n]` on `shared`, then decode.
 
@@ -96,6 +97,7 @@ def generate(
     `watch_prefill`, whose hooks read that forward pass), never around the decoding.
     while_decoding: host work (e.g. writing a capture) called once, after OVERLAP_AFTER
     steps have been queued, so that it runs while the device decodes; or at the end.
+    prompt_embeds: the prompt's input embeddings `[batch, n, hidden]`, when the caller has them.
 
     Returns each row's generated ids, cut after its first end-of-turn token. With
     `sampling.fast` the decoded tokens go to a static buffer, not to `shared`.
@@ -105,7 +107,9 @@ def generate(
     sampler = Sampler(sampling, generators)
     stop = torch.tensor(sorted(eos_ids(lm)), device=lm.device)
     with prefill if prefill is not None else contextlib.nullcontext():
-        logits = shared.extend(embed(prompt_ids), prompt_mask, prompt_ids, SegmentKey(agent, "prompt"), logits=True)
+        if prompt_embeds is None:
+            prompt_embeds = embed(prompt_ids)
+        logits = shared.extend(prompt_embeds, prompt_mask, prompt_ids, SegmentKey(agent, "prompt"), logits=True)
     step_fn = None
     if use_fast(lm.device, sampling.fast) and sampling.max_new_tokens > 1:
         step_fn = static_step(lm, shared, sampling.max_new_tokens).run

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from capture.format import one_line
+from capture.text import one_line
 
 T = TypeVar("T")
 

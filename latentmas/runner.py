@@ -238,35 +238,25 @@ def _run_sharded(group, cfg, capture_file, transitions, overwrite, output_dir, p
     def finish() -> dict | None:
         if not main:
             return None
-        solved = sum(c["solved"] for c in counts)
         merge_started = time.perf_counter()
-        summary = {
-            "method": cfg.method, "model": cfg.model_name, "task": cfg.task,
-            "accuracy": 0.0, "correct": 0, "total": 0, "total_time_sec": 0.0, "time_per_sample_sec": 0.0,
-            "generated_tokens": sum(c["generated_tokens"] for c in counts),
-        }
-        resumed = len(problems) - len(todo)
-        if resumed:
-            summary["resumed_problems"] = resumed
-        summary["world_size"] = group.world_size
+        summaries = []  # the one complete() made, once the totals are known
 
         def complete(correct: int, total: int) -> dict:
-            elapsed = time.perf_counter() - started
-            summary.update(accuracy=correct / total if total else 0.0, correct=correct, total=total,
-                           total_time_sec=round(elapsed, 3),
-                           time_per_sample_sec=round(elapsed / solved, 3) if solved else 0.0,
-                           merge_time_sec=round(time.perf_counter() - merge_started, 3))
-            return dict(summary)
+            summaries.append(run_summary(
+                cfg, correct=correct, total=total, solved=sum(c["solved"] for c in counts),
+                elapsed=time.perf_counter() - started, resumed=len(problems) - len(todo),
+                generated_tokens=sum(c["generated_tokens"] for c in counts), capture_file=capture_file,
+                world_size=group.world_size, merge_time_sec=round(time.perf_counter() - merge_started, 3)))
+            return summaries[-1]
 
         lines = _merge_results(run_dir, parts, keep_existing=capture_file is not None and bool(done))
         if capture_file is not None:
-            summary["capture_file"] = str(capture_file)
             shards.merge(capture_file, summarize=lambda stats: complete(stats.correct, stats.total),
                          extra_attrs={"world_size": group.world_size})
         else:
             complete(sum(bool(json.loads(line)["correct"]) for line in lines), len(lines))
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        return summary
+        (run_dir / "summary.json").write_text(json.dumps(summaries[-1], indent=2) + "\n")
+        return summaries[-1]
 
     return group.broadcast(group.agree(finish))
 
@@ -397,7 +387,15 @@ def _summary(cfg, results, elapsed, skipped, capture, numbers: set[int]) -> dict
         with CaptureReader(capture.writer.path) as reader:
             correct += sum(bool(reader.problem(n).correct) for n in reader.problem_numbers
                            if n in numbers and n not in fresh)
-    total = len(results) + skipped
+    return run_summary(cfg, correct=correct, total=len(results) + skipped, solved=len(results), elapsed=elapsed,
+                       resumed=skipped, generated_tokens=sum(r.generated_tokens for r in results),
+                       capture_file=None if capture is None else capture.writer.path)
+
+
+def run_summary(cfg, *, correct: int, total: int, solved: int, elapsed: float, resumed: int, generated_tokens: int,
+                capture_file=None, **extra) -> dict:
+    """summary.json: accuracy over all `total` problems (the `solved` ones of this run and the `resumed`
+    ones an earlier run finished), time per problem over the `solved` ones, then `extra`."""
     summary = {
         "method": cfg.method,
         "model": cfg.model_name,
@@ -406,14 +404,14 @@ def _summary(cfg, results, elapsed, skipped, capture, numbers: set[int]) -> dict
         "correct": correct,
         "total": total,
         "total_time_sec": round(elapsed, 3),
-        "time_per_sample_sec": round(elapsed / len(results), 3) if results else 0.0,
-        "generated_tokens": sum(r.generated_tokens for r in results),
+        "time_per_sample_sec": round(elapsed / solved, 3) if solved else 0.0,
+        "generated_tokens": generated_tokens,
     }
-    if skipped:
-        summary["resumed_problems"] = skipped
-    if capture is not None:
-        summary["capture_file"] = str(capture.writer.path)
-    return summary
+    if resumed:
+        summary["resumed_problems"] = resumed
+    if capture_file is not None:
+        summary["capture_file"] = str(capture_file)
+    return summary | extra
 
 
 def _size(path: Path) -> str:

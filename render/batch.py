@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from capture.format import CaptureError, CaptureReader, Handoff, number_ranges, one_line
+from capture.format import CaptureError, CaptureReader, Handoff, number_ranges
+from capture.text import one_line
 
 from .colormaps import DEFAULT_MODE, DEFAULT_SINGLE_CMAP, UnknownColormap, check_cmap
 from .figures import DEFAULT_DPI, multi_layer_heatmap, pretty_handoff, save_figure, single_layer_strip

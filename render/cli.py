@@ -142,7 +142,8 @@ def _lookup(attrs: dict, config: dict, keys) -> object:
 
 def describe(path) -> str:
     """The text `info` prints: run metadata, then one row per committed problem."""
-    from capture.format import CaptureReader, shorten
+    from capture.format import CaptureReader
+    from capture.text import shorten
 
     lines = []
     with CaptureReader(path) as reader:
@@ -201,7 +202,8 @@ def describe(path) -> str:
 @click.argument("capture", type=click.Path(dir_okay=False, path_type=Path))
 def info_command(capture):
     """Show a capture's run metadata and its problems with their hand-offs."""
-    from capture.format import CaptureError, one_line
+    from capture.format import CaptureError
+    from capture.text import one_line
     try:
         text = describe(capture)
     except CaptureError as error:

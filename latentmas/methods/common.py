@@ -62,13 +62,14 @@ def write_turn(lm, shared: SharedCache, agent: str, prompts: list[Prompt], cfg, 
 
 
 def decode_turn(lm, shared: SharedCache, agent: str, texts, ids, mask, cfg, generators,
-                prefill: AbstractContextManager | None = None, while_decoding=None) -> list[AgentTurn]:
+                prefill: AbstractContextManager | None = None, while_decoding=None,
+                prompt_embeds=None) -> list[AgentTurn]:
     """`write_turn` for a prompt already encoded (texts, ids [batch, n], mask [batch, n]).
 
-    prefill, while_decoding: optional, see `generate`.
+    prefill, while_decoding, prompt_embeds: optional, see `generate`.
     """
     outputs = generate(shared, ids, mask, agent, sampling_of(cfg), generators, prefill=prefill,
-                       while_decoding=while_decoding)
+                       while_decoding=while_decoding, prompt_embeds=prompt_embeds)
     decoded = lm.tokenizer.batch_decode(outputs, skip_special_tokens=True)
     return [
         AgentTurn(agent, text, out, int(m.sum()), len(o))

@@ -173,7 +173,7 @@ def solve(lm, problems, task, cfg, observer: HandoffObserver | None = None):
         if agent == AGENTS[-1]:
             generators = generators_for(problems, cfg, lm.device, salt=index)
             new = decode_turn(lm, shared, agent, texts, ids, mask, cfg, generators, prefill=prefill,
-                              while_decoding=getattr(observer, "while_decoding", None))
+                              while_decoding=getattr(observer, "while_decoding", None), prompt_embeds=prompt_embeds)
         else:
             with prefill:
                 hidden = shared.extend(prompt_embeds, mask, ids, SegmentKey(agent, "prompt"))

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from capture.format import one_line
+from capture.text import one_line
 
 from .base import Problem, Task, TaskDataError, get_task
 
