@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 
 import click
-from common import machine, rotations, run_pass
+from common import alternating_passes, machine, run_pass, speed_config
 
-from latentmas.config import SIMILARITY_MODES, RunConfig
+from latentmas.config import SIMILARITY_MODES
 from latentmas.models import load_model
 from latentmas.tasks import get_task, load_problems
 
@@ -43,9 +43,9 @@ def main(model_name, random_weights, data_file, num_problems, repeats, generate_
     if unknown:
         raise click.BadParameter(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(SIMILARITY_MODES)}",
                                  param_hint="--similarity")
-    configs = {mode: RunConfig(model_name=model_name, random_weights=random_weights, data_file=data_file,
-                               latent_steps=latent_steps, max_new_tokens=max_new_tokens, ignore_eos=True,
-                               temperature=0.6, top_p=0.95, generate_bs=generate_bs, device=device, similarity=mode)
+    configs = {mode: speed_config(model_name=model_name, random_weights=random_weights, data_file=data_file,
+                                  latent_steps=latent_steps, max_new_tokens=max_new_tokens, generate_bs=generate_bs,
+                                  device=device, similarity=mode)
                for mode in modes}
     configs["off"] = configs[modes[0]]
     task = get_task("gsm8k")
@@ -54,18 +54,11 @@ def main(model_name, random_weights, data_file, num_problems, repeats, generate_
     print(f"machine: {machine(lm)}; model {model_name} ({lm.num_layers} layers, {lm.dtype}); "
           f"{len(problems)} problems, bs {generate_bs}, latent_steps {latent_steps}, "
           f"max_new_tokens {max_new_tokens} (EOS ignored); capture off vs {', '.join(modes)}")
-    passes = {name: [] for name in ["off", *modes]}
     inside, sizes = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        path = {name: (None if name == "off" else Path(tmp) / f"{name}.h5") for name in passes}
-        for name in passes:  # warm-up: kernels, graphs, allocator, realignment, file creation
-            run_pass(lm, problems, task, configs[name], path[name])
-        for r, order in enumerate(rotations(list(passes), repeats)):
-            for name in order:
-                result = run_pass(lm, problems, task, configs[name], path[name])
-                passes[name].append(result)
-                print(f"  round {r + 1} {name:9s}: {result.per_problem:.3f} s/problem, peak {result.peak_mib:.0f} MiB",
-                      flush=True)
+        path = {name: (None if name == "off" else Path(tmp) / f"{name}.h5") for name in ["off", *modes]}
+        passes = alternating_passes(lm, problems, task, {name: (configs[name], path[name]) for name in path}, repeats,
+                                    show_rounds=True)
         for mode in modes:
             inside[mode] = run_pass(lm, problems, task, configs[mode], path[mode], timed=True).recorder
             sizes[mode] = path[mode].stat().st_size

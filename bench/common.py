@@ -110,3 +110,28 @@ def run_pass(lm, problems, task, cfg, capture_path: Path | None = None, timed: b
         recorder.close()
     n = len(problems)
     return Pass(elapsed / n, peak, judger_seconds[0] / n, inside / n, decoded)
+
+
+def speed_config(**settings):
+    """The speed benchmark's `RunConfig`: latent_mas, latent_steps 10, EOS ignored, temperature 0.6,
+    top_p 0.95, then `settings` (model, data, batch size, max_new_tokens, similarity, ...)."""
+    from latentmas.config import RunConfig
+
+    return RunConfig(**{**dict(latent_steps=10, ignore_eos=True, temperature=0.6, top_p=0.95), **settings})
+
+
+def alternating_passes(lm, problems, task, variants: dict, repeats: int, show_rounds: bool = False) -> dict:
+    """`variants` name -> (cfg, capture path or None): one warm-up pass each (kernels, graphs, the
+    allocator, file creation), then `repeats` rounds that run every variant once in rotating order,
+    so drift hits all of them. Returns name -> [Pass per round]."""
+    for cfg, path in variants.values():
+        run_pass(lm, problems, task, cfg, path)
+    passes = {name: [] for name in variants}
+    for r, order in enumerate(rotations(list(variants), repeats)):
+        for name in order:
+            result = run_pass(lm, problems, task, *variants[name])
+            passes[name].append(result)
+            if show_rounds:
+                print(f"  round {r + 1} {name!s:9s}: {result.per_problem:.3f} s/problem, "
+                      f"peak {result.peak_mib:.0f} MiB", flush=True)
+    return passes

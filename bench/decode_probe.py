@@ -24,6 +24,8 @@ from latentmas.tasks import get_task, load_problems
 
 
 def _timed(fn, n, device):
+    """ms per call of `fn`, over `n` calls after one untimed warm-up call."""
+    fn()
     sync(device)
     start = time.perf_counter()
     for _ in range(n):

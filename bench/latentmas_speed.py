@@ -16,9 +16,8 @@ import tempfile
 from pathlib import Path
 
 import click
-from common import machine, rotations, run_pass
+from common import alternating_passes, machine, run_pass, speed_config
 
-from latentmas.config import RunConfig
 from latentmas.models import load_model
 from latentmas.tasks import get_task, load_problems
 
@@ -52,16 +51,10 @@ def main(model_name, random_weights, data_file, batch_sizes, problems_bs1, batch
     with tempfile.TemporaryDirectory() as tmp:
         capture_path = Path(tmp) / "speed.h5"
         for bs, fast in variants:
-            cfg = RunConfig(model_name=model_name, random_weights=random_weights, data_file=data_file,
-                            latent_steps=10, max_new_tokens=max_new_tokens, ignore_eos=True, temperature=0.6,
-                            top_p=0.95, generate_bs=bs, device=device, fast_decode=fast)
+            cfg = speed_config(model_name=model_name, random_weights=random_weights, data_file=data_file,
+                               max_new_tokens=max_new_tokens, generate_bs=bs, device=device, fast_decode=fast)
             subset = problems[: problems_bs1 if bs == 1 else bs * batches]
-            for warm_up in (None, capture_path):  # a CUDA graph per buffer size, the allocator, the first write
-                run_pass(lm, subset, task, cfg, warm_up)
-            passes = {False: [], True: []}
-            for order in rotations([False, True], repeats):  # capture off and on alternate: drift hits both
-                for capture in order:
-                    passes[capture].append(run_pass(lm, subset, task, cfg, capture_path if capture else None))
+            passes = alternating_passes(lm, subset, task, {False: (cfg, None), True: (cfg, capture_path)}, repeats)
             for capture in (False, True):
                 timed = run_pass(lm, subset, task, cfg, capture_path if capture else None, timed=True)
                 per_problem = statistics.median(p.per_problem for p in passes[capture])

@@ -4,7 +4,7 @@ Builds a shared cache of `--cache_tokens` columns, then times one prompt prefill
 `--prompt_tokens` on it (the cache restored after each) with no probe and with a
 `PrefillProbe` per mode, rounds rotating, device synced around each prefill. `--eager` also
 times `query` with its fused (torch.compile) part run eager; `--profile` prints torch.profiler's
-busiest ops for one probed prefill.
+busiest ops for one prefill each of off, `query` and `attention` (default chunk, compiled).
 
     python bench/probe_cost.py --model_name .gpu_inputs/qwen3-4b-arch --random_weights --profile
 """
@@ -48,7 +48,7 @@ def _prefill(shared, prompt, variant: str, chunk: int, fused: bool = True):
 
 def _label(variant) -> str:
     mode, chunk, fused = variant
-    return f"{mode:>9} chunk 2^{chunk.bit_length() - 1}{'' if fused else ' eager'}"
+    return f"{mode:>9} chunk {chunk:>9}{'' if fused else ' eager'}"
 
 
 @click.command()
@@ -60,7 +60,8 @@ def _label(variant) -> str:
 @click.option("--repeats", default=20, show_default=True)
 @click.option("--chunks", default="", help="extra LAYER_CHUNK_ELEMENTS values to time `query` with, comma-separated")
 @click.option("--eager", is_flag=True, help="also time `query` with torch.compile off")
-@click.option("--profile", is_flag=True, help="print torch.profiler's busiest ops for one prefill per variant")
+@click.option("--profile", is_flag=True,
+              help="print torch.profiler's busiest ops for one prefill each of off, query and attention")
 @click.option("--device", default="auto", show_default=True)
 def main(model_name, random_weights, cache_tokens, prompt_tokens, batch, repeats, chunks, eager, profile, device):
     lm = load_model(model_name, device, random_weights=random_weights)
@@ -73,6 +74,7 @@ def main(model_name, random_weights, cache_tokens, prompt_tokens, batch, repeats
     variants = [("off", default, True), ("query", default, True), ("attention", default, True)]
     variants += [("query", int(c), True) for c in chunks.split(",") if c.strip()]
     variants += [("query", default, False)] if eager else []
+    variants = list(dict.fromkeys(variants))  # a --chunks value equal to the default is timed once
     for variant in variants:  # warm up (and compile)
         start = time.perf_counter()
         _prefill(shared, prompt, *variant)

@@ -245,12 +245,6 @@ class _OpenFile:
     def __exit__(self, *exc):
         self.close()
 
-    def questions(self) -> dict[int, str]:
-        """number -> question of every committed problem."""
-        count = int(self._file["status/committed"][0])
-        problems = self._file["problems"]
-        return {int(n): _decode(q) for n, q in zip(problems["number"][:count], problems["question"][:count])}
-
 
 def check_same_config(path, stored: dict, config: dict) -> None:
     """Refuse to resume `path` when the settings it was captured with differ from `config`."""
@@ -278,7 +272,7 @@ class CaptureWriter(_OpenFile):
     """Appends finished problems to a capture file, one commit per batch (`append_batch`, or `stage` + `commit`).
 
     Use `CaptureWriter.open(path, run_attrs, config, num_layers)`: it creates the
-    file, or resumes it when it exists (refusing a different `config`).
+    file, or resumes it when it exists (refusing a different `config`, or other problems).
     """
 
     def __init__(self, file: h5py.File, path: Path):
@@ -313,7 +307,7 @@ class CaptureWriter(_OpenFile):
         except OSError as error:
             raise CaptureError(f"cannot create the folder for {path}: {error.strerror or error}") from None
         if path.exists() and not overwrite:
-            return cls._resume(path, config, questions or {})
+            return cls._resume(path, config, questions)
         return cls._create(path, path, run_attrs, config, num_layers, dtype)
 
     @classmethod
@@ -341,11 +335,12 @@ class CaptureWriter(_OpenFile):
         return cls(file, final_path)
 
     @classmethod
-    def _resume(cls, path: Path, config: dict, questions: dict[int, str]) -> "CaptureWriter":
+    def _resume(cls, path: Path, config: dict, questions: dict[int, str] | None) -> "CaptureWriter":
         """Rebuild the file from its committed rows (a crashed writer leaves it locked) and go on."""
         with CaptureReader(path) as old:
             check_same_config(path, old.config, config)
-            check_same_problems(path, old.questions(), questions)
+            if questions:
+                check_same_problems(path, old.questions(), questions)
             run_attrs = {k: v for k, v in old.attrs.items() if k not in ("schema_version", "config")}
             tmp = path.with_name(path.name + ".resume-tmp")
             writer = cls._create(tmp, path, run_attrs, config, old.num_layers, old.similarity_dtype, source=old)
@@ -581,6 +576,11 @@ class CaptureReader(_OpenFile):
     def problem_numbers(self) -> list[int]:
         """Numbers of the committed problems, in the order they were written."""
         return [int(n) for n in self._numbers]
+
+    def questions(self) -> dict[int, str]:
+        """number -> question of every committed problem."""
+        stored = self._file["problems/question"][:len(self._numbers)]
+        return {int(n): _decode(q) for n, q in zip(self._numbers, stored)}
 
     def problem(self, number: int) -> ProblemSummary:
         row = self._row(number)

@@ -13,9 +13,11 @@ from .fast_decode import static_step, use_fast
 from .shared_cache import SegmentKey, SharedCache
 
 
-# `while_decoding` runs after this many steps are queued: just before the end-of-turn check at
-# step 15 syncs with the host, so steps 8..14 (~60 ms of a 4B model's decoding) are still queued.
-OVERLAP_AFTER = 14
+# Decoding checks for end of turn (a host sync) every CHECK_EVERY tokens. `while_decoding` runs
+# after OVERLAP_AFTER steps are queued, just before the second check, so that steps 8..14
+# (~60 ms of a 4B model's decoding) are still queued.
+CHECK_EVERY = 8
+OVERLAP_AFTER = 2 * CHECK_EVERY - 2
 
 
 @dataclass
@@ -122,7 +124,7 @@ def generate(
         steps.append(token)
         if not sampling.ignore_eos:
             finished |= torch.isin(token, stop)
-            if step % 8 == 7 and bool(finished.all()):  # one host sync every 8 tokens
+            if step % CHECK_EVERY == CHECK_EVERY - 1 and bool(finished.all()):  # one host sync per check
                 break
         if step + 1 < sampling.max_new_tokens:
             if step_fn is not None:

@@ -31,8 +31,9 @@ class StaticKV:
     ones are zero and hidden by the mask.
     """
 
-    def __init__(self, lm, batch: int, capacity: int, device: torch.device):
+    def __init__(self, lm, batch: int, capacity: int):
         self.capacity = capacity
+        device = lm.device
         shape = (batch, lm.num_kv_heads, capacity, lm.head_dim)
         self.keys = [torch.zeros(shape, dtype=lm.dtype, device=device) for _ in range(lm.num_layers)]
         self.values = [torch.zeros(shape, dtype=lm.dtype, device=device) for _ in range(lm.num_layers)]
@@ -100,7 +101,7 @@ class StaticStep:
         self.lm = lm
         self.tokens = tokens
         device = lm.device
-        self.kv = StaticKV(lm, batch, capacity, device)
+        self.kv = StaticKV(lm, batch, capacity)
         if tokens:
             self.input = torch.zeros(batch, 1, dtype=torch.long, device=device)
         else:

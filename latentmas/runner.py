@@ -239,15 +239,16 @@ def _run_sharded(group, cfg, capture_file, transitions, overwrite, output_dir, p
         if not main:
             return None
         merge_started = time.perf_counter()
-        summaries = []  # the one complete() made, once the totals are known
+        summary = None
 
         def complete(correct: int, total: int) -> dict:
-            summaries.append(run_summary(
+            nonlocal summary
+            summary = run_summary(
                 cfg, correct=correct, total=total, solved=sum(c["solved"] for c in counts),
                 elapsed=time.perf_counter() - started, resumed=len(problems) - len(todo),
                 generated_tokens=sum(c["generated_tokens"] for c in counts), capture_file=capture_file,
-                world_size=group.world_size, merge_time_sec=round(time.perf_counter() - merge_started, 3)))
-            return summaries[-1]
+                world_size=group.world_size, merge_time_sec=round(time.perf_counter() - merge_started, 3))
+            return summary
 
         lines = _merge_results(run_dir, parts, keep_existing=capture_file is not None and bool(done))
         if capture_file is not None:
@@ -255,8 +256,8 @@ def _run_sharded(group, cfg, capture_file, transitions, overwrite, output_dir, p
                          extra_attrs={"world_size": group.world_size})
         else:
             complete(sum(bool(json.loads(line)["correct"]) for line in lines), len(lines))
-        (run_dir / "summary.json").write_text(json.dumps(summaries[-1], indent=2) + "\n")
-        return summaries[-1]
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
 
     return group.broadcast(group.agree(finish))
 

@@ -232,16 +232,14 @@ def render_task(task: Task, reader: CaptureReader | None = None,
         result.errors.append(str(error))
         return result
     try:
-        wanted = {index: (name, occurrence) for index, name, occurrence in task.handoffs}
-        indices = sorted(wanted)
-        handoffs = reader.handoffs(task.problem, indices)  # only the wanted matrices are read
-        for index in indices:
+        # only the wanted matrices are read, in the task's (run) order
+        handoffs = reader.handoffs(task.problem, [index for index, _, _ in task.handoffs])
+        for _, name, occurrence in task.handoffs:
             try:
                 handoff = next(handoffs)
             except (OSError, KeyError, ValueError, CaptureError) as error:
                 result.errors.append(f"{task.capture}: problem {task.problem} could not be read ({one_line(error)})")
                 break
-            name, occurrence = wanted[index]
             try:
                 part = render_handoff(handoff, task.problem, task.out_dir, task.options, task.mode, occurrence,
                                       task.notes, on_figure)

@@ -10,6 +10,13 @@ from capture.format import CaptureReader
 from capture.recorder import CaptureRecorder
 
 
+class StageAtTheEnd(CaptureRecorder):
+    """Writes the hand-offs in write_batch, as if the judger never called while_decoding."""
+
+    def while_decoding(self):
+        pass
+
+
 def tiny_config(**overrides):
     """A `RunConfig` for tiny-qwen3 on the CPU, greedy, short: max_new_tokens 8, latent_steps 3."""
     from latentmas.config import RunConfig

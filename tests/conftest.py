@@ -62,7 +62,7 @@ def fake_problems():
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch, tiny_lm_cache_env, offline):
+def workdir(tmp_path, monkeypatch, tiny_lm_cache_env):
     """Run in tmp_path (offline, tiny-qwen3 built) so captures/, charts/ and runs/ land there."""
     monkeypatch.chdir(tmp_path)
     return tmp_path

@@ -17,7 +17,7 @@ import pytest
 
 from capture.format import LATENT_TOKEN, CaptureError, CaptureReader, CaptureWriter, Handoff, ProblemRecord
 from capture.recorder import CaptureRecorder
-from captures import assert_same_handoffs, solve_and_capture, tiny_config
+from captures import StageAtTheEnd, assert_same_handoffs, solve_and_capture, tiny_config
 from latentmas.methods import get_method
 from latentmas.methods.common import encode
 from latentmas.prompts import AGENTS, agent_prompt
@@ -217,34 +217,23 @@ def test_staged_handoffs_stay_invisible_until_commit(tmp_path):
                                        _record(number, width).handoffs[0].layer_similarities, atol=1e-3)
 
 
-class _StageAtTheEnd(CaptureRecorder):
-    """Writes the hand-offs in write_batch, as if the judger never called while_decoding."""
-
-    def while_decoding(self):
-        pass
-
-
 def test_writing_while_decoding_stores_what_writing_after_stores(tiny_lm, gsm8k_problems, tmp_path):
     from latentmas import decoding
 
     cfg = _config(max_new_tokens=decoding.OVERLAP_AFTER + 4)
-    task = get_task(cfg.task)
-    files = {}
-    for name, recorder_class in (("during", CaptureRecorder), ("after", _StageAtTheEnd)):
-        files[name] = tmp_path / f"{name}.h5"
-        recorder = recorder_class.open(files[name], cfg, tiny_lm, TRANSITIONS, overwrite=True)
-        calls = []
-        real = recorder.while_decoding
-        recorder.while_decoding = lambda real=real, calls=calls: (calls.append(1), real())
-        for start in (0, 2):
-            batch = gsm8k_problems[start:start + 2]
-            recorder.write_batch(get_method("latent_mas")(tiny_lm, batch, task, cfg, observer=recorder))
-        recorder.close()
-        assert len(calls) == 2  # once per batch
-    with CaptureReader(files["during"]) as a, CaptureReader(files["after"]) as b:
+    staged_early = {"during": [], "after": []}  # per batch: were the hand-offs staged before write_batch?
+    for name, base in (("during", CaptureRecorder), ("after", StageAtTheEnd)):
+        class Watched(base):
+            def while_decoding(self, name=name):
+                super().while_decoding()
+                staged_early[name].append(self._staged is not None)
+
+        solve_and_capture(tiny_lm, gsm8k_problems, cfg, tmp_path / f"{name}.h5", 2, Watched, transitions=TRANSITIONS)
+    assert staged_early == {"during": [True, True], "after": [False, False]}  # called once per batch
+    with CaptureReader(tmp_path / "during.h5") as a, CaptureReader(tmp_path / "after.h5") as b:
         assert a.problem_numbers == [1, 2, 3]
         assert all(a.problem(n) == b.problem(n) for n in a.problem_numbers)
-    assert_same_handoffs(files["during"], files["after"], names=TRANSITIONS)
+    assert_same_handoffs(tmp_path / "during.h5", tmp_path / "after.h5", names=TRANSITIONS)
 
 
 class _FailingAt:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from capture.recorder import CaptureRecorder
-from captures import assert_same_handoffs, solve_and_capture
+from captures import StageAtTheEnd, assert_same_handoffs, solve_and_capture
 from latentmas.config import RunConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -52,16 +52,11 @@ def test_reused_graphs_forget_earlier_problems(cuda_lm, fake_problems, tmp_path)
     assert_same_handoffs(tmp_path / "fresh.h5", tmp_path / "again.h5")
 
 
-class _StageAtTheEnd(CaptureRecorder):
-    def while_decoding(self):
-        pass
-
-
 def test_capture_written_while_decoding_equals_written_after(cuda_lm, fake_problems, tmp_path):
     """The asynchronous pinned copies hold what the device computed."""
     problems = fake_problems()
     cfg = RunConfig(model_name="tiny-qwen3", device="cuda", latent_steps=4, max_new_tokens=40, temperature=0.0)
-    for name, recorder_class in (("during", CaptureRecorder), ("after", _StageAtTheEnd)):
+    for name, recorder_class in (("during", CaptureRecorder), ("after", StageAtTheEnd)):
         solve_and_capture(cuda_lm, problems, cfg, tmp_path / f"{name}.h5", len(problems), recorder_class)
     assert_same_handoffs(tmp_path / "during.h5", tmp_path / "after.h5")
 

@@ -126,7 +126,7 @@ def knn_scores(lm, shared: SharedCache, knn: KnnFilter, query, prompt_embeds, id
 
 @torch.no_grad()
 def think_latently(shared: SharedCache, latent_input: LatentInput, hidden: torch.Tensor, agent: str, steps: int,
-                   fast: bool = False):
+                   fast: bool = False) -> None:
     """`steps` latent steps from `hidden` [batch, hidden]; each appends one cache column.
 
     fast: step on a static KV buffer (a CUDA graph on GPUs), then hand the columns back.
@@ -137,12 +137,11 @@ def think_latently(shared: SharedCache, latent_input: LatentInput, hidden: torch
         for _ in range(steps):
             hidden = step.run(latent_input(hidden))
         shared.adopt(step.kv, steps, LATENT, segment)
-        return hidden.clone()  # the step's output tensor is overwritten by later steps' runs
+        return
     ones = torch.ones(shared.batch_size, 1, dtype=torch.bool, device=hidden.device)
     latent_ids = torch.full((shared.batch_size, 1), LATENT, dtype=torch.long, device=hidden.device)
     for _ in range(steps):
         hidden = shared.extend(latent_input(hidden)[:, None, :], ones, latent_ids, segment)
-    return hidden
 
 
 def solve(lm, problems, task, cfg, observer: HandoffObserver | None = None):
