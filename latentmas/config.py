@@ -1,4 +1,13 @@
-"""Run settings shared by every method and command (no torch here)."""
+"""Run settings shared by every method and command (no torch here).
+
+`RunConfig` is the one source of every run setting: each field carries its default, its
+help text, its CLI group and (where it has them) its choices, through `setting(...)`.
+The CLI builds its options from these fields (`latentmas.app.options`), so defaults,
+help and choices cannot drift apart.
+
+Choices may be a tuple or a zero-argument callable that returns the names of a registry
+(similarity modes, methods, tasks); the callable is only called when the CLI needs it.
+"""
 
 from __future__ import annotations
 
@@ -6,43 +15,98 @@ import dataclasses
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
-METHODS = ("baseline", "text_mas", "latent_mas")
+# CLI option groups, in the order `--help` shows them.
+GROUPS = ("model", "method", "kNN", "capture", "output", "benchmark-only")
+
 PROMPTS = ("sequential", "hierarchical")
 KNN_STRATEGIES = ("top", "bottom", "random")
-SIMILARITY_MODES = ("seed", "query", "attention")  # capture.similarity.MODES, without importing torch
+
+
+def _similarity_modes() -> tuple[str, ...]:
+    from .similarity import mode_names
+
+    return mode_names()
+
+
+def _methods() -> tuple[str, ...]:
+    from .methods import method_names
+
+    return method_names()
+
+
+def _tasks() -> tuple[str, ...]:
+    from .tasks import task_names
+
+    return task_names()
+
+
+def setting(default, help: str, group: str, choices: tuple | Callable[[], tuple] | None = None,
+            minimum: float | None = None, maximum: float | None = None, open_min: bool = False,
+            path: bool = False, cli: bool = True):
+    """A `RunConfig` field with what the CLI needs to offer it.
+
+    minimum/maximum (open_min: the minimum itself excluded) bound numbers; path: an existing
+    file; cli=False: a setting with no command-line option (set from code).
+    """
+    if group not in GROUPS:
+        raise ValueError(f"unknown option group {group!r}; choose from {', '.join(GROUPS)}")
+    metadata = dict(help=help, group=group, choices=choices, minimum=minimum, maximum=maximum,
+                    open_min=open_min, path=path, cli=cli)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclass
 class RunConfig:
     """Everything that decides a run's results. Field names match the CLI flags."""
 
-    method: str = "latent_mas"
-    model_name: str = "tiny-qwen3"
-    task: str = "gsm8k"
-    data_file: str | None = None
-    max_samples: int = -1
-    prompt: str = "sequential"
-    think: bool = False
-    latent_steps: int = 10
-    latent_space_realign: bool = False
-    max_new_tokens: int = 2048
-    temperature: float = 0.6
-    top_p: float = 0.95
-    ignore_eos: bool = False
-    fast_decode: bool | None = None
-    generate_bs: int = 1
-    seed: int = 42
-    device: str = "auto"
-    random_weights: bool = False
-    text_mas_context_length: int = 2048
-    knn_filter: bool = False
-    knn_percentage: float = 0.8
-    knn_min_keep: int = 5
-    knn_strategy: str = "top"
-    knn_score: str = "seed"  # which similarity ranks columns for kNN (one of SIMILARITY_MODES)
-    similarity: str = "seed"
+    # -- model
+    model_name: str = setting("tiny-qwen3", "Hugging Face model id or local folder; 'tiny-qwen3' is the "
+                              "built-in offline model.", "model")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N.", "model")
+    # -- method
+    method: str = setting("latent_mas", "baseline: one agent; text_mas: agents pass text; latent_mas: agents "
+                          "share a KV cache.", "method", choices=_methods)
+    task: str = setting("gsm8k", "Benchmark whose problems are solved.", "method", choices=_tasks)
+    data_file: str | None = setting(None, "Local JSONL/JSON with the dataset's own fields. Default: the hub, "
+                                    "else bundled samples.", "method", path=True)
+    max_samples: int = setting(-1, "Number of problems; -1 = all.", "method", minimum=-1)
+    prompt: str = setting("sequential", "Agent topology.", "method", choices=PROMPTS)
+    think: bool = setting(False, "Let agents open a <think> block (Qwen3 thinking mode).", "method")
+    latent_steps: int = setting(10, "Latent steps per non-judger agent.", "method", minimum=0)
+    latent_space_realign: bool = setting(False, "Map hidden states back to the input-embedding space before "
+                                         "feeding them in.", "method")
+    max_new_tokens: int = setting(2048, "Most tokens the judger (and text_mas agents) decode.", "method",
+                                  minimum=1)
+    temperature: float = setting(0.6, "Sampling temperature; 0 = greedy.", "method", minimum=0)
+    top_p: float = setting(0.95, "Nucleus sampling: smallest token set with this much probability.", "method",
+                           minimum=0, maximum=1, open_min=True)
+    generate_bs: int = setting(1, "Problems per batch.", "method", minimum=1)
+    seed: int = setting(42, "Seed of sampling, kNN 'random' and --random_weights.", "method")
+    text_mas_context_length: int = setting(2048, "text_mas: most tokens of earlier agents' text passed on.",
+                                           "method", minimum=1)
+    # -- kNN
+    knn_filter: bool = setting(False, "Trim the shared cache before each hand-off.", "kNN")
+    knn_percentage: float = setting(0.8, "Fraction of cached tokens kept, in (0, 1].", "kNN", minimum=0,
+                                    maximum=1, open_min=True)
+    knn_min_keep: int = setting(5, "The most recent tokens always kept.", "kNN", minimum=0)
+    knn_strategy: str = setting("top", "Which older tokens to keep: most similar, least similar, or random.",
+                                "kNN", choices=KNN_STRATEGIES)
+    knn_score: str = setting("seed", "The similarity (middle layer) that ranks tokens for --knn_strategy "
+                             "top/bottom. Modes that need the prompt's prefill cost a scoring pass: the incoming "
+                             "prompt runs on the cache up to the middle layer before the trim, then the cache is "
+                             "put back.", "kNN", choices=_similarity_modes)
+    # -- capture
+    similarity: str = setting("seed", "What the captured matrices hold; `latentmas modes` describes each mode.",
+                              "capture", choices=_similarity_modes)
+    # -- benchmark-only
+    random_weights: bool = setting(False, "Build the model from its config with seeded random weights (no "
+                                   "weights needed).", "benchmark-only")
+    ignore_eos: bool = setting(False, "Always decode max_new_tokens.", "benchmark-only")
+    fast_decode: bool | None = setting(None, "Run decoding and latent steps on a static KV buffer replayed as "
+                                       "a CUDA graph (default: on CUDA only).", "benchmark-only")
 
     def knn_settings(self) -> dict | None:
         if not self.knn_filter:
@@ -80,3 +144,9 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_params(cls, params: dict) -> RunConfig:
+        """A config from CLI parameters (other keys are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in names})

@@ -27,7 +27,7 @@ _EXPORTS = {
     "save_figure": "figures",
     "scale_for": "colormaps",
     "render_command": "cli",
-    "info_command": "cli",
+    "info_command": "info",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -5,6 +5,10 @@ from importlib import import_module
 METHODS = ("baseline", "text_mas", "latent_mas")
 
 
+def method_names() -> tuple[str, ...]:
+    return METHODS
+
+
 def get_method(name: str):
     """The `solve` function of a method."""
     if name not in METHODS:

@@ -15,4 +15,9 @@ from . import choice, numeric  # noqa: F401  (importing registers the tasks)
 from .base import TASK_NAMES, HubSpec, Problem, Task, TaskDataError, get_task
 from .loading import load_problems
 
+
+def task_names() -> tuple[str, ...]:
+    return TASK_NAMES
+
+
 __all__ = ["Problem", "Task", "HubSpec", "get_task", "TASK_NAMES", "load_problems", "TaskDataError"]
