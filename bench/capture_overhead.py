@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 from common import alternating_passes, machine, run_pass, speed_config
 
-from latentmas.config import SIMILARITY_MODES
+from latentmas.similarity import MODES as SIMILARITY_MODES
 from latentmas.models import load_model
 from latentmas.tasks import get_task, load_problems
 

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import click
 
-from .config import KNN_STRATEGIES, METHODS, PROMPTS, SIMILARITY_MODES, RunConfig
+from .config import KNN_STRATEGIES, PROMPTS, RunConfig
+from .methods import METHODS
+from .similarity import MODES as SIMILARITY_MODES
 
 TASKS = ("gsm8k", "gpqa", "medqa", "arc_easy", "arc_challenge", "aime2024", "aime2025")
 

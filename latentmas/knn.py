@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import KNN_STRATEGIES, SIMILARITY_MODES
+from .config import KNN_STRATEGIES
+from .similarity import MODES as SIMILARITY_MODES
 
 
 @dataclass

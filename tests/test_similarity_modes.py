@@ -22,7 +22,7 @@ from capture.recorder import CaptureRecorder
 from capture.similarity import MODES, attention_received, layer_similarities, query_similarities
 from captures import solve_and_capture, tiny_config
 from latentmas.cli import capture_command
-from latentmas.config import SIMILARITY_MODES
+from latentmas.similarity import MODES as SIMILARITY_MODES
 from latentmas.knn import KnnFilter
 from latentmas.methods.common import encode
 from latentmas.prompts import agent_prompt
