@@ -4,7 +4,7 @@
 Same as `latentmas run`; see `python run.py --help`.
 """
 
-from latentmas.cli import run_command
+from latentmas.app.cli import run_command
 
 if __name__ == "__main__":
     run_command(prog_name="run.py")

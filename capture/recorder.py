@@ -2,7 +2,7 @@
 
 The matrices are computed on the device (no host sync): for the "seed" mode when a
 hand-off happens; for "query" and "attention" during the incoming agent's prompt
-prefill, which `watch_prefill` wraps in hooks (`capture.hooks.PrefillProbe`), one
+prefill, which `watch_prefill` wraps in hooks (`latentmas.prefill.PrefillProbe`), one
 `[batch, T]` row per layer as the layers run. Each hand-off's data then starts its
 copy to the host without waiting. While the judger decodes (`while_decoding`, called
 once the device has queued work) the batch's hand-offs are written to the file
@@ -14,23 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
-import shlex
-import sys
 import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-import latentmas
-from latentmas.shared_cache import LATENT
+from latentmas.handoff import LATENT
+from latentmas.prefill import PrefillProbe
+from latentmas.similarity import get_mode
 
 from .format import LATENT_TOKEN, CaptureWriter, Handoff, ProblemRecord, Segment, handoff_name
-from .hooks import PrefillProbe
-from .similarity import PREFILL_MODES, check_mode, layer_similarities
-
-DEFAULT_TRANSITIONS = ("planner_to_critic", "critic_to_refiner", "refiner_to_judger")
+from .selection import DEFAULT_TRANSITIONS
 
 
 @dataclass
@@ -77,67 +72,8 @@ def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
     return copy.copy_(tensor, non_blocking=True)
 
 
-def run_attributes(cfg, lm) -> dict:
-    """Self-description stored with every capture."""
-    device = lm.device
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    knn = cfg.knn_settings() or {}
-    return {
-        "package_version": latentmas.__version__,
-        "command": shlex.join(sys.argv),
-        "model_name": cfg.model_name,
-        "random_weights": cfg.random_weights,
-        "num_layers": lm.num_layers,
-        "num_attention_heads": lm.num_heads,
-        "num_key_value_heads": lm.num_kv_heads,
-        "head_dim": lm.head_dim,
-        "hidden_size": lm.hidden_size,
-        "dtype": str(lm.dtype).removeprefix("torch."),
-        "device": device_name,
-        "method": cfg.method,
-        "task": cfg.task,
-        "prompt": cfg.prompt,
-        "latent_steps": cfg.latent_steps,
-        "latent_space_realign": cfg.latent_space_realign,
-        "knn_filter": cfg.knn_filter,
-        "knn_percentage": knn.get("percentage", 0.0),
-        "knn_min_keep": knn.get("min_keep", 0),
-        "knn_strategy": knn.get("strategy", ""),
-        "knn_score": cfg.knn_score if knn else "",
-        "similarity": cfg.similarity,
-        "seed": cfg.seed,
-        "generate_bs": cfg.generate_bs,
-        "started_at": now(),
-    }
-
-
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def capture_identity(cfg, transitions: tuple[str, ...] | None, capture_dtype: str) -> dict:
-    """The settings a capture file stores and a resume must match (as JSON types, like the file's copy)."""
-    identity = dict(cfg.identity(), transitions="all" if transitions is None else list(transitions),
-                    capture_dtype=capture_dtype)
-    return json.loads(json.dumps(identity, sort_keys=True))
-
-
-def parse_transitions(spec: str | None) -> tuple[str, ...] | None:
-    """'planner_to_critic,critic_to_refiner' -> names; 'all' -> None (every hand-off); None -> the default three."""
-    if spec is None or spec == "":
-        return DEFAULT_TRANSITIONS
-    if spec == "all":
-        return None
-    names = tuple(s.strip() for s in spec.split(",") if s.strip())
-    if not names:
-        raise ValueError(f"--transitions {spec!r} names no hand-off; give names or 'all'")
-    from latentmas.prompts import AGENTS
-
-    known = {handoff_name(a, b) for a, b in zip(AGENTS, AGENTS[1:])}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"unknown transition {unknown[0]!r}; choose from {', '.join(sorted(known))} or all")
-    return names
 
 
 class CaptureRecorder:
@@ -147,7 +83,8 @@ class CaptureRecorder:
     def __init__(self, writer: CaptureWriter, lm, similarity: str = "seed", transitions=DEFAULT_TRANSITIONS):
         self.writer = writer
         self.lm = lm
-        self.similarity = check_mode(similarity)
+        self.mode = get_mode(similarity)
+        self.similarity = self.mode.name
         self.transitions = transitions
         self._pending: list[_Pending] = []
         self._awaiting: list[tuple[object, _Pending]] = []  # (event, entry) whose prefill is still to come
@@ -162,12 +99,17 @@ class CaptureRecorder:
         self._pending, self._awaiting, self._staged = [], [], None
 
     @classmethod
-    def open(cls, path, cfg, lm, transitions=DEFAULT_TRANSITIONS, overwrite=False, dtype="float16", questions=None):
-        """`CaptureWriter.open` with this run's settings; `questions` (number -> question) guard a resume."""
-        identity = capture_identity(cfg, transitions, dtype)
-        writer = CaptureWriter.open(path, run_attributes(cfg, lm), identity, lm.num_layers, dtype, overwrite,
-                                    questions)
-        return cls(writer, lm, cfg.similarity, transitions)
+    def open(cls, path, lm, *, run_attributes: dict, identity: dict, similarity: str = "seed",
+             transitions=DEFAULT_TRANSITIONS, overwrite=False, dtype="float16", questions=None):
+        """`CaptureWriter.open` for a run.
+
+        run_attributes: the run's self-description (stored as the file's attributes, with the
+            similarity mode's own: its value range and colour scale, see `SimilarityMode`).
+        identity: the settings a resume must match. questions (number -> question) guard a resume.
+        """
+        attributes = dict(run_attributes, **get_mode(similarity).file_attributes(), started_at=now())
+        writer = CaptureWriter.open(path, attributes, identity, lm.num_layers, dtype, overwrite, questions)
+        return cls(writer, lm, similarity, transitions)
 
     @property
     def completed_numbers(self) -> set[int]:
@@ -182,8 +124,8 @@ class CaptureRecorder:
         if self.transitions is not None and name not in self.transitions:
             return
         similarities = None
-        if self.similarity not in PREFILL_MODES:
-            similarities = layer_similarities(shared.layer_keys(), event.query, self.similarity)
+        if not self.mode.needs_prefill:
+            similarities = self.mode.score(shared.layer_keys(), event.query)
         pending = _Pending(event.from_agent, event.to_agent, similarities, shared.mask, shared.positions,
                            shared.token_ids, shared.segment_ids, list(shared.segments))
         self._pending.append(pending)
@@ -203,7 +145,7 @@ class CaptureRecorder:
             yield
             return
         self._awaiting = [(e, p) for e, p in self._awaiting if e is not event]
-        probe = PrefillProbe(event.shared, event.prompt_mask, self.similarity)
+        probe = PrefillProbe(event.shared, event.prompt_mask, self.mode)
         if probe.width != entry.mask.shape[1]:
             name = handoff_name(entry.from_agent, entry.to_agent)
             raise RuntimeError(f"{name}: the cache changed between the hand-off and the prefill")

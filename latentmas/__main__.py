@@ -1,5 +1,5 @@
 """`python -m latentmas ...` is the `latentmas` command."""
 
-from latentmas.cli import main
+from latentmas.app.cli import main
 
 main(prog_name="latentmas")

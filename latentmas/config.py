@@ -45,16 +45,17 @@ def _tasks() -> tuple[str, ...]:
 
 def setting(default, help: str, group: str, choices: tuple | Callable[[], tuple] | None = None,
             minimum: float | None = None, maximum: float | None = None, open_min: bool = False,
-            path: bool = False, cli: bool = True):
+            path: bool = False, cli: bool = True, negative: str | None = None):
     """A `RunConfig` field with what the CLI needs to offer it.
 
     minimum/maximum (open_min: the minimum itself excluded) bound numbers; path: an existing
-    file; cli=False: a setting with no command-line option (set from code).
+    file; cli=False: a setting with no command-line option (set from code); negative: the
+    name of the off switch of an on/off setting whose default is None (`--fast_decode/--plain_decode`).
     """
     if group not in GROUPS:
         raise ValueError(f"unknown option group {group!r}; choose from {', '.join(GROUPS)}")
     metadata = dict(help=help, group=group, choices=choices, minimum=minimum, maximum=maximum,
-                    open_min=open_min, path=path, cli=cli)
+                    open_min=open_min, path=path, cli=cli, negative=negative)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -106,7 +107,8 @@ class RunConfig:
                                    "weights needed).", "benchmark-only")
     ignore_eos: bool = setting(False, "Always decode max_new_tokens.", "benchmark-only")
     fast_decode: bool | None = setting(None, "Run decoding and latent steps on a static KV buffer replayed as "
-                                       "a CUDA graph (default: on CUDA only).", "benchmark-only")
+                                       "a CUDA graph (default: on CUDA only).", "benchmark-only",
+                                       negative="plain_decode")
 
     def knn_settings(self) -> dict | None:
         if not self.knn_filter:

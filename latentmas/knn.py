@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import KNN_STRATEGIES
-from .similarity import MODES as SIMILARITY_MODES
+from .similarity import mode_names
 
 
 @dataclass
@@ -19,11 +19,11 @@ class KnnFilter:
     older ones by `strategy`: "top" (most similar to the query), "bottom" (least
     similar) or "random" (seeded per problem, so a batch never changes the pick).
 
-    score: the similarity mode whose middle-layer row ranks the columns ("seed", "query"
-    or "attention", see `capture.similarity`); `latent_mas` computes it before the trim.
-    "query" and "attention" need the incoming prompt's queries, so they cost a scoring
-    pass (`capture.hooks.score_prompt`: the prompt runs on the untrimmed cache up to the
-    middle layer, then the cache is restored). "random" needs no scores at all.
+    score: the similarity mode whose middle-layer row ranks the columns (a name from
+    `latentmas.similarity`); `latent_mas` computes it before the trim. Prefill modes
+    ("query", "attention") need the incoming prompt's queries, so they cost a scoring
+    pass (`latentmas.prefill.score_prompt`: the prompt runs on the untrimmed cache up to
+    the middle layer, then the cache is restored). "random" needs no scores at all.
     """
 
     percentage: float = 0.8
@@ -38,8 +38,8 @@ class KnnFilter:
             raise ValueError(f"knn min_keep must be >= 0, got {self.min_keep}")
         if self.strategy not in KNN_STRATEGIES:
             raise ValueError(f"unknown knn strategy {self.strategy!r}; choose top, bottom or random")
-        if self.score not in SIMILARITY_MODES:
-            raise ValueError(f"unknown knn score {self.score!r}; choose from {', '.join(SIMILARITY_MODES)}")
+        if self.score not in mode_names():
+            raise ValueError(f"unknown knn score {self.score!r}; choose from {', '.join(mode_names())}")
 
     @property
     def needs_scores(self) -> bool:

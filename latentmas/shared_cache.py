@@ -10,16 +10,18 @@ out of attention, so each problem's real columns do not depend on its batch.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
+from .handoff import LATENT, PAD
 from .models import LoadedModel
 
-LATENT = -1  # token id of a latent step's column
-PAD = -2  # token id of a padding column
+__all__ = ["LATENT", "PAD", "SegmentKey", "SharedCache", "cache_kwarg"]
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,24 @@ class SharedCache:
         self.positions = self.positions.gather(1, order).masked_fill(~self.mask, -1)
         self.token_ids = self.token_ids.gather(1, order).masked_fill(~self.mask, PAD)
         self.segment_ids = self.segment_ids.gather(1, order)
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        """Undo whatever the block does to this cache (its columns and every cache layer); copy-free.
+
+        Cache layers grow by concatenation into new tensors and `keep` gathers into new ones,
+        so keeping references to the current tensors is enough to put them back.
+        """
+        state = dict(vars(self))
+        segments = list(self.segments)
+        layers = [(layer, dict(vars(layer))) for layer in self.cache.layers]
+        try:
+            yield
+        finally:
+            for layer, saved in layers:
+                vars(layer).update(saved)
+            vars(self).update(state)
+            self.segments = segments
 
     def real_columns(self, row: int) -> torch.Tensor:
         """Indices of the real columns of one batch element, `[T_row]`."""

@@ -11,78 +11,26 @@ Observers hear of each hand-off twice: `on_handoff(event)` when the cache is
 handed over (before the incoming agent reads it), and, if they define it,
 `watch_prefill(event)`, a context manager wrapped around the incoming agent's
 prompt prefill (for the judger, the prefill before decoding), so hooks can read
-that forward pass (`capture.hooks`).
+that forward pass. The contract is `latentmas.handoff`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
-from capture.hooks import score_prompt
-from capture.similarity import layer_similarities
-
 from ..fast_decode import static_step, use_fast
+from ..handoff import HandoffEvent, HandoffObserver, watch_prefill
 from ..knn import KnnFilter
+from ..prefill import score_prompt
 from ..prompts import AGENTS, agent_prompt
 from ..realign import LatentInput
 from ..shared_cache import LATENT, SegmentKey, SharedCache
+from ..similarity import get_mode
 from .common import AgentTurn, decode_turn, encode, finish, generators_for
 
-
-@dataclass
-class HandoffEvent:
-    """The moment `to_agent` takes over the shared cache from `from_agent`.
-
-    query: [batch, hidden], mean input embedding of `to_agent`'s prompt (real tokens only).
-    prompt_ids / prompt_mask: [batch, n], `to_agent`'s left-padded prompt.
-    """
-
-    from_agent: str
-    to_agent: str
-    shared: SharedCache
-    query: torch.Tensor
-    prompt_ids: torch.Tensor
-    prompt_mask: torch.Tensor
-    problems: list
-
-
-class HandoffObserver(Protocol):
-    """Told of every hand-off, after any kNN trim and before `to_agent` prefills its prompt.
-
-    An observer may also define `watch_prefill(event) -> AbstractContextManager` (see
-    `PrefillObserver`) and `while_decoding()`, called once while the judger decodes, after
-    its prefill, when the device has work queued (host work there overlaps it). Both are
-    optional, and observers without them work as before.
-    """
-
-    def on_handoff(self, event: HandoffEvent) -> None: ...
-
-
-class PrefillObserver(HandoffObserver, Protocol):
-    """A `HandoffObserver` that also reads the incoming agent's prompt prefill.
-
-    `watch_prefill(event)` is called right after `on_handoff(event)`, with the same event;
-    the context manager it returns is entered around exactly one forward pass: `to_agent`'s
-    prompt prefill on `event.shared` (the judger's included, inside `decode_turn`). When it
-    exits, the prefill has run and the prompt's columns follow the hand-off's T columns in
-    the cache. Nothing else (latent steps, decoding) runs inside it.
-    """
-
-    def watch_prefill(self, event: HandoffEvent) -> AbstractContextManager: ...
-
-
-def watch_prefill(observer, event: HandoffEvent | None) -> AbstractContextManager:
-    """The observer's `watch_prefill(event)`, or a no-op when there is no event or no such method."""
-    watch = getattr(observer, "watch_prefill", None)
-    if event is None or watch is None:
-        return contextlib.nullcontext()
-    return watch(event)
+SHARES_CACHE = True  # agents read one KV cache: the method capture watches
 
 
 def mean_embedding(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -111,17 +59,19 @@ def knn_filter_of(cfg) -> KnnFilter | None:
 def knn_scores(lm, shared: SharedCache, knn: KnnFilter, query, prompt_embeds, ids, mask, agent: str):
     """The middle layer's `knn.score` similarities of the cache's columns for `agent`'s prompt: `[batch, T]`.
 
-    "seed" needs only the mean prompt embedding `query` [batch, hidden]. "query" and "attention"
-    run a scoring pass (`capture.hooks.score_prompt`): the prompt (`prompt_embeds` [batch, n, hidden])
-    is prefilled on the untrimmed cache through the middle layer, then the cache is restored.
-    That costs about half a prompt prefill per hand-off on top of the real one. "random" ignores scores.
+    A hand-off mode ("seed") needs only the mean prompt embedding `query` [batch, hidden]. A prefill
+    mode ("query", "attention") runs a scoring pass (`latentmas.prefill.score_prompt`): the prompt
+    (`prompt_embeds` [batch, n, hidden]) is prefilled on the untrimmed cache through the middle layer,
+    then the cache is restored. That costs about half a prompt prefill per hand-off on top of the real
+    one. "random" ignores scores.
     """
     middle = lm.num_layers // 2
     if not knn.needs_scores:
         return torch.zeros(shared.mask.shape, dtype=torch.float32, device=shared.mask.device)
-    if knn.score == "seed":
-        return layer_similarities([shared.layer_keys()[middle]], query)[:, 0, :]
-    return score_prompt(shared, prompt_embeds, mask, ids, SegmentKey(agent, "prompt"), knn.score, middle)
+    mode = get_mode(knn.score)
+    if not mode.needs_prefill:
+        return mode.score([shared.layer_keys()[middle]], query)[:, 0, :]
+    return score_prompt(shared, prompt_embeds, mask, ids, SegmentKey(agent, "prompt"), mode, middle)
 
 
 @torch.no_grad()

@@ -11,13 +11,13 @@ Families: `numeric` (gsm8k, aime2024, aime2025) and `choice` (gpqa, medqa,
 arc_easy, arc_challenge). No torch or transformers imports here.
 """
 
-from . import choice, numeric  # noqa: F401  (importing registers the tasks)
-from .base import TASK_NAMES, HubSpec, Problem, Task, TaskDataError, get_task
+from . import numeric  # noqa: F401, I001  (importing registers the tasks, in this order)
+from . import choice  # noqa: F401
+from .base import HubSpec, Problem, Task, TaskDataError, get_task, register, task_names
 from .loading import load_problems
 
-
-def task_names() -> tuple[str, ...]:
-    return TASK_NAMES
+TASK_NAMES = task_names()  # the built-in tasks; a task is one `register(Task(...))` in a family module
 
 
-__all__ = ["Problem", "Task", "HubSpec", "get_task", "TASK_NAMES", "load_problems", "TaskDataError"]
+__all__ = ["Problem", "Task", "HubSpec", "get_task", "TASK_NAMES", "task_names", "register", "load_problems",
+           "TaskDataError"]

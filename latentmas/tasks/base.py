@@ -11,19 +11,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-TASK_NAMES: tuple[str, ...] = (
-    "gsm8k",
-    "gpqa",
-    "medqa",
-    "arc_easy",
-    "arc_challenge",
-    "aime2024",
-    "aime2025",
-)
-
-
 class TaskDataError(ValueError):
-    """Any bad input to the task layer; the message is a single line."""
+    """Any bad input to the task layer; the message is made a single line."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
 
 
 @dataclass(frozen=True)
@@ -90,11 +82,16 @@ def register(task: Task) -> Task:
     return task
 
 
+def task_names() -> tuple[str, ...]:
+    """Every registered task, in registration order."""
+    return tuple(_REGISTRY)
+
+
 def get_task(name: str) -> Task:
     """Return the registered task called `name`, or raise TaskDataError."""
     key = name.strip().lower() if isinstance(name, str) else name
     if key not in _REGISTRY:
-        raise TaskDataError(f"unknown task {name!r}; choose from {', '.join(TASK_NAMES)}")
+        raise TaskDataError(f"unknown task {name!r}; choose from {', '.join(task_names())}")
     return _REGISTRY[key]
 
 

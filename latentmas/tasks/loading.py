@@ -19,7 +19,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from capture.text import one_line
 
 from .base import Problem, Task, TaskDataError, get_task
 
@@ -89,7 +88,7 @@ def read_records(path: str | os.PathLike[str], display: str | None = None) -> li
     except FileNotFoundError:
         raise TaskDataError(f"data file not found: {shown}") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise TaskDataError(f"{shown}: cannot read file ({one_line(error)})") from None
+        raise TaskDataError(f"{shown}: cannot read file ({error or type(error).__name__})") from None
     if not text.strip():
         raise TaskDataError(f"{shown}: file is empty; expected JSON or JSONL problem records")
     items = _json_document(text, shown)
@@ -216,7 +215,7 @@ def to_problems(
         except KeyError as error:
             raise TaskDataError(f"{where}: missing field {error.args[0]!r} for task {task.name}") from None
         except (ValueError, TypeError, AttributeError) as error:
-            raise TaskDataError(f"{where}: bad record for task {task.name} ({one_line(error)})") from None
+            raise TaskDataError(f"{where}: bad record for task {task.name} ({error or type(error).__name__})") from None
         parsed.append((question, gold, source or where))
     if max_samples >= 0:
         parsed = parsed[:max_samples]

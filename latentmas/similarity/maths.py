@@ -1,23 +1,17 @@
-"""How an incoming agent's query relates to each cached token, per layer (torch, on the device).
+"""The tensor maths behind the similarity modes (torch, on the device, no host synchronisation).
 
-Three modes (`MODES`), all `[batch, num_layers, T]` float32 over the T cache columns that
-exist at a hand-off:
+All results are float32 over the T cache columns that exist at a hand-off:
 
-- "seed": the seed's cosine between the incoming agent's mean prompt input embedding (cut
-  into head-sized chunks and averaged) and head-averaged keys. Known at the hand-off
-  (`layer_similarities`).
-- "query": the cosine between the incoming agent's real attention queries (layer input norm
-  -> q_proj -> q_norm -> RoPE at the tokens' positions) and the cached keys of each query
-  head's own GQA group, averaged over real prompt tokens and heads; in [-1, 1]
-  (`query_similarities` = `mean_unit_query` then `key_similarities`, one layer at a time).
-- "attention": the attention probability each cached column receives from the incoming
-  agent's real prompt tokens, as the model computes it (softmax over the cache plus the
-  causal prompt part, scaled by `module.scaling`), averaged over heads and real prompt
-  tokens; in [0, 1], each row sums to at most 1 (`attention_received`, one layer at a time).
+- `layer_similarities`: the seed's cosine between the incoming agent's mean prompt input
+  embedding (cut into head-sized chunks and averaged) and head-averaged keys, `[batch, L, T]`.
+- `query_similarities` (= `mean_unit_query` then `key_similarities`): the cosine between the
+  incoming agent's real attention queries and the cached keys of each query head's own GQA
+  group, averaged over real prompt tokens and heads, one layer, `[batch, T]` in [-1, 1].
+- `attention_received`: the attention probability each cached column receives from the
+  incoming agent's real prompt tokens, as the model computes it, one layer, `[batch, T]` in [0, 1].
 
-"query" and "attention" need the incoming agent's prefill; `capture.hooks` collects them
-from it. The functions here are tensor maths with no host synchronisation; `fused` runs a
-function through torch.compile on CUDA.
+`fused` runs a function through torch.compile on CUDA. The modes that use these live in
+`seed.py`, `query.py` and `attention.py`; `latentmas.prefill` collects a prefill's queries.
 """
 
 from __future__ import annotations
@@ -30,8 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch.torch_version import TorchVersion
 
-MODES = ("seed", "query", "attention")
-PREFILL_MODES = ("query", "attention")  # modes computed from the incoming agent's prefill
 
 # Largest score block (elements) `attention_received` materialises at once; bigger layers are
 # chunked over kv-head groups so the fp32 scores stay a few hundred MiB at most.
@@ -81,12 +73,6 @@ def fused(fn: Callable) -> Callable:
     return run
 
 
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"unknown similarity mode {mode!r}; choose from {', '.join(MODES)}")
-    return mode
-
-
 def reduce_query(query: torch.Tensor, head_dim: int) -> torch.Tensor:
     """[batch, hidden] -> [batch, head_dim]: cut into head-sized chunks and average them.
 
@@ -98,7 +84,7 @@ def reduce_query(query: torch.Tensor, head_dim: int) -> torch.Tensor:
     return query.reshape(batch, hidden // head_dim, head_dim).mean(dim=1, dtype=torch.float32)
 
 
-def layer_similarities(keys: Sequence[torch.Tensor], query: torch.Tensor, mode: str = "seed") -> torch.Tensor:
+def layer_similarities(keys: Sequence[torch.Tensor], query: torch.Tensor) -> torch.Tensor:
     """Cosine similarity between the query and every cached key, at every layer.
 
     keys: one tensor per layer, `[batch, kv_heads, T, head_dim]` (a cache's keys).
@@ -106,14 +92,8 @@ def layer_similarities(keys: Sequence[torch.Tensor], query: torch.Tensor, mode: 
     Returns float32 `[batch, num_layers, T]` in [-1, 1], computed on the keys'
     device in fp32 with no host synchronisation.
 
-    mode "seed": keys averaged over heads, query reduced to head_dim (`reduce_query`).
-    The other modes need the incoming agent's prefill: see `query_similarities`,
-    `attention_received` and `capture.hooks`.
+    Keys are averaged over heads, the query reduced to head_dim (`reduce_query`).
     """
-    check_mode(mode)
-    if mode != "seed":
-        raise ValueError(f"similarity mode {mode!r} needs the incoming agent's prefill, not just its mean "
-                         "embedding: collect it with capture.hooks.PrefillProbe")
     if not keys:
         raise ValueError("layer_similarities needs at least one layer of keys")
     head_dim = keys[0].shape[-1]

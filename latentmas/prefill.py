@@ -1,10 +1,10 @@
-"""Reading an agent's prompt prefill: the `query` and `attention` similarities, layer by layer.
+"""Reading an agent's prompt prefill: prefill similarity modes (`query`, `attention`), layer by layer.
 
 kvpress-style: `PrefillProbe` is a context manager that registers forward hooks on every
 watched decoder layer's attention module and removes them when it closes. Wrap it around
 exactly one forward pass of the incoming agent's prompt on the shared cache:
 
-    probe = PrefillProbe(shared, prompt_mask, "attention")   # before the prefill
+    probe = PrefillProbe(shared, prompt_mask, get_mode("attention"))   # before the prefill
     with probe:
         shared.extend(embed(ids), prompt_mask, ids, SegmentKey(agent, "prompt"))
     probe.result()   # [batch, num_layers, T], T = shared.length before the prefill
@@ -15,26 +15,73 @@ the layer's input -> input norm -> q_proj -> q_norm, and a hook (with kwargs) on
 module itself takes the `position_embeddings` (cos, sin at the tokens' real positions) it was
 called with, applies RoPE with the modeling file's own `apply_rotary_pos_emb`, and reads the
 layer's keys from the cache, which by then holds the T cached columns followed by the
-prompt's n columns. `capture.similarity` reduces them to a `[batch, T]` row per layer; the
+prompt's n columns. The mode's `score` reduces them to a `[batch, T]` row per layer; the
 layers are reduced a few at a time as their hooks fire, on the device, with no host sync and
 no extra model work (no second forward pass, no recomputed projection). On CUDA the `query`
-reduction, RoPE included, is one compiled function (`rotated_query_similarities`).
+reduction, RoPE included, is one compiled function (`similarity.query.rotated_query_similarities`).
 
 `score_prompt` is the kNN scoring pass: the prompt runs on the cache up to one layer, that
-layer's scores are kept, and the cache is put back as it was (`restored`).
+layer's scores are kept, and the cache is put back as it was (`SharedCache.restored`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Iterable, Iterator
-from functools import partial
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cached_property, partial
 
 import torch
 
-from .similarity import (PREFILL_MODES, attention_bias, attention_received, fused, key_similarities,
-                         mean_unit_query)
+from .similarity import PrefillMode
+from .similarity.maths import attention_bias
+
+
+@dataclass
+class StackedMasks:
+    """A prefill's masks repeated for a number of stacked layers: prompt_mask `[batch', n]`, kv_mask
+    `[batch', T]` (bool), and the additive attention mask made from them on first use."""
+
+    prompt_mask: torch.Tensor
+    kv_mask: torch.Tensor
+
+    @cached_property
+    def bias(self) -> torch.Tensor:
+        """`[batch', 1, 1, n, T + n]` fp32 (`similarity.maths.attention_bias`)."""
+        return attention_bias(self.prompt_mask, self.kv_mask)
+
+
+@dataclass
+class PrefillLayers:
+    """What a prefill mode scores: one or several layers of one prefill, stacked along the batch axis.
+
+    queries: `[batch', n, heads, head_dim]`, the model's own pre-RoPE queries (after q_norm).
+    cos, sin: `[batch', n, head_dim]`, the RoPE at the prompt tokens' positions; rope: the modeling
+        file's `apply_rotary_pos_emb(q, k, cos, sin)`.
+    keys: `[batch', kv_heads, T + n, head_dim]`, the layer's cache right after the prefill.
+    masks: prompt_mask `[batch', n]` (False: left padding), kv_mask `[batch', T]`, bias.
+    scaling: the attention module's softmax scaling.
+    """
+
+    queries: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    rope: Callable
+    keys: torch.Tensor
+    masks: StackedMasks
+    scaling: float
+
+    @property
+    def prompt_mask(self) -> torch.Tensor:
+        return self.masks.prompt_mask
+
+    @property
+    def kv_mask(self) -> torch.Tensor:
+        return self.masks.kv_mask
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.masks.bias
 
 
 class ProbeDone(Exception):
@@ -82,7 +129,7 @@ class PrefillProbe:
     shared: the `SharedCache` the prompt is about to be prefilled on; its length T and mask
             are taken now, at construction (the hand-off), and define the result's columns.
     prompt_mask: `[batch, n]` bool, the prompt's left padding (False = padding).
-    mode: "query" or "attention" (see `capture.similarity`).
+    mode: a `PrefillMode` (`latentmas.similarity.get_mode("query")`, ...).
     layers: the layer indices to watch (default: all).
     stop_after_last: raise `ProbeDone` once the last watched layer is done, so the rest of
             the model does not run; the probe's `with` block swallows it (scoring passes).
@@ -95,10 +142,10 @@ class PrefillProbe:
     stays on the device. `result()` -> float32 `[batch, len(layers), T]`.
     """
 
-    def __init__(self, shared, prompt_mask: torch.Tensor, mode: str, layers: Iterable[int] | None = None,
+    def __init__(self, shared, prompt_mask: torch.Tensor, mode: PrefillMode, layers: Iterable[int] | None = None,
                  stop_after_last: bool = False):
-        if mode not in PREFILL_MODES:
-            raise ValueError(f"PrefillProbe computes {' and '.join(PREFILL_MODES)}, not {mode!r}")
+        if not isinstance(mode, PrefillMode):
+            raise ValueError(f"PrefillProbe reads prefill modes, not {mode!r}")
         self.shared = shared
         self.mode = mode
         self.prompt_mask = prompt_mask.to(torch.bool)
@@ -110,18 +157,14 @@ class PrefillProbe:
             raise ValueError(f"layers {layers} are not within the model's {len(self._modules)} layers")
         self.stop_after_last = stop_after_last
         self._sources = {i: _query_source(self._modules[i]) for i in self.layers}
-        if mode == "attention":
-            for i in self.layers:
-                _check_plain_softmax(self._modules[i], i)
+        for i in self.layers:
+            mode.check_layer(self._modules[i], i)
         module = self._modules[self.layers[0]]
         self._head_dim = shared.lm.head_dim
         self._rope = _rope_function(module)
         batch, n = self.prompt_mask.shape
         lm = shared.lm
-        if mode == "attention":
-            per_layer = batch * lm.num_heads * n * (self.width + n)
-        else:
-            per_layer = batch * (lm.num_kv_heads * (self.width + n) + lm.num_heads * n) * self._head_dim
+        per_layer = mode.elements_per_layer(batch, n, self.width, lm)
         self._chunk = max(1, LAYER_CHUNK_ELEMENTS // max(per_layer, 1))
         self._queries: dict[int, torch.Tensor] = {}  # layer -> pre-RoPE queries, until its attention hook
         self._group: list[tuple] = []  # (layer, queries, keys) waiting to be reduced together
@@ -129,7 +172,7 @@ class PrefillProbe:
         self._done: list[int] = []
         self._chunks: list[torch.Tensor] = []  # [layers in chunk, batch, T]
         self._handles: list = []
-        self._mask_cache: dict[int, tuple] = {}
+        self._mask_cache: dict[int, StackedMasks] = {}
 
     def __enter__(self) -> PrefillProbe:
         for i in self.layers:
@@ -188,22 +231,14 @@ class PrefillProbe:
         keys = stack([k for _, _, k in group]).reshape(count * batch, *group[0][2].shape[1:])
         if count > 1:
             cos, sin = cos.repeat(count, 1, 1), sin.repeat(count, 1, 1)
-        prompt_mask, kv_mask, bias = self._masks(count)
-        if self.mode == "query":
-            result = rotated_query_similarities(queries, cos, sin, prompt_mask, keys, kv_mask, self._rope)
-        else:
-            result = attention_received(rotated(queries, cos, sin, self._rope), keys, prompt_mask, kv_mask, scaling,
-                                        bias)
+        result = self.mode.score(PrefillLayers(queries, cos, sin, self._rope, keys, self._masks(count), scaling))
         self._chunks.append(result.view(count, batch, -1))
         self._done.extend(index for index, _, _ in group)
 
-    def _masks(self, count: int):
-        """prompt_mask, kv_mask (and the attention bias) repeated for `count` stacked layers, made once."""
+    def _masks(self, count: int) -> StackedMasks:
+        """The masks repeated for `count` stacked layers, made once per count."""
         if count not in self._mask_cache:
-            prompt_mask = self.prompt_mask.repeat(count, 1)
-            kv_mask = self.kv_mask.repeat(count, 1)
-            bias = attention_bias(prompt_mask, kv_mask) if self.mode == "attention" else None
-            self._mask_cache[count] = (prompt_mask, kv_mask, bias)
+            self._mask_cache[count] = StackedMasks(self.prompt_mask.repeat(count, 1), self.kv_mask.repeat(count, 1))
         return self._mask_cache[count]
 
     def _position_embeddings(self, module, hidden, args, kwargs):
@@ -227,24 +262,6 @@ class PrefillProbe:
         return torch.cat(self._chunks, dim=0).transpose(0, 1)
 
 
-def rotated(queries: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope) -> torch.Tensor:
-    """Pre-RoPE queries `[batch, n, heads, head_dim]` -> `[batch, heads, n, head_dim]` after the model's own
-    `rope(q, k, cos, sin)` (cos, sin `[batch, n, head_dim]`); its key output (one head) is unused."""
-    queries = queries.transpose(1, 2)
-    return rope(queries, queries[:, :1], cos, sin)[0]
-
-
-@fused
-def rotated_query_similarities(queries: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, prompt_mask: torch.Tensor,
-                               keys: torch.Tensor, kv_mask: torch.Tensor, rope) -> torch.Tensor:
-    """`query_similarities` of pre-RoPE queries `[batch, n, heads, head_dim]` (`rotated` here) with the
-    first T = kv_mask.shape[1] columns of the layer's keys `[batch, kv_heads, T + n, head_dim]` (the
-    cache right after the prefill) -> fp32 `[batch, T]`. On CUDA one compiled function (`fused`):
-    the compiler fuses RoPE, norms and products into a few kernels."""
-    cached = keys[:, :, :kv_mask.shape[1]]
-    return key_similarities(mean_unit_query(rotated(queries, cos, sin, rope), prompt_mask), cached, kv_mask)
-
-
 def _pre_rope_queries(module: torch.nn.Module, hidden_states: torch.Tensor, head_dim: int) -> torch.Tensor:
     """q_proj then q_norm (if any) of `hidden_states` [batch, n, hidden] -> [batch, n, heads, head_dim]."""
     batch, n, _ = hidden_states.shape
@@ -256,38 +273,8 @@ def _pre_rope_queries(module: torch.nn.Module, hidden_states: torch.Tensor, head
     return q.view(batch, n, -1, head_dim)
 
 
-def _check_plain_softmax(module, index: int) -> None:
-    """`attention_received` rebuilds plain causal softmax attention; refuse modules that do more."""
-    config = getattr(module, "config", None)
-    if getattr(module, "sliding_window", None):
-        raise ValueError(f"layer {index} uses sliding-window attention, which 'attention' similarity does not model")
-    if getattr(module, "sinks", None) is not None:
-        raise ValueError(f"layer {index} has attention sinks, which 'attention' similarity does not model")
-    if getattr(config, "attn_logit_softcapping", None):
-        raise ValueError(f"layer {index} soft-caps attention logits, which 'attention' similarity does not model")
-
-
-@contextlib.contextmanager
-def restored(shared) -> Iterator[None]:
-    """Undo whatever the block does to `shared` (its columns and every cache layer); copy-free.
-
-    Cache layers grow by concatenation into new tensors, so keeping references to the old
-    ones is enough to put them back.
-    """
-    state = dict(vars(shared))
-    segments = list(shared.segments)
-    layers = [(layer, dict(vars(layer))) for layer in shared.cache.layers]
-    try:
-        yield
-    finally:
-        for layer, saved in layers:
-            vars(layer).update(saved)
-        vars(shared).update(state)
-        shared.segments = segments
-
-
 def score_prompt(shared, embeds: torch.Tensor, prompt_mask: torch.Tensor, prompt_ids: torch.Tensor, segment,
-                 mode: str, layer: int) -> torch.Tensor:
+                 mode: PrefillMode, layer: int) -> torch.Tensor:
     """kNN scores of the cache's T columns for an incoming prompt, at one layer: `[batch, T]`.
 
     A scoring pass: the prompt (`embeds` [batch, n, hidden], left-padded) is prefilled on the
@@ -296,6 +283,6 @@ def score_prompt(shared, embeds: torch.Tensor, prompt_mask: torch.Tensor, prompt
     (layer + 1) / num_layers of a prompt prefill.
     """
     probe = PrefillProbe(shared, prompt_mask, mode, layers=[layer], stop_after_last=True)
-    with restored(shared), probe:
+    with shared.restored(), probe:
         shared.extend(embeds, prompt_mask, prompt_ids, segment)
     return probe.result()[:, 0]

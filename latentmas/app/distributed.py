@@ -5,7 +5,7 @@ The ranks only exchange small control messages (the problems already done, error
 per-rank counts) as Python objects; the process group is `cpu:gloo,cuda:nccl` when the
 model runs on CUDA (object collectives then go through gloo on the CPU, so no GPU work
 waits on them) and plain `gloo` on the CPU. Each rank loads the model on its own GPU
-(`cuda:LOCAL_RANK`) and solves a disjoint share of the problems; see `latentmas.runner`.
+(`cuda:LOCAL_RANK`) and solves a disjoint share of the problems; see `latentmas.app.run`.
 
 A `Group` with world size 1 needs no process group at all: every collective is local.
 """
@@ -201,8 +201,8 @@ def _rebuild(kind: str, message: str) -> Exception:
     """A peer's error as an exception the CLI turns into one line (known kinds), else RuntimeError."""
     from capture.format import CaptureConfigMismatch, CaptureError
 
-    from .models import ModelLoadError
-    from .tasks import TaskDataError
+    from ..models import ModelLoadError
+    from ..tasks import TaskDataError
 
     known = {cls.__name__: cls for cls in (CaptureConfigMismatch, CaptureError, ModelLoadError, TaskDataError,
                                             ValueError)}
