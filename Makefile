@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # The CPU build of torch: an unpinned `torch` pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test demo render-demo bench clean help
+.PHONY: install test lint demo render-demo bench clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -33,3 +33,6 @@ bench:  ## CPU benchmarks (render speed, capture overhead)
 
 clean:  ## remove run outputs (keeps .venv)
 	rm -rf runs captures charts/*.png charts/*.svg charts/*.pdf
+
+lint: install  ## ruff over the whole tree
+	$(VENV)/bin/ruff check .

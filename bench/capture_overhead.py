@@ -19,8 +19,8 @@ from pathlib import Path
 import click
 from common import alternating_passes, machine, run_pass, speed_config
 
-from latentmas.similarity import MODES as SIMILARITY_MODES
 from latentmas.models import load_model
+from latentmas.similarity import mode_names
 from latentmas.tasks import get_task, load_problems
 
 
@@ -39,9 +39,9 @@ from latentmas.tasks import get_task, load_problems
 def main(model_name, random_weights, data_file, num_problems, repeats, generate_bs, latent_steps, max_new_tokens,
          similarity, device):
     modes = [m.strip() for m in similarity.split(",")]
-    unknown = sorted(set(modes) - set(SIMILARITY_MODES))
+    unknown = sorted(set(modes) - set(mode_names()))
     if unknown:
-        raise click.BadParameter(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(SIMILARITY_MODES)}",
+        raise click.BadParameter(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(mode_names())}",
                                  param_hint="--similarity")
     configs = {mode: speed_config(model_name=model_name, random_weights=random_weights, data_file=data_file,
                                   latent_steps=latent_steps, max_new_tokens=max_new_tokens, generate_bs=generate_bs,

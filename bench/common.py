@@ -6,15 +6,16 @@ import contextlib
 import sys
 import time
 from dataclasses import dataclass
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from capture.recorder import CaptureRecorder  # noqa: E402
-from latentmas.methods import common, get_method  # noqa: E402
+from capture.recorder import CaptureRecorder
+from latentmas.app.recording import open_recorder
+from latentmas.methods import common, get_method
 
 
 def sync(device) -> None:
@@ -78,7 +79,8 @@ def run_pass(lm, problems, task, cfg, capture_path: Path | None = None, timed: b
     """
     solve = get_method(cfg.method)
     recorder_class = TimedRecorder if timed else CaptureRecorder
-    recorder = recorder_class.open(capture_path, cfg, lm, overwrite=True) if capture_path else None
+    recorder = (open_recorder(capture_path, cfg, lm, overwrite=True, recorder_class=recorder_class)
+                if capture_path else None)
     judger_seconds = [0.0]
     original_generate = common.generate
 

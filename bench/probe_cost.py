@@ -20,10 +20,11 @@ import click
 import torch
 from common import machine, rotations, sync
 
-from capture import hooks, similarity
-from capture.hooks import PrefillProbe, restored
+from latentmas import prefill as hooks
 from latentmas.models import load_model
+from latentmas.prefill import PrefillProbe
 from latentmas.shared_cache import SegmentKey, SharedCache
+from latentmas.similarity import maths as similarity
 
 
 def _prompt(lm, batch: int, n: int, seed: int):
@@ -39,7 +40,7 @@ def _prefill(shared, prompt, variant: str, chunk: int, fused: bool = True):
     devices = similarity.FUSED_DEVICE_TYPES if fused else ()
     with mock.patch.object(hooks, "LAYER_CHUNK_ELEMENTS", chunk), mock.patch.object(similarity, "FUSED_DEVICE_TYPES",
                                                                                     devices), \
-            torch.no_grad(), restored(shared):
+            torch.no_grad(), shared.restored():
         probe = None if variant == "off" else PrefillProbe(shared, mask, variant)  # reads the chunk size
         with probe or contextlib.nullcontext():
             shared.extend(embeds, mask, ids, SegmentKey("critic", "prompt"))
@@ -100,7 +101,8 @@ def main(model_name, random_weights, cache_tokens, prompt_tokens, batch, repeats
         print(f"{_label(variant)}: {median * 1000:8.2f} ms per prefill "
               f"(+{(median - off) * 1000:.2f} ms){peak}")
     if profile:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if lm.device.type == "cuda" else [])
         for variant in ("off", "query", "attention"):

@@ -33,8 +33,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from capture.format import CaptureReader, CaptureWriter, Handoff, ProblemRecord, Segment  # noqa: E402
-from render.batch import render_capture  # noqa: E402
+from capture.format import CaptureReader, CaptureWriter, Handoff, ProblemRecord, Segment
+from render.batch import render_capture
 
 AGENTS = ("planner", "critic", "refiner", "judger")
 MATPLOTLIB_MAX_PX = 2 ** 16

@@ -12,7 +12,6 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 from .fast_decode import static_step, use_fast
 from .shared_cache import SegmentKey, SharedCache
 
-
 # Decoding checks for end of turn (a host sync) every CHECK_EVERY tokens. `while_decoding` runs
 # after OVERLAP_AFTER steps are queued, just before the second check, so that steps 8..14
 # (~60 ms of a 4B model's decoding) are still queued.

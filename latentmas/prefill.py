@@ -33,7 +33,7 @@ from functools import cached_property, partial
 
 import torch
 
-from .similarity import PrefillMode
+from .similarity import PrefillMode, get_mode
 from .similarity.maths import attention_bias
 
 
@@ -129,7 +129,7 @@ class PrefillProbe:
     shared: the `SharedCache` the prompt is about to be prefilled on; its length T and mask
             are taken now, at construction (the hand-off), and define the result's columns.
     prompt_mask: `[batch, n]` bool, the prompt's left padding (False = padding).
-    mode: a `PrefillMode` (`latentmas.similarity.get_mode("query")`, ...).
+    mode: a `PrefillMode` or its name ("query", "attention"; see `latentmas.similarity`).
     layers: the layer indices to watch (default: all).
     stop_after_last: raise `ProbeDone` once the last watched layer is done, so the rest of
             the model does not run; the probe's `with` block swallows it (scoring passes).
@@ -144,8 +144,10 @@ class PrefillProbe:
 
     def __init__(self, shared, prompt_mask: torch.Tensor, mode: PrefillMode, layers: Iterable[int] | None = None,
                  stop_after_last: bool = False):
+        if isinstance(mode, str):
+            mode = get_mode(mode)
         if not isinstance(mode, PrefillMode):
-            raise ValueError(f"PrefillProbe reads prefill modes, not {mode!r}")
+            raise ValueError(f"PrefillProbe reads modes computed from a prefill, not {mode!r}")
         self.shared = shared
         self.mode = mode
         self.prompt_mask = prompt_mask.to(torch.bool)
@@ -274,7 +276,7 @@ def _pre_rope_queries(module: torch.nn.Module, hidden_states: torch.Tensor, head
 
 
 def score_prompt(shared, embeds: torch.Tensor, prompt_mask: torch.Tensor, prompt_ids: torch.Tensor, segment,
-                 mode: PrefillMode, layer: int) -> torch.Tensor:
+                 mode: PrefillMode | str, layer: int) -> torch.Tensor:
     """kNN scores of the cache's T columns for an incoming prompt, at one layer: `[batch, T]`.
 
     A scoring pass: the prompt (`embeds` [batch, n, hidden], left-padded) is prefilled on the

@@ -9,6 +9,7 @@ with the 'spawn' method (safe with h5py, and the same on every OS).
 from __future__ import annotations
 
 import difflib
+import math
 import multiprocessing
 import os
 import re
@@ -19,14 +20,19 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from capture.format import CaptureError, CaptureReader, Handoff, number_ranges
+from capture.selection import parse_problem_spec, parse_transitions
 from capture.text import one_line
 
-from .colormaps import DEFAULT_MODE, DEFAULT_SINGLE_CMAP, UnknownColormap, check_cmap
-from .figures import DEFAULT_DPI, multi_layer_heatmap, pretty_handoff, save_figure, single_layer_strip
+from .colormaps import DEFAULT_SINGLE_CMAP, ModeScale, UnknownColormap, as_mode_scale, check_cmap
+from .figures import DEFAULT_DPI, pretty_handoff, save_figure
+from .kinds import get_kind, kind_names
 from .layout import max_labelled_tokens
 
-KINDS = ("multi", "single")
+KINDS = ("multi", "single")  # the seed's two figures, drawn by default
 FORMATS = ("png", "svg", "pdf")
+
+__all__ = ["parse_problem_spec", "parse_transitions", "render_capture", "RenderError", "RenderOptions",
+           "figure_filename", "build_figure"]
 
 
 class RenderError(CaptureError):
@@ -40,43 +46,6 @@ class RenderError(CaptureError):
         self.written = list(written)
 
 
-# -- parsing -----------------------------------------------------------------------------
-
-def parse_problem_spec(spec: str | Iterable[int] | None) -> set[int] | None:
-    """'1-5,9' -> {1, 2, 3, 4, 5, 9}; None or '' -> None (all problems). Raises ValueError."""
-    if spec is None:
-        return None
-    if not isinstance(spec, str):
-        return {int(n) for n in spec}
-    if not spec.strip():
-        return None
-    numbers: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
-        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
-        if not match:
-            raise ValueError(f"bad problem spec {spec!r}: {part!r} is not a number or a range like 1-5")
-        first = int(match.group(1))
-        last = int(match.group(2)) if match.group(2) is not None else first
-        if last < first:
-            raise ValueError(f"bad problem spec {spec!r}: range {part!r} runs backwards")
-        if last - first > 1_000_000:
-            raise ValueError(f"bad problem spec {spec!r}: range {part!r} is too large")
-        numbers.update(range(first, last + 1))
-    return numbers
-
-
-def parse_transitions(spec: str | Iterable[str] | None) -> list[str] | None:
-    """'planner_to_critic, critic_to_refiner' -> list of names; None, '' or 'all' -> None (all)."""
-    if spec is None:
-        return None
-    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
-    names = [n for n in names if n]
-    if not names or names == ["all"]:
-        return None
-    return names
-
-
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "unnamed"
 
@@ -84,10 +53,10 @@ def _safe(name: str) -> str:
 def figure_filename(kind: str, handoff: str, problem: int, fmt: str = "png", occurrence: int = 1) -> str:
     """File name of one figure, as in the reference: 'heatmap_planner_to_critic_problem3.png'.
 
-    kind 'single' gives 'heatmap_singlelayer_planner_to_critic_problem3.png'. A hand-off that
-    occurs again in the same problem gets '_2', '_3', ... after the problem number.
+    The kind's prefix starts it (kind 'single': 'heatmap_singlelayer_planner_to_critic_problem3.png').
+    A hand-off that occurs again in the same problem gets '_2', '_3', ... after the problem number.
     """
-    prefix = "heatmap_singlelayer_" if kind == "single" else "heatmap_"
+    prefix = get_kind(kind).prefix
     suffix = f"_{occurrence}" if occurrence > 1 else ""
     return f"{prefix}{_safe(handoff)}_problem{int(problem)}{suffix}.{fmt}"
 
@@ -99,13 +68,15 @@ class RenderOptions:
     """How figures are drawn and written (picklable, sent to workers)."""
 
     kinds: tuple[str, ...] = KINDS
-    cmap: str | None = None
-    single_cmap: str = DEFAULT_SINGLE_CMAP
+    cmaps: tuple[tuple[str, str], ...] = ()  # (kind, colormap) pairs; a kind not named draws its default
     vmin: float | None = None
     vmax: float | None = None
     dpi: float = DEFAULT_DPI
     fmt: str = "png"
     token_labels: bool = False
+
+    def cmap(self, kind: str) -> str | None:
+        return dict(self.cmaps).get(kind)
 
 
 @dataclass(frozen=True)
@@ -117,7 +88,7 @@ class Task:
     handoffs: tuple[tuple[int, str, int], ...]
     out_dir: Path
     options: RenderOptions
-    mode: str
+    mode: ModeScale
     notes: tuple[str, ...] = ()
 
     @property
@@ -136,7 +107,7 @@ def plan_tasks(reader: CaptureReader, out_dir: Path, options: RenderOptions, pro
                transitions: Sequence[str] | None = None) -> tuple[list[Task], list[str]]:
     """The tasks for the selected problems and hand-offs, and warnings about what was asked but absent."""
     attrs = reader.attrs
-    mode = str(attrs.get("similarity") or DEFAULT_MODE)
+    mode = ModeScale.of(attrs)
     model = str(attrs.get("model_name") or "")
     notes = (f"model: {model}",) if model else ()
     numbers = reader.problem_numbers
@@ -185,21 +156,18 @@ def _write(fig, path: Path, options: RenderOptions) -> None:
         raise
 
 
-def build_figure(kind: str, handoff: Handoff, problem: int, options: RenderOptions, mode: str = DEFAULT_MODE,
-                 occurrence: int = 1, notes: Sequence[str] = ()):
-    """The Figure of one kind ('multi' or 'single') for one hand-off, exactly as the batch writes it."""
+def build_figure(kind: str, handoff: Handoff, problem: int, options: RenderOptions,
+                 mode: ModeScale | str | None = None, occurrence: int = 1, notes: Sequence[str] = ()):
+    """The Figure of one kind (a registered name, e.g. 'multi') for one hand-off, exactly as the batch writes it."""
     heading = f"{pretty_handoff(handoff.from_agent, handoff.to_agent)} · problem {problem}"
     if occurrence > 1:
         heading += f" (#{occurrence})"
-    common = dict(title=heading, segments=handoff.segments, positions=handoff.positions, tokens=handoff.tokens,
-                  mode=mode, dpi=options.dpi, token_labels=options.token_labels, notes=notes)
-    if kind == "multi":
-        return multi_layer_heatmap(handoff.layer_similarities, cmap=options.cmap, vmin=options.vmin,
-                                   vmax=options.vmax, **common)
-    return single_layer_strip(handoff.layer_similarities, cmap=options.single_cmap, **common)
+    return get_kind(kind).draw(handoff, title=heading, mode=as_mode_scale(mode), cmap=options.cmap(kind),
+                               options=options, notes=notes)
 
 
-def render_handoff(handoff: Handoff, problem: int, out_dir: Path, options: RenderOptions, mode: str = DEFAULT_MODE,
+def render_handoff(handoff: Handoff, problem: int, out_dir: Path, options: RenderOptions,
+                   mode: ModeScale | str | None = None,
                    occurrence: int = 1, notes: Sequence[str] = (),
                    on_figure: Callable[[], None] | None = None) -> TaskResult:
     """Draw and write the figures of one hand-off (the kinds in `options`)."""
@@ -243,7 +211,7 @@ def render_task(task: Task, reader: CaptureReader | None = None,
             try:
                 part = render_handoff(handoff, task.problem, task.out_dir, task.options, task.mode, occurrence,
                                       task.notes, on_figure)
-            except Exception as error:  # one bad figure must not stop the others
+            except Exception as error:  # noqa: BLE001 - one bad figure must not stop the others
                 result.errors.append(f"problem {task.problem} {name}: {type(error).__name__}: {one_line(error)}")
                 continue
             result.written += part.written
@@ -261,20 +229,22 @@ def _stderr(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-def check_options(kinds: Sequence[str], cmap: str | None, single_cmap: str, vmin: float | None,
+def check_options(kinds: Sequence[str], cmaps: dict[str, str], vmin: float | None,
                   vmax: float | None, dpi: float, fmt: str, jobs: int) -> None:
     """Raise RenderError (one line) for options that cannot work."""
-    bad_kinds = [k for k in kinds if k not in KINDS]
+    bad_kinds = [k for k in kinds if k not in kind_names()]
     if bad_kinds or not kinds:
-        raise RenderError(f"unknown figure kind {', '.join(bad_kinds) or '(none)'}; use {' or '.join(KINDS)}")
+        raise RenderError(f"unknown figure kind {', '.join(bad_kinds) or '(none)'}; use {', '.join(kind_names())}")
     if fmt not in FORMATS:
         raise RenderError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     try:
-        for name in (cmap, single_cmap):
-            if name is not None:
-                check_cmap(name)
+        for name in cmaps.values():
+            check_cmap(name)
     except UnknownColormap as error:
         raise RenderError(str(error)) from None
+    for name, value in (("vmin", vmin), ("vmax", vmax)):
+        if value is not None and not math.isfinite(value):
+            raise RenderError(f"{name} must be a finite number, got {value}")
     if vmin is not None and vmax is not None and not vmin < vmax:
         raise RenderError(f"vmin ({vmin:g}) must be below vmax ({vmax:g})")
     if not (10 <= dpi <= 600):
@@ -299,12 +269,14 @@ def render_capture(
     token_labels: bool = False,
     progress: bool = True,
     warn: Callable[[str], None] | None = None,
+    cmaps: dict[str, str] | None = None,
 ) -> list[Path]:
     """Render the figures of one capture file into `out_dir`; returns the paths written.
 
-    kinds: 'multi' (all layers, `cmap` on vmin..vmax, by default RdYlGn on -1..1 for cosine
-           modes and a sequential map on 0..max for attention) and/or 'single' (middle layer,
-           min-max normalised, `single_cmap`).
+    kinds: registered figure kinds (`render.kinds`): 'multi' (all layers, `cmap` on vmin..vmax,
+           by default the mode's own scale, e.g. RdYlGn on -1..1 for cosine modes), 'single'
+           (middle layer, min-max normalised, `single_cmap`), ...
+    cmaps: kind -> colormap for any kind (`cmap` and `single_cmap` are those of multi and single).
     problems: numbers or a spec like '1-5,9' (None: all committed problems).
     transitions: hand-off names like 'planner_to_critic' (None: all present).
     jobs: worker processes (1: in this process; 0: one per core).
@@ -315,16 +287,18 @@ def render_capture(
     """
     warn = warn or _stderr
     kinds = tuple(kinds)
-    check_options(kinds, cmap, single_cmap, vmin, vmax, dpi, fmt, jobs)
+    chosen = {"single": single_cmap} | ({"multi": cmap} if cmap else {}) | dict(cmaps or {})
+    check_options(kinds, chosen, vmin, vmax, dpi, fmt, jobs)
     try:
         wanted_problems = parse_problem_spec(problems)
+        wanted_transitions = parse_transitions(transitions)
     except ValueError as error:
         raise RenderError(str(error)) from None
-    options = RenderOptions(kinds, cmap, single_cmap, vmin, vmax, dpi, fmt, token_labels)
+    options = RenderOptions(kinds, tuple(sorted(chosen.items())), vmin, vmax, dpi, fmt, token_labels)
     out_dir = Path(out_dir)
     with CaptureReader(path) as reader:
         try:
-            tasks, warnings = plan_tasks(reader, out_dir, options, wanted_problems, parse_transitions(transitions))
+            tasks, warnings = plan_tasks(reader, out_dir, options, wanted_problems, wanted_transitions)
         except (OSError, KeyError) as error:
             raise RenderError(f"{path} could not be read ({one_line(error)})") from None
         for line in warnings:
@@ -372,7 +346,7 @@ def _run(tasks: list[Task], reader: CaptureReader | None, workers: int, total: i
                     i = futures[future]
                     try:
                         results[i] = future.result()
-                    except Exception as error:  # a worker that died (e.g. killed for memory)
+                    except Exception as error:  # noqa: BLE001 - a worker that died (e.g. killed for memory)
                         results[i] = TaskResult(errors=[f"problem {tasks[i].problem}: worker failed "
                                                         f"({type(error).__name__}: {one_line(error)})"])
                     bar.update(tasks[i].num_figures)

@@ -6,14 +6,36 @@ Every failure the user can cause ends as one line `Error: ...` and a non-zero ex
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import click
 
 DEFAULT_OUT = "charts"
-_ALL_KINDS = {"multi": ("multi",), "single": ("single",), "both": ("multi", "single")}
+
+
+def _kinds(ctx, param, value) -> tuple[str, ...]:
+    """'both' -> the seed's two kinds; 'all' -> every registered kind; else comma-separated kind names."""
+    from .kinds import kind_names
+
+    if value == "both":
+        return ("multi", "single")
+    if value == "all":
+        return kind_names()
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    unknown = [n for n in names if n not in kind_names()]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown figure kind {', '.join(unknown) or repr(value)}; choose from "
+                                 f"{', '.join(kind_names())}, both or all", ctx=ctx, param=param)
+    return names
+
+
+def _finite(ctx, param, value):
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", ctx=ctx, param=param)
+    return value
 
 
 def _check_cmap(ctx, param, value):
@@ -27,7 +49,7 @@ def _check_cmap(ctx, param, value):
 
 
 def _check_problems(ctx, param, value):
-    from .batch import parse_problem_spec
+    from capture.selection import parse_problem_spec
     try:
         parse_problem_spec(value)
     except ValueError as error:
@@ -39,15 +61,18 @@ def _check_problems(ctx, param, value):
 @click.argument("captures", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", "-o", "out_dir", default=DEFAULT_OUT, show_default=True, type=click.Path(path_type=Path),
               help="Folder for the figures (with several captures, one sub-folder per capture).")
-@click.option("--kind", type=click.Choice(sorted(_ALL_KINDS)), default="both", show_default=True,
-              help="multi: all layers; single: the middle layer, min-max normalised.")
+@click.option("--kind", "kinds", default="both", show_default=True, callback=_kinds, metavar="KINDS",
+              help="Figure kinds, comma separated: multi (all layers), single (the middle layer, min-max "
+                   "normalised), any other registered kind; both = multi,single; all = every kind.")
 @click.option("--cmap", default=None, callback=_check_cmap, metavar="NAME",
-              help="Colormap of the multi-layer heatmap (any matplotlib name). "
-                   "Default: RdYlGn for cosine modes, viridis for attention.")
+              help="Colormap of the multi-layer heatmap and other kinds (any matplotlib name). "
+                   "Default: the similarity mode's own (RdYlGn for cosine modes, viridis for attention).")
 @click.option("--single-cmap", default="YlOrRd", show_default=True, callback=_check_cmap, metavar="NAME",
               help="Colormap of the single-layer strip.")
-@click.option("--vmin", type=float, default=None, help="Low end of the colour scale (default -1; 0 for attention).")
-@click.option("--vmax", type=float, default=None, help="High end of the colour scale (default 1; max for attention).")
+@click.option("--vmin", type=float, default=None, callback=_finite,
+              help="Low end of the colour scale (default: the mode's, -1 for cosines, 0 for attention).")
+@click.option("--vmax", type=float, default=None, callback=_finite,
+              help="High end of the colour scale (default: the mode's, 1 for cosines, max for attention).")
 @click.option("--problems", default=None, callback=_check_problems, metavar="SPEC",
               help="Problem numbers to draw, e.g. 1-5,9 (default: all committed).")
 @click.option("--transitions", default=None, metavar="NAMES",
@@ -59,7 +84,7 @@ def _check_problems(ctx, param, value):
               help="Worker processes (0: one per core).")
 @click.option("--token-labels", is_flag=True, help="Write token strings as x tick labels where they fit.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def render_command(captures, out_dir, kind, cmap, single_cmap, vmin, vmax, problems, transitions, dpi, fmt, jobs,
+def render_command(captures, out_dir, kinds, cmap, single_cmap, vmin, vmax, problems, transitions, dpi, fmt, jobs,
                    token_labels, no_progress):
     """Draw heatmaps of capture files (no model needed; re-run with other options at will)."""
     if vmin is not None and vmax is not None and not vmin < vmax:
@@ -74,8 +99,9 @@ def render_command(captures, out_dir, kind, cmap, single_cmap, vmin, vmax, probl
     failures = []
     for capture, folder in zip(captures, outputs):
         try:
-            paths = render_capture(capture, folder, kinds=_ALL_KINDS[kind], problems=problems,
-                                   transitions=transitions, cmap=cmap, single_cmap=single_cmap, vmin=vmin,
+            paths = render_capture(capture, folder, kinds=kinds, problems=problems,
+                                   transitions=transitions, cmap=cmap, single_cmap=single_cmap,
+                                   cmaps={k: cmap for k in kinds if k != "single"} if cmap else None, vmin=vmin,
                                    vmax=vmax, dpi=dpi, fmt=fmt, jobs=jobs, token_labels=token_labels,
                                    progress=not no_progress, warn=lambda line: click.echo(line, err=True))
         except RenderError as error:

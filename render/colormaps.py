@@ -1,16 +1,18 @@
-"""Colour scales: which colormap and value range each similarity mode gets.
+"""Colour scales: which colormap and value range a capture's similarity mode gets.
 
-Cosine modes ("seed" and any other mode not named like attention) are signed:
-RdYlGn on a fixed -1 ... +1 scale centred at 0 (green high, yellow ~0, red
-negative). Attention modes are weights in [0, 1]: a sequential colormap on
-their own 0 ... max scale. NaN cells are drawn in a neutral grey (magenta for
-colormaps that are themselves grey), never left blank.
+A capture file says what its values are (`ModeScale.of(attrs)`: the mode's label, value
+range, colour scale and colormap, written by the mode itself), so render never guesses
+from a mode's name. A "fixed" scale draws on the value range (the cosine modes: RdYlGn on
+-1 ... +1, green high); a "data" scale from the range's low end to the data's max
+(attention weights: viridis on 0 ... max). Files written before modes described
+themselves get the built-in modes' descriptions (`LEGACY_MODES`). NaN cells are drawn in
+a neutral grey (magenta for colormaps that are themselves grey), never left blank.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from matplotlib import colormaps
@@ -30,9 +32,47 @@ class UnknownColormap(ValueError):
     """An unknown colormap name; the message is one line and suggests close names."""
 
 
-def is_attention_mode(mode: str | None) -> bool:
-    """True for similarity modes whose values are weights in [0, 1] rather than signed cosines."""
-    return "attention" in (mode or "").lower() or "attn" in (mode or "").lower()
+@dataclass(frozen=True)
+class ModeScale:
+    """What a capture's values are: its similarity mode's name, label, range and colour scale."""
+
+    name: str = DEFAULT_MODE
+    label: str = "cosine similarity"
+    low: float = -1.0
+    high: float = 1.0
+    colour_scale: str = "fixed"  # "fixed": low ... high; "data": low ... the data's max
+    cmap: str = DEFAULT_CMAP
+
+    def __str__(self) -> str:
+        return self.name
+
+    @classmethod
+    def of(cls, attrs: dict) -> ModeScale:
+        """The scale a capture's attributes describe (`similarity`, `similarity_label`, ...)."""
+        name = str(attrs.get("similarity") or DEFAULT_MODE)
+        if "similarity_min" not in attrs:
+            return LEGACY_MODES.get(name, replace(cls(), name=name))
+        scale = attrs.get("similarity_colour_scale")
+        return cls(name=name, label=str(attrs.get("similarity_label") or "similarity"),
+                   low=float(attrs["similarity_min"]), high=float(attrs.get("similarity_max", 1.0)),
+                   colour_scale=scale if scale in ("fixed", "data") else "fixed",
+                   cmap=str(attrs.get("similarity_cmap") or DEFAULT_CMAP))
+
+
+# How files written before modes described themselves (schema 1, early) are drawn.
+LEGACY_MODES = {
+    "seed": ModeScale("seed"),
+    "query": ModeScale("query"),
+    "attention": ModeScale("attention", "attention weight", 0.0, 1.0, "data", DEFAULT_ATTENTION_CMAP),
+}
+
+
+def as_mode_scale(mode: ModeScale | str | None) -> ModeScale:
+    """A `ModeScale`, from itself or a built-in mode's name (a figure function called from Python)."""
+    if isinstance(mode, ModeScale):
+        return mode
+    name = mode or DEFAULT_MODE
+    return LEGACY_MODES.get(name, replace(ModeScale(), name=name))
 
 
 def check_cmap(name: str) -> str:
@@ -72,23 +112,23 @@ class Scale:
     label: str
 
 
-def scale_for(mode: str | None, values: np.ndarray, cmap: str | None = None,
+def scale_for(mode: ModeScale | str | None, values: np.ndarray, cmap: str | None = None,
               vmin: float | None = None, vmax: float | None = None) -> Scale:
     """The colour scale of a multi-layer figure of `values` ([num_layers, T]) in similarity `mode`.
 
-    Explicit `cmap`, `vmin`, `vmax` win; otherwise cosine modes get RdYlGn on -1 ... 1 and
-    attention modes a sequential colormap on 0 ... max(values).
+    Explicit `cmap`, `vmin`, `vmax` win; otherwise the mode's own: its range ("fixed"), or its
+    low end to max(values) ("data").
     """
-    if is_attention_mode(mode):
-        if vmax is None:
-            finite = values[np.isfinite(values)] if values.size else values
-            top = float(finite.max()) if finite.size else 1.0
-            vmax = top if top > 0 else 1.0
-        lo = 0.0 if vmin is None else float(vmin)
+    mode = as_mode_scale(mode)
+    lo = mode.low if vmin is None else float(vmin)
+    if vmax is not None:
         hi = float(vmax)
-        if hi <= lo:
-            hi = lo + 1.0
-        return Scale(cmap or DEFAULT_ATTENTION_CMAP, lo, hi, "attention weight")
-    lo = -1.0 if vmin is None else float(vmin)
-    hi = 1.0 if vmax is None else float(vmax)
-    return Scale(cmap or DEFAULT_CMAP, lo, hi, "cosine similarity")
+    elif mode.colour_scale == "data":
+        finite = values[np.isfinite(values)] if values.size else values
+        top = float(finite.max()) if finite.size else mode.high
+        hi = top if top > lo else mode.high
+    else:
+        hi = mode.high
+    if hi <= lo:
+        hi = lo + 1.0
+    return Scale(cmap or mode.cmap, lo, hi, mode.label)

@@ -8,6 +8,7 @@ import numpy as np
 
 from capture.format import CaptureReader
 from capture.recorder import CaptureRecorder
+from latentmas.app.recording import open_recorder
 
 
 class StageAtTheEnd(CaptureRecorder):
@@ -28,13 +29,14 @@ def tiny_config(**overrides):
 def solve_and_capture(lm, problems, cfg, path=None, batch_size: int = 1, recorder_class=CaptureRecorder,
                       **open_args) -> list:
     """Solve `problems` with `cfg.method` in batches of `batch_size` and return the results. With
-    `path`, capture them there: `recorder_class.open(path, cfg, lm, overwrite=True, **open_args)`,
+    `path`, capture them there: `open_recorder(path, cfg, lm, overwrite=True, **open_args)`,
     one `write_batch` per batch, then finished (summary {"done": True}) and closed."""
     from latentmas.methods import get_method
     from latentmas.tasks import get_task
 
     solve, task = get_method(cfg.method), get_task(cfg.task)
-    recorder = recorder_class.open(path, cfg, lm, overwrite=True, **open_args) if path is not None else None
+    recorder = (open_recorder(path, cfg, lm, overwrite=True, recorder_class=recorder_class, **open_args)
+                if path is not None else None)
     results = []
     for start in range(0, len(problems), batch_size):
         batch = solve(lm, problems[start:start + batch_size], task, cfg, observer=recorder)

@@ -14,10 +14,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from captures import StageAtTheEnd, assert_same_handoffs, solve_and_capture, tiny_config
 
 from capture.format import LATENT_TOKEN, CaptureError, CaptureReader, CaptureWriter, Handoff, ProblemRecord
 from capture.recorder import CaptureRecorder
-from captures import StageAtTheEnd, assert_same_handoffs, solve_and_capture, tiny_config
+from latentmas.app.recording import open_recorder
 from latentmas.methods import get_method
 from latentmas.methods.common import encode
 from latentmas.prompts import AGENTS, agent_prompt
@@ -258,7 +259,7 @@ def test_a_failed_batch_leaves_nothing_for_the_next(tiny_lm, gsm8k_problems, tmp
     solve = get_method("latent_mas")
     clean, after_failure = tmp_path / "clean.h5", tmp_path / "after.h5"
     solve_and_capture(tiny_lm, gsm8k_problems[2:], cfg, clean, batch_size=1, transitions=TRANSITIONS)
-    recorder = CaptureRecorder.open(after_failure, cfg, tiny_lm, TRANSITIONS, overwrite=True)
+    recorder = open_recorder(after_failure, cfg, tiny_lm, TRANSITIONS, overwrite=True)
     with pytest.raises(RuntimeError, match="out of memory"):
         solve(tiny_lm, gsm8k_problems[:2], task, cfg, observer=_FailingAt(recorder, 2))
     recorder.write_batch(solve(tiny_lm, gsm8k_problems[2:], task, cfg, observer=recorder))
@@ -324,7 +325,7 @@ def test_resume_rebuilds_from_committed_rows(tmp_path):
 
 def test_resume_summary_and_results_cover_the_requested_problems(tiny_lm_cache_env, offline, tmp_path,
                                                                  monkeypatch):
-    from latentmas.runner import run
+    from latentmas.app.run import run
 
     # the tiny model answers nothing right: count problems 1 and 3 as correct, so the counts mean something
     golds = [p.gold for p in load_problems("gsm8k", max_samples=5)]
@@ -354,8 +355,8 @@ def test_resume_refuses_changed_problems(tiny_lm_cache_env, offline, tmp_path):
     """Same settings and data file path, other contents: the capture is not mixed."""
     from capture import merge
     from capture.format import CaptureConfigMismatch
-    from capture.recorder import capture_identity
-    from latentmas.runner import run
+    from latentmas.app.recording import capture_identity
+    from latentmas.app.run import run
 
     data = tmp_path / "mine.jsonl"
 
@@ -381,7 +382,10 @@ def test_resume_refuses_changed_problems(tiny_lm_cache_env, offline, tmp_path):
 
 
 def test_empty_transitions_are_refused():
-    from capture.recorder import parse_transitions
+    from functools import partial
+
+    from capture.selection import DEFAULT_TRANSITIONS, parse_transitions
+    parse_transitions = partial(parse_transitions, default=DEFAULT_TRANSITIONS)
 
     with pytest.raises(ValueError, match="names no hand-off"):
         parse_transitions(",")

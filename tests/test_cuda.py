@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from captures import StageAtTheEnd, assert_same_handoffs, solve_and_capture
 
 from capture.recorder import CaptureRecorder
-from captures import StageAtTheEnd, assert_same_handoffs, solve_and_capture
 from latentmas.config import RunConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -64,8 +64,9 @@ def test_capture_written_while_decoding_equals_written_after(cuda_lm, fake_probl
 @pytest.mark.parametrize("heads, kv_heads", [(32, 8), (4, 4)])
 def test_bf16_similarities_match_fp64_loops(heads, kv_heads):
     """The half-precision paths (fp32 products of bf16 inputs via `fp32_bmm`, fp32 norms) on CUDA."""
-    from capture.similarity import attention_received, query_similarities
     from test_similarity_modes import naive_attention, naive_query, random_case
+
+    from latentmas.similarity.maths import attention_received, query_similarities
 
     queries, keys, prompt_mask, kv_mask = random_case(heads=heads, kv_heads=kv_heads, n=9, T=40, D=64)
     queries, keys = queries.bfloat16(), keys.bfloat16()  # the fp64 loops see exactly these values
@@ -90,11 +91,11 @@ def _rope_fp64(queries, cos, sin):
 def test_fused_query_similarities_match_fp64(batch, n, T, sliced, monkeypatch):
     """The torch.compile'd query reduction (RoPE, norms, products) on bf16 CUDA inputs, against fp64
     loops and against its own eager run."""
+    from test_similarity_modes import naive_query
     from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb as rope
 
-    from capture import similarity
-    from capture.hooks import rotated_query_similarities
-    from test_similarity_modes import naive_query
+    from latentmas.similarity import maths as similarity
+    from latentmas.similarity.query import rotated_query_similarities
 
     g = torch.Generator().manual_seed(batch)
     queries = torch.randn(batch, n, 8, 64, generator=g).bfloat16()
@@ -122,8 +123,8 @@ def test_fused_query_similarities_match_fp64(batch, n, T, sliced, monkeypatch):
 
 def test_fused_query_capture_equals_eager(cuda_lm, fake_problems, tmp_path, monkeypatch):
     """A `query` capture with the compiled reduction is the eager one (fp32 model)."""
-    from capture import similarity
-    from capture.hooks import rotated_query_similarities
+    from latentmas.similarity import maths as similarity
+    from latentmas.similarity.query import rotated_query_similarities
 
     problems = fake_problems()
     cfg = RunConfig(model_name="tiny-qwen3", device="cuda", latent_steps=4, max_new_tokens=24, temperature=0.0,

@@ -16,9 +16,10 @@ import torch
 
 from capture import merge
 from capture.format import CaptureConfigMismatch, CaptureReader, CaptureWriter, ProblemRecord
-from capture.recorder import capture_identity
+from latentmas.app.recording import capture_identity, open_recorder
+from latentmas.app.results import PARTS as RESULT_PARTS
+from latentmas.app.run import run
 from latentmas.config import RunConfig
-from latentmas.runner import RESULT_PARTS, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TRANSITIONS = ("planner_to_critic", "critic_to_refiner", "refiner_to_judger")
@@ -191,11 +192,10 @@ def test_shard_with_other_settings_is_refused(tmp_path, reference, tiny_lm_cache
 
 
 def test_capture_identity_is_what_the_recorder_stores(tmp_path, tiny_lm):
-    from capture.recorder import CaptureRecorder
 
     cfg = RunConfig(**SETTINGS, knn_filter=True)
     for transitions, dtype in ((TRANSITIONS, "float16"), (None, "float32")):
-        recorder = CaptureRecorder.open(tmp_path / f"{dtype}.h5", cfg, tiny_lm, transitions, True, dtype)
+        recorder = open_recorder(tmp_path / f"{dtype}.h5", cfg, tiny_lm, transitions, dtype, overwrite=True)
         recorder.close()
         with CaptureReader(tmp_path / f"{dtype}.h5") as capture:
             assert capture.config == capture_identity(cfg, transitions, dtype)

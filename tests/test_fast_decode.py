@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from capture.recorder import DEFAULT_TRANSITIONS as TRANSITIONS
 from captures import assert_same_handoffs, solve_and_capture
+
+from capture.selection import DEFAULT_TRANSITIONS as TRANSITIONS
 from latentmas.config import RunConfig
 from latentmas.methods import get_method
 from latentmas.tasks import get_task

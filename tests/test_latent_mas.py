@@ -7,16 +7,16 @@ from fractions import Fraction
 
 import pytest
 import torch
-
-from capture.similarity import layer_similarities, reduce_query
 from captures import tiny_config
+
+from latentmas.handoff import HandoffEvent
 from latentmas.knn import KnnFilter
 from latentmas.methods import get_method
 from latentmas.methods.common import encode
-from latentmas.methods.latent_mas import HandoffEvent
 from latentmas.prompts import AGENTS, agent_prompt
 from latentmas.realign import LatentInput
 from latentmas.shared_cache import LATENT, PAD, SegmentKey, SharedCache
+from latentmas.similarity.maths import layer_similarities, reduce_query
 from latentmas.tasks import get_task
 
 TASK = get_task("gsm8k")

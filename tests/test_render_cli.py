@@ -12,10 +12,9 @@ from pathlib import Path
 import h5py
 import pytest
 from click.testing import CliRunner
+from test_render import write_capture  # the synthetic-capture helper (pytest puts tests/ on sys.path)
 
 from render.cli import info_command, main, render_command
-
-from test_render import write_capture  # the synthetic-capture helper (pytest puts tests/ on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 

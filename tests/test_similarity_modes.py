@@ -13,21 +13,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from captures import solve_and_capture, tiny_config
 from click.testing import CliRunner
 
-from capture import similarity
 from capture.format import CaptureReader
-from capture.hooks import PrefillProbe, score_prompt
 from capture.recorder import CaptureRecorder
-from capture.similarity import MODES, attention_received, layer_similarities, query_similarities
-from captures import solve_and_capture, tiny_config
+from latentmas.app.recording import open_recorder
 from latentmas.cli import capture_command
-from latentmas.similarity import MODES as SIMILARITY_MODES
 from latentmas.knn import KnnFilter
 from latentmas.methods.common import encode
+from latentmas.prefill import PrefillProbe, score_prompt
 from latentmas.prompts import agent_prompt
 from latentmas.realign import LatentInput
 from latentmas.shared_cache import LATENT, SegmentKey, SharedCache
+from latentmas.similarity import maths as similarity
+from latentmas.similarity import mode_names
+from latentmas.similarity.maths import attention_received, layer_similarities, query_similarities
 from latentmas.tasks import get_task
 
 TASK = get_task("gsm8k")
@@ -114,7 +115,7 @@ def random_case(batch=3, heads=4, kv_heads=2, n=5, T=7, D=8, seed=0):
 
 
 def test_modes_are_listed_everywhere():
-    assert MODES == SIMILARITY_MODES == ("seed", "query", "attention")
+    assert mode_names()[:3] == ("seed", "query", "attention")
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 2), (4, 4), (6, 1)])
@@ -294,7 +295,7 @@ def test_query_matches_a_recomputation_from_hidden_states(any_eager_lm, fake_pro
 def test_probe_variants_agree(tiny_lm, fake_problems, monkeypatch, mode, variant):
     """Layers reduced one at a time, or queries rebuilt from hidden_states (when the query
     projection's own hook cannot fire), give what the default grouped reduction gives."""
-    from capture import hooks
+    from latentmas import prefill as hooks
 
     lm = tiny_lm
     problems = fake_problems()
@@ -405,7 +406,7 @@ def test_recorder_needs_the_prefill(tiny_lm, fake_problems, tmp_path):
     problems = fake_problems()[:1]
     shared = filled_cache(lm, problems)
     ids, mask = critic_prompt(lm, problems)
-    recorder = CaptureRecorder.open(tmp_path / "x.h5", tiny_config(similarity="query"), lm, overwrite=True)
+    recorder = open_recorder(tmp_path / "x.h5", tiny_config(similarity="query"), lm, overwrite=True)
     recorder.on_handoff(HandoffEvent("planner", "critic", shared, torch.zeros(1, lm.hidden_size), ids, mask,
                                      problems))
     with pytest.raises(RuntimeError, match="never watched"):
@@ -504,7 +505,7 @@ def test_fused_query_reduction_traces_and_matches_eager(compile_on_cpu, batch, n
     eager maths gives, for several batch sizes, prompt lengths and key layouts."""
     from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb as rope
 
-    from capture.hooks import rotated, rotated_query_similarities
+    from latentmas.similarity.query import rotated, rotated_query_similarities
 
     _, keys, prompt_mask, kv_mask = random_case(batch=batch, heads=4, kv_heads=2, n=n, T=T, D=8)
     if sliced:  # a view into a wider buffer, as a static cache would hold it

@@ -36,7 +36,7 @@ GSM_RECORD = {"question": "Two plus two?", "answer": "2 + 2 = <<2+2=4>>4\n#### 4
 
 
 def test_registry_has_every_task() -> None:
-    assert TASK_NAMES == ("gsm8k", "gpqa", "medqa", "arc_easy", "arc_challenge", "aime2024", "aime2025")
+    assert set(TASK_NAMES) == {"gsm8k", "gpqa", "medqa", "arc_easy", "arc_challenge", "aime2024", "aime2025"}
     for name in TASK_NAMES:
         task = get_task(name)
         assert isinstance(task, Task) and task.name == name
@@ -44,7 +44,7 @@ def test_registry_has_every_task() -> None:
 
 
 def test_unknown_task_lists_choices() -> None:
-    with pytest.raises(TaskDataError, match=r"unknown task 'foo'; choose from gsm8k, gpqa, medqa, arc_easy") as info:
+    with pytest.raises(TaskDataError, match=r"unknown task 'foo'; choose from gsm8k, .*gpqa, medqa, arc_easy") as info:
         get_task("foo")
     assert "\n" not in str(info.value)
     with pytest.raises(TaskDataError, match="unknown task"):
@@ -414,7 +414,7 @@ def test_hub_ids(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = fake_datasets(monkeypatch, RuntimeError("boom"))
     for name in TASK_NAMES:
         load_problems(name)
-    assert calls == [
+    assert sorted(calls, key=str) == sorted([
         ("openai/gsm8k", "main", "test"),
         ("Idavidrein/gpqa", "gpqa_diamond", "train"),
         ("GBaker/MedQA-USMLE-4-options", None, "test"),
@@ -422,7 +422,7 @@ def test_hub_ids(monkeypatch: pytest.MonkeyPatch) -> None:
         ("allenai/ai2_arc", "ARC-Challenge", "test"),
         ("HuggingFaceH4/aime_2024", None, "train"),
         ("yentinglin/aime_2025", None, "train"),
-    ]
+    ], key=str)
 
 
 def test_hub_failure_falls_back(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -474,7 +474,7 @@ def test_probe_accepts_any_http_answer(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_HEAD(self) -> None:  # noqa: N802 - http.server naming
+        def do_HEAD(self) -> None:
             seen.append(self.path)
             self.send_response(401)  # gated datasets answer 401
             self.end_headers()

@@ -7,6 +7,7 @@ import shlex
 import sys
 
 import latentmas
+from capture.selection import DEFAULT_TRANSITIONS
 
 from ..config import RunConfig
 
@@ -51,12 +52,12 @@ def capture_identity(cfg: RunConfig, transitions: tuple[str, ...] | None, captur
     return json.loads(json.dumps(identity, sort_keys=True))
 
 
-def open_recorder(path, cfg: RunConfig, lm, transitions, capture_dtype: str, overwrite: bool = False,
-                  questions: dict[int, str] | None = None):
-    """A `capture.recorder.CaptureRecorder` writing this run's hand-offs into `path`."""
+def open_recorder(path, cfg: RunConfig, lm, transitions=DEFAULT_TRANSITIONS, capture_dtype: str = "float16",
+                  overwrite: bool = False, questions: dict[int, str] | None = None, recorder_class=None):
+    """A `capture.recorder.CaptureRecorder` (or `recorder_class`) writing this run's hand-offs into `path`."""
     from capture.recorder import CaptureRecorder
 
-    return CaptureRecorder.open(path, lm, run_attributes=run_attributes(cfg, lm),
+    return (recorder_class or CaptureRecorder).open(path, lm, run_attributes=run_attributes(cfg, lm),
                                 identity=capture_identity(cfg, transitions, capture_dtype),
                                 similarity=cfg.similarity, transitions=transitions, overwrite=overwrite,
                                 dtype=capture_dtype, questions=questions)

@@ -102,9 +102,11 @@ def mode_names() -> tuple[str, ...]:
 
 def _builtin() -> None:
     """Import the built-in modes (they register themselves), in this order."""
-    from . import seed  # noqa: F401
-    from . import query  # noqa: F401
-    from . import attention  # noqa: F401
+    from . import (
+        attention,  # noqa: F401
+        query,  # noqa: F401
+        seed,  # noqa: F401
+    )
 
 
 def unregister(name: str) -> None:

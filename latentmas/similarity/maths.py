@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch.torch_version import TorchVersion
 
-
 # Largest score block (elements) `attention_received` materialises at once; bigger layers are
 # chunked over kv-head groups so the fp32 scores stay a few hundred MiB at most.
 ATTENTION_CHUNK_ELEMENTS = 1 << 26

@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+
 class TaskDataError(ValueError):
     """Any bad input to the task layer; the message is made a single line."""
 

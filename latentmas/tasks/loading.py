@@ -19,7 +19,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-
 from .base import Problem, Task, TaskDataError, get_task
 
 Located = tuple[str, Any]  # (location for messages, e.g. "data.jsonl:3", raw record)
