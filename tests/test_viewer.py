@@ -427,3 +427,14 @@ def test_latentmas_view_is_a_subcommand(tmp_path):
     assert "Wrote the viewer page" in done.stdout and (tmp_path / "v.html").stat().st_size > 1000
     with CaptureReader(capture) as reader:
         assert build_page(reader) == (tmp_path / "v.html").read_text()
+
+
+def test_an_empty_handoff_says_so(tmp_path, open_viewer):
+    capture = write_capture(tmp_path / "run.h5", numbers=(1,), widths=(0, 10, 10))
+    viewer = open_viewer(write_page(capture, tmp_path / "view.html"))
+    assert viewer.api("selection")["numColumns"] == 0
+    assert "× 0 columns" in viewer.page.locator("#lm-caption").text_content()
+    with pytest.raises(Exception, match="no cell"):
+        viewer.api("cellAt(0, 0)")
+    viewer.page.evaluate("window.latentmasViewer.select(1, 1)")
+    assert viewer.api("cellAt(0, 9)")["token"] == tokens_for(10, 1, 1)[9]
