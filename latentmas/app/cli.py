@@ -174,7 +174,8 @@ main = LazyGroup(
     context_settings=CONTEXT,
     help="LatentMAS agents sharing a KV cache, and heatmaps of what each agent reads.\n\n"
          "Capture on a GPU (`latentmas capture`), render anywhere (`latentmas render`).",
-    lazy={"render": "render.cli:render_command", "info": "render.info:info_command"},
+    lazy={"render": "render.cli:render_command", "info": "render.info:info_command",
+          "view": "render.viewer.cli:view_command"},
 )
 
 def _print_version(ctx, param, value):
