@@ -33,8 +33,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from capture.format import CaptureReader, CaptureWriter, Handoff, ProblemRecord, Segment  # noqa: E402
-from render.viewer.page import build_page, write_page  # noqa: E402
+from capture.format import CaptureReader, CaptureWriter, Handoff, ProblemRecord, Segment
+from render.viewer.page import build_page, write_page
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]

@@ -24,7 +24,7 @@ import numpy as np
 from matplotlib import colormaps
 
 from capture.format import CaptureError, CaptureReader, Handoff
-from render.colormaps import DEFAULT_CMAP, DEFAULT_MODE, NAN_COLOR, NAN_COLOR_ON_GREY, _GREY_CMAPS, scale_for
+from render.colormaps import _GREY_CMAPS, DEFAULT_CMAP, DEFAULT_MODE, NAN_COLOR, NAN_COLOR_ON_GREY, scale_for
 from render.figures import agent_color, pretty_handoff
 from render.layout import find_gaps
 
