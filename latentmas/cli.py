@@ -187,7 +187,9 @@ main = LazyGroup(
     name="latentmas",
     help="LatentMAS agents sharing a KV cache, and heatmaps of what each agent reads.\n\n"
          "Capture on a GPU (`latentmas capture`), render anywhere (`latentmas render`).",
-    lazy={"render": "render.cli:render_command", "info": "render.info:info_command"},
+    lazy={"render": "render.cli:render_command", "info": "render.info:info_command",
+          "analyze": "render.analysis.cli:analyze_command",
+          "compare": "render.analysis.cli:compare_command"},
 )
 main.add_command(run_command)
 main.add_command(capture_command)
