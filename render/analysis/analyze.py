@@ -22,9 +22,20 @@ from capture.format import CaptureReader
 
 from .bands import BandCollector, BandRule, bands_legend, mark_bands
 from .distributions import LayerDistributions
+from .parallel import run_chunks
 from .profile import LayerSegmentProfile, profile_figure
 from .scales import SCALES, LayerRanges, comparable_strip
-from .source import AnalysisError, check_layer, parse_names, parse_problems, select, still_writing_note, stream
+from .source import (
+    AnalysisError,
+    check_layer,
+    check_names,
+    chunks,
+    parse_names,
+    parse_problems,
+    select_problems,
+    still_writing_note,
+    stream,
+)
 from .top_tokens import TopTokens, top_tokens_figure
 
 
@@ -110,20 +121,82 @@ def banded_heatmap(handoff, bands, title: str, mode: str):
     return fig
 
 
+@dataclass(frozen=True)
+class _Options:
+    """What a worker needs to analyse a chunk of problems (picklable)."""
+
+    path: Path
+    num_layers: int
+    layer: int
+    top: int
+    all_layers: bool
+    mode: str
+    rule: BandRule
+    shown: frozenset
+    wanted: tuple | None
+
+
+class _Parts:
+    """The accumulators of one chunk of problems; `merge` folds a later chunk in."""
+
+    def __init__(self, options: _Options):
+        self.profile = LayerSegmentProfile(options.num_layers)
+        self.distributions = LayerDistributions(options.num_layers, options.mode)
+        self.tops = TopTokens(range(options.num_layers) if options.all_layers else [options.layer], options.top)
+        self.bands = BandCollector(options.num_layers, options.rule)
+        self.ranges = LayerRanges(options.layer)
+        self.shown: list[tuple[int, str, int]] = []
+        self.names: list[str] = []
+        self.labels: list[str] = []
+
+    def add(self, number: int, index: int, label: str, name: str, handoff, keep: bool) -> None:
+        matrix = np.asarray(handoff.layer_similarities, dtype=np.float32)
+        finite = np.isfinite(matrix)
+        clean = np.where(finite, matrix, np.float32(0))
+        nan_matrix = matrix if finite.all() else np.where(finite, matrix, np.nan)
+        self.profile.add(number, label, clean, finite, handoff)
+        self.distributions.add(label, clean, finite, number, index)
+        self.tops.add(number, label, nan_matrix, handoff)
+        self.bands.add(number, label, nan_matrix, handoff, keep=keep)
+        self.ranges.add(label, nan_matrix)
+        if keep:
+            self.shown.append((number, label, index))
+        if name not in self.names:
+            self.names.append(name)
+        if label not in self.labels:
+            self.labels.append(label)
+
+    def merge(self, other: _Parts) -> None:
+        for name in ("profile", "distributions", "tops", "bands", "ranges"):
+            getattr(self, name).merge(getattr(other, name))
+        self.shown += other.shown
+        self.names += [n for n in other.names if n not in self.names]
+        self.labels += [n for n in other.labels if n not in self.labels]
+
+
+def _analyze_chunk(numbers: list[int], options: _Options) -> _Parts:
+    """Read and fold in one chunk of problems (runs in a worker process, or in this one)."""
+    parts = _Parts(options)
+    with CaptureReader(options.path) as reader:
+        for number in numbers:
+            for index, label, name, handoff in stream(reader, number, options.wanted):
+                parts.add(number, index, label, name, handoff, keep=number in options.shown)
+    return parts
+
+
 def analyze_capture(path, *, problems=None, transitions=None, layer: int | None = None, top: int = 10,
                     all_layers: bool = False, show: int = 2, strip_scale: str = "handoff",
-                    rule: BandRule = BandRule(), progress: bool = True, warn=None) -> Analysis:
+                    rule: BandRule = BandRule(), jobs: int = 0, progress: bool = True, warn=None) -> Analysis:
     """Analyse the committed problems of one capture (see the module docstring).
 
     problems: numbers or a spec like '1-5,9'; transitions: hand-off names (None: all);
     layer: where top tokens and strips are taken (default num_layers // 2, kNN's layer);
     top: K of top/bottom tokens; all_layers: top tokens at every layer too;
     show: problems (the first ones) whose heatmaps with bands and strips `figures()` draws;
-    strip_scale: 'strip', 'handoff' or 'capture' (see scales.py).
+    strip_scale: 'strip', 'handoff' or 'capture' (see scales.py);
+    jobs: worker processes (0: one per core; chunks of `source.CHUNK` problems each).
     Raises AnalysisError (one line) for bad input or an unreadable capture.
     """
-    from tqdm import tqdm
-
     warn = warn or (lambda line: print(line, file=sys.stderr))
     if top < 1:
         raise AnalysisError(f"--top must be at least 1, got {top}")
@@ -138,49 +211,34 @@ def analyze_capture(path, *, problems=None, transitions=None, layer: int | None 
         attrs = reader.attrs
         num_layers = reader.num_layers
         layer = check_layer(reader, layer)
-        selection = select(reader, wanted, names)
-        notes = list(selection.warnings)
+        numbers, notes = select_problems(reader, wanted)
         note = still_writing_note(reader)
-        if note:
-            notes.append(note)
-        for line in notes:
-            warn(line if line.startswith("note:") else f"warning: {line}")
-        mode = str(attrs.get("similarity") or "seed")
-        profile = LayerSegmentProfile(num_layers)
-        distributions = LayerDistributions(num_layers, mode)
-        tops = TopTokens(range(num_layers) if all_layers else [layer], top)
-        bands = BandCollector(num_layers, rule)
-        ranges = LayerRanges(layer)
-        shown_numbers = set(selection.numbers[:show])
-        shown = []
-        bar = tqdm(selection.numbers, desc=f"analyze {path.name}", unit="problem", file=sys.stderr,
-                   disable=not progress, dynamic_ncols=True, leave=False)
-        for number in bar:
-            indices = dict((label, index) for index, label in selection.handoffs[number])
-            for label, handoff in stream(reader, selection, number):
-                matrix = np.asarray(handoff.layer_similarities, dtype=np.float32)
-                finite = np.isfinite(matrix)
-                clean = np.where(finite, matrix, np.float32(0))
-                profile.add(number, label, clean, finite, handoff)
-                distributions.add(label, clean, finite)
-                nan_matrix = matrix if finite.all() else np.where(finite, matrix, np.nan)
-                tops.add(number, label, nan_matrix, handoff)
-                keep = number in shown_numbers
-                bands.add(number, label, nan_matrix, handoff, keep=keep)
-                ranges.add(label, nan_matrix)
-                if keep:
-                    shown.append((number, label, indices[label]))
-        bar.close()
         finished = bool(reader.finished_at)
-    top_table = tops.table()
-    settings = {"problems": list(selection.numbers), "transitions": names, "layer": layer,
-                "num_layers": num_layers, "top": top, "all_layers": all_layers, "show": show,
-                "strip_scale": strip_scale, "similarity": mode, "band_rule": asdict(rule)}
+    if note:
+        notes.append(note)
+    for line in notes:
+        warn(line if line.startswith("note:") else f"warning: {line}")
+    mode = str(attrs.get("similarity") or "seed")
+    options = _Options(path, num_layers, layer, top, all_layers, mode, rule, frozenset(numbers[:show]),
+                       tuple(names) if names is not None else None)
+    blocks = chunks(numbers)
+    results = run_chunks(_analyze_chunk, blocks, (options,), jobs, progress, f"analyze {path.name}", len)
+    parts = results[0]
+    for later in results[1:]:
+        parts.merge(later)
+    for line in check_names(path, names, parts.names):
+        notes.append(line)
+        warn(f"warning: {line}")
+    top_table = parts.tops.table()
+    settings = {"problems": list(numbers), "transitions": names, "layer": layer, "num_layers": num_layers,
+                "top": top, "all_layers": all_layers, "show": show, "strip_scale": strip_scale, "similarity": mode,
+                "band_rule": asdict(rule)}
     run = {k: attrs[k] for k in sorted(attrs) if k != "config"}
     run["finished"] = finished
     return Analysis(
-        capture=path, settings=settings, run=run, notes=notes, profile=profile.table(),
-        profile_per_problem=profile.per_problem(), distributions=distributions.table(), top_tokens=top_table,
-        top_tokens_by_string=tops.by_token(top_table), bands=bands.table(), band_layers=bands.layer_shares(),
-        band_segments=bands.segment_shares(), strip_ranges=ranges.as_dict(), labels=list(selection.labels),
-        _distributions=distributions, _bands=bands, _ranges=ranges, _shown=shown)
+        capture=path, settings=settings, run=run, notes=notes, profile=parts.profile.table(),
+        profile_per_problem=parts.profile.per_problem(), distributions=parts.distributions.table(),
+        top_tokens=top_table, top_tokens_by_string=parts.tops.by_token(top_table), bands=parts.bands.table(),
+        band_layers=parts.bands.layer_shares(), band_segments=parts.bands.segment_shares(),
+        strip_ranges=parts.ranges.as_dict(), labels=parts.labels, _distributions=parts.distributions,
+        _bands=parts.bands, _ranges=parts.ranges, _shown=parts.shown)

@@ -64,12 +64,13 @@ class Band:
 
 
 def _median(x: np.ndarray, axis=None) -> np.ndarray:
+    """np.median, NaN ignored (np.nanmedian, slower, only when there is a NaN; NaN where nothing is finite)."""
     if np.isnan(x).any():
-        with np.errstate(all="ignore"):
-            import warnings
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                return np.nanmedian(x, axis=axis)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmedian(x, axis=axis)
     return np.median(x, axis=axis)
 
 
@@ -80,6 +81,15 @@ def robust_spread(x: np.ndarray, axis=None) -> np.ndarray:
     return MAD_TO_STD * _median(np.abs(x - centre), axis=axis)
 
 
+def _column_medians(x: np.ndarray) -> np.ndarray:
+    """Median over axis 0 of a [L, T] array with few rows: one sort of the columns (NaN-aware fallback)."""
+    if np.isnan(x).any():
+        return _median(x, axis=0)
+    ordered = np.sort(x, axis=0)
+    rows = x.shape[0]
+    return 0.5 * (ordered[(rows - 1) // 2] + ordered[rows // 2])
+
+
 def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
     """Inclusive (first, last) of every run of True in a 1-D bool array."""
     padded = np.concatenate([[False], flags, [False]]).astype(np.int8)
@@ -87,18 +97,24 @@ def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
     return [(int(a), int(b) - 1) for a, b in zip(edges[::2], edges[1::2])]
 
 
+def _mean(cells: np.ndarray) -> float:
+    finite = np.isfinite(cells)
+    return float(cells[finite].mean()) if finite.any() else float("nan")
+
+
 def find_bands(matrix: np.ndarray, rule: BandRule = BandRule()) -> list[Band]:
     """Bands and hotspots of a [num_layers, T] matrix (NaN allowed) by `rule` (see the module docstring)."""
-    from scipy import ndimage
-
-    X = np.asarray(matrix, dtype=np.float64)
+    X = np.asarray(matrix, dtype=np.float32)
     num_layers, width = X.shape
-    if num_layers == 0 or width == 0 or not np.isfinite(X).any():
+    finite = np.isfinite(X)
+    if num_layers == 0 or width == 0 or not finite.any():
         return []
-    X = np.where(np.isfinite(X), X, np.nan)
+    if not finite.all():
+        X = np.where(finite, X, np.float32(np.nan))
     levels = _median(X, axis=1)  # [L]
-    row_spread = robust_spread(X, axis=1)  # [L]
-    spread = _median(row_spread[np.isfinite(row_spread)]) if np.isfinite(row_spread).any() else np.nan
+    row_spread = MAD_TO_STD * _median(np.abs(X - levels[:, None]), axis=1)  # [L]
+    known = np.isfinite(row_spread)
+    spread = float(np.median(row_spread[known])) if known.any() else float("nan")
     if not spread > 0:
         spread = float(np.nanstd(X))
     if not spread > 0:
@@ -107,37 +123,37 @@ def find_bands(matrix: np.ndarray, rule: BandRule = BandRule()) -> list[Band]:
     in_band = np.zeros(X.shape, dtype=bool)
 
     # 1. horizontal bands
-    offset = (levels - _median(levels[np.isfinite(levels)])) / spread
+    offset = (levels - np.median(levels[np.isfinite(levels)])) / spread
     for sign, flags in (("high", offset >= rule.horizontal), ("low", offset <= -rule.horizontal)):
-        for first, last in _runs(np.nan_to_num(flags, nan=False).astype(bool)):
+        for first, last in _runs(flags):
             cells = X[first:last + 1]
-            found.append(Band("horizontal", sign, first, last, 0, width - 1, float(np.nanmean(cells)),
+            found.append(Band("horizontal", sign, first, last, 0, width - 1, _mean(cells),
                               float(np.mean(offset[first:last + 1])), int(np.isfinite(cells).sum())))
             in_band[first:last + 1] = True
 
     # 2. vertical bands
-    row_scale = np.where(row_spread > 0, row_spread, spread)
+    row_scale = np.where(row_spread > 0, row_spread, spread).astype(np.float32)
     z = (X - levels[:, None]) / row_scale[:, None]
-    finite = np.isfinite(z)
     with np.errstate(invalid="ignore", divide="ignore"):
-        share = (finite & (z >= rule.vertical_z)).sum(axis=0) / finite.sum(axis=0)
+        share = (z >= rule.vertical_z).sum(axis=0) / finite.sum(axis=0)
     for first, last in _runs(np.nan_to_num(share, nan=0.0) >= rule.vertical_share):
         cells = X[:, first:last + 1]
-        found.append(Band("vertical", "high", 0, num_layers - 1, first, last, float(np.nanmean(cells)),
-                          float(np.nanmean(z[:, first:last + 1])), int(np.isfinite(cells).sum())))
+        found.append(Band("vertical", "high", 0, num_layers - 1, first, last, _mean(cells),
+                          _mean(z[:, first:last + 1]), int(np.isfinite(cells).sum())))
         in_band[:, first:last + 1] = True
 
     # 3. hotspots
     rest = X - levels[:, None]
-    residual = rest - _median(rest, axis=0)[None, :]
-    residual_spread = robust_spread(residual)
+    residual = rest - _column_medians(rest)[None, :]
+    residual_spread = float(robust_spread(residual))
     if not residual_spread > 0:
         residual_spread = spread
-    standard = residual / residual_spread
-    hot = np.nan_to_num(standard, nan=-np.inf) >= rule.hotspot
-    hot &= ~in_band
+    standard = residual / np.float32(residual_spread)
+    hot = (standard >= rule.hotspot) & ~in_band  # NaN compares False
     if hot.any():
-        labelled, count = ndimage.label(hot, structure=np.ones((3, 3), dtype=bool))
+        from scipy import ndimage
+
+        labelled, _ = ndimage.label(hot, structure=np.ones((3, 3), dtype=bool))
         for index, where in enumerate(ndimage.find_objects(labelled), start=1):
             mask = labelled[where] == index
             scores = np.where(mask, standard[where], -np.inf)
@@ -189,8 +205,8 @@ class BandCollector:
                 banded[band.column_first:band.column_last + 1] = True
             else:
                 hot_layers[band.layer_first] += 1
-            labels = {segments.label_of(c) for c in range(band.column_first, band.column_last + 1)} \
-                if band.type != "horizontal" else set(segments.labels)
+            labels = ({segments.labels[p] for p in np.unique(segments.index[band.column_first:band.column_last + 1])}
+                      if band.type != "horizontal" else set(segments.labels))
             agent = "+".join(sorted({a for a, _ in labels}))
             kind = "+".join(sorted({k for _, k in labels}))
             self._rows.append({
@@ -209,6 +225,23 @@ class BandCollector:
             counts[0] += int(columns.sum())
             counts[1] += int((columns & banded).sum())
         return bands
+
+    def merge(self, other: BandCollector) -> None:
+        """Fold in what `other` accumulated (over later problems)."""
+        self._rows += other._rows
+        self._kept.update(other._kept)
+        for label, count in other._handoffs.items():
+            self._handoffs[label] = self._handoffs.get(label, 0) + count
+            for mine, theirs in ((self._layer_high, other._layer_high), (self._layer_low, other._layer_low),
+                                 (self._hotspot_layers, other._hotspot_layers)):
+                if label in mine:
+                    mine[label] = mine[label] + theirs[label]
+                else:
+                    mine[label] = theirs[label]
+        for key, (total, banded) in other._segment_columns.items():
+            counts = self._segment_columns.setdefault(key, [0, 0])
+            counts[0] += total
+            counts[1] += banded
 
     def bands_of(self, problem: int, label: str) -> list[Band]:
         return self._kept.get((problem, label), [])

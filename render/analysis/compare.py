@@ -23,8 +23,22 @@ import pandas as pd
 from capture.format import CaptureReader, number_ranges
 from capture.text import shorten
 
-from .knn_dropped import KnnDropReport, KnnSettings, KnnTables, filtered_side, knn_figure
-from .source import AnalysisError, handoff_labels, parse_names, parse_problems, still_writing_note
+from .knn_dropped import (
+    KnnDropReport,
+    KnnSettings,
+    KnnTables,
+    filtered_side,
+    knn_figure,
+)
+from .parallel import run_chunks
+from .source import (
+    AnalysisError,
+    chunks,
+    parse_names,
+    parse_problems,
+    still_writing_note,
+    stream,
+)
 
 COMPARE_COLUMNS = ["problem", "handoff", "present", "columns_a", "columns_b", "common", "only_a", "only_b",
                    "max_abs_diff", "mean_abs_diff", "nan_mismatches", "token_mismatches", "wasserstein_mean",
@@ -135,8 +149,8 @@ class Comparison:
             out["knn"] = {"filtered": self.knn.filtered, "layer": self.knn.layer,
                           "settings": asdict(self.knn.settings),
                           "scores_match_unfiltered_mode": self.knn.scores_match,
-                          "dropped_columns": int(len(self.knn.dropped)),
-                          "kept_are_top": {"checked": int(len(checked)), "true": int(checked.sum())},
+                          "dropped_columns": len(self.knn.dropped),
+                          "kept_are_top": {"checked": len(checked), "true": int(checked.sum())},
                           "by_segment": records(self.knn.by_segment)}
         return out
 
@@ -199,14 +213,6 @@ def _common_problems(a: CaptureReader, b: CaptureReader, wanted: set[int] | None
     return common, only_a, only_b
 
 
-def _read(reader: CaptureReader, number: int, names) -> dict:
-    """label -> hand-off of one problem (only the hand-offs named in `names`, all when None)."""
-    all_names = reader.problem(number).handoff_names
-    labels = handoff_labels(all_names)
-    chosen = [i for i, name in enumerate(all_names) if names is None or name in names]
-    return {labels[i]: handoff for i, handoff in zip(chosen, reader.handoffs(number, chosen))}
-
-
 class _PairStats:
     """Fills the per-problem and per-layer tables from aligned hand-off pairs."""
 
@@ -266,6 +272,11 @@ class _PairStats:
         rows["wasserstein"].append(shift)
         return common, ia, ib
 
+    def merge(self, other: _PairStats) -> None:
+        self.rows += other.rows
+        for column, values in other.layer_rows.items():
+            self.layer_rows[column] += values
+
     def tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         table = pd.DataFrame(self.rows, columns=COMPARE_COLUMNS)
         if self.layer_rows["layer"]:
@@ -291,15 +302,68 @@ def _shown(problem, label, ha, hb, common, ia, ib) -> _Shown:
     return _Shown(problem, label, difference, union, list(segments), only)
 
 
-def compare_captures(a, b, *, problems=None, transitions=None, show: int = 2, progress: bool = True,
+@dataclass(frozen=True)
+class _Options:
+    """What a worker needs to compare a chunk of problems (picklable)."""
+
+    a: Path
+    b: Path
+    wanted: tuple | None
+    side: str | None  # which capture is kNN-filtered
+    knn: KnnSettings | None
+    knn_layer: int
+    unfiltered_mode: str
+    shown: frozenset
+
+
+class _Parts:
+    def __init__(self, options: _Options):
+        self.stats = _PairStats()
+        self.report = (KnnDropReport(options.knn, options.knn_layer, options.unfiltered_mode)
+                       if options.side is not None else None)
+        self.shown: list[_Shown] = []
+        self.labels: list[str] = []
+
+    def merge(self, other: _Parts) -> None:
+        self.stats.merge(other.stats)
+        if self.report is not None:
+            self.report.merge(other.report)
+        self.shown += other.shown
+        self.labels += [n for n in other.labels if n not in self.labels]
+
+
+def _compare_chunk(numbers: list[int], options: _Options) -> _Parts:
+    """Compare one chunk of problems (runs in a worker process, or in this one)."""
+    parts = _Parts(options)
+    with CaptureReader(options.a) as ra, CaptureReader(options.b) as rb:
+        for number in numbers:
+            handoffs_a = {label: h for _, label, _, h in stream(ra, number, options.wanted)}
+            handoffs_b = {label: h for _, label, _, h in stream(rb, number, options.wanted)}
+            if parts.report is not None:
+                parts.report.start_problem()
+            for label in dict.fromkeys([*handoffs_a, *handoffs_b]):
+                if label not in parts.labels:
+                    parts.labels.append(label)
+                ha, hb = handoffs_a.get(label), handoffs_b.get(label)
+                if ha is None or hb is None:
+                    parts.stats.missing(number, label, ha, hb)
+                    continue
+                common_positions, ia, ib = parts.stats.add(number, label, ha, hb)
+                if parts.report is not None:
+                    parts.report.add(number, label, *((ha, hb) if options.side == "a" else (hb, ha)))
+                if number in options.shown:
+                    parts.shown.append(_shown(number, label, ha, hb, common_positions, ia, ib))
+    return parts
+
+
+def compare_captures(a, b, *, problems=None, transitions=None, show: int = 2, jobs: int = 0, progress: bool = True,
                      warn=None) -> Comparison:
     """Compare capture `b` with capture `a` (see the module docstring); raises AnalysisError (one line).
 
     problems: numbers or a spec like '1-5,9' (default: every problem in both); transitions: hand-off
-    names (default: all); show: problems (the first common ones) that get difference heatmaps.
+    names (default: all); show: problems (the first common ones) that get difference heatmaps;
+    jobs: worker processes (0: one per core).
     """
-    from tqdm import tqdm
-
     warn = warn or (lambda line: print(line, file=sys.stderr))
     if show < 0:
         raise AnalysisError(f"--show must be 0 or more, got {show}")
@@ -310,46 +374,31 @@ def compare_captures(a, b, *, problems=None, transitions=None, show: int = 2, pr
     with CaptureReader(a) as ra, CaptureReader(b) as rb:
         _check_pair(ra, rb, notes)
         common, only_a, only_b = _common_problems(ra, rb, wanted, notes)
-        for line in notes:
-            warn(line)
         num_layers = ra.num_layers
-        knn_layer = num_layers // 2
         side = filtered_side(ra.attrs, rb.attrs)
-        report = None
-        if side is not None:
-            filtered_reader, unfiltered_reader = (ra, rb) if side == "a" else (rb, ra)
-            settings = KnnSettings.from_attrs(filtered_reader.attrs)
-            report = KnnDropReport(settings, knn_layer, str(unfiltered_reader.attrs.get("similarity") or "seed"))
-        stats = _PairStats()
-        shown = []
-        seen_labels: set[str] = set()
-        for index, number in enumerate(tqdm(common, desc=f"compare {a.name} vs {b.name}", unit="problem",
-                                            file=sys.stderr, disable=not progress, dynamic_ncols=True,
-                                            leave=False)):
-            handoffs_a, handoffs_b = _read(ra, number, names), _read(rb, number, names)
-            if report is not None:
-                report.start_problem()
-            for label in list(dict.fromkeys([*handoffs_a, *handoffs_b])):
-                seen_labels.add(label)
-                ha, hb = handoffs_a.get(label), handoffs_b.get(label)
-                if ha is None or hb is None:
-                    stats.missing(number, label, ha, hb)
-                    continue
-                common_positions, ia, ib = stats.add(number, label, ha, hb)
-                if report is not None:
-                    report.add(number, label, *((ha, hb) if side == "a" else (hb, ha)))
-                if index < show:
-                    shown.append(_shown(number, label, ha, hb, common_positions, ia, ib))
-        if names is not None and not seen_labels:
-            raise AnalysisError(f"no hand-off {', '.join(names)} in {a} or {b}")
-    table, layers = stats.tables()
+        filtered_attrs, unfiltered_attrs = (ra.attrs, rb.attrs) if side == "a" else (rb.attrs, ra.attrs)
+    for line in notes:
+        warn(line)
+    knn_layer = num_layers // 2
+    options = _Options(a, b, tuple(names) if names is not None else None, side,
+                       KnnSettings.from_attrs(filtered_attrs) if side is not None else None, knn_layer,
+                       str(unfiltered_attrs.get("similarity") or "seed"), frozenset(common[:show]))
+    results = run_chunks(_compare_chunk, chunks(common), (options,), jobs, progress,
+                         f"compare {a.name} vs {b.name}", len)
+    parts = results[0]
+    for later in results[1:]:
+        parts.merge(later)
+    if names is not None and not parts.labels:
+        raise AnalysisError(f"no hand-off {', '.join(names)} in {a} or {b}")
+    table, layers = parts.stats.tables()
     knn = None
-    if report is not None:
+    if parts.report is not None:
+        report = parts.report
         knn = KnnTables(report.settings, side, knn_layer, report.scores_match, report.dropped(), report.summary(),
                         report.by_segment())
     settings = {"problems": common, "transitions": names, "num_layers": num_layers, "show": show,
                 "knn_layer": knn_layer}
-    return Comparison(a, b, settings, notes, table, layers, knn, only_a, only_b, shown)
+    return Comparison(a, b, settings, notes, table, layers, knn, only_a, only_b, parts.shown)
 
 
 def layer_shift_figure(layers: pd.DataFrame, label: str, name_a: str, name_b: str):

@@ -13,6 +13,7 @@ import pandas as pd
 
 BINS = 400
 SAMPLE_COLUMNS = 16
+VIOLIN_VALUES = 2000  # per layer at most, drawn evenly from the sample (a KDE of more only costs time)
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 DISTRIBUTION_COLUMNS = ["handoff", "layer", "n_values", "mean", "std", "min", "max", "q05", "q25", "median", "q75",
                         "q95", "below_range", "above_range"]
@@ -43,12 +44,15 @@ class LayerDistributions:
     def __init__(self, num_layers: int, mode: str = "seed", seed: int = 0):
         self.num_layers = num_layers
         self.mode = mode
+        self.seed = seed
         self.lo, self.hi = value_range(mode)
-        self._rng = np.random.default_rng(seed)
         self._labels: dict[str, _Layers] = {}
 
-    def add(self, label: str, values: np.ndarray, finite: np.ndarray) -> None:
-        """values: [num_layers, T] float32 (non-finite cells already 0); finite: [num_layers, T] bool."""
+    def add(self, label: str, values: np.ndarray, finite: np.ndarray, problem: int = 0, place: int = 0) -> None:
+        """values: [num_layers, T] float32 (non-finite cells already 0); finite: [num_layers, T] bool.
+
+        problem, place: the problem's number and the hand-off's index in it, which seed the sample's draw
+        (so it is the same however the problems are split between workers)."""
         acc = self._labels.get(label)
         if acc is None:
             acc = self._labels[label] = _Layers(self.num_layers)
@@ -65,9 +69,26 @@ class LayerDistributions:
         acc.squares += np.einsum("lt,lt->l", values, values, dtype=np.float64)
         acc.low = np.minimum(acc.low, np.where(finite, values, np.inf).min(axis=1))
         acc.high = np.maximum(acc.high, np.where(finite, values, -np.inf).max(axis=1))
-        picked = self._rng.choice(width, size=min(width, SAMPLE_COLUMNS), replace=False)
+        rng = np.random.default_rng((self.seed, problem, place))
+        picked = rng.choice(width, size=min(width, SAMPLE_COLUMNS), replace=False)
         sample = np.where(finite[:, picked], values[:, picked], np.nan)
         acc.samples.append(sample.astype(np.float32))
+
+    def merge(self, other: LayerDistributions) -> None:
+        """Fold in what `other` accumulated (over later problems)."""
+        for label, theirs in other._labels.items():
+            mine = self._labels.get(label)
+            if mine is None:
+                self._labels[label] = theirs
+                continue
+            mine.counts += theirs.counts
+            mine.total += theirs.total
+            mine.squares += theirs.squares
+            mine.low = np.minimum(mine.low, theirs.low)
+            mine.high = np.maximum(mine.high, theirs.high)
+            mine.below += theirs.below
+            mine.above += theirs.above
+            mine.samples += theirs.samples
 
     def histogram(self, label: str) -> tuple[np.ndarray, np.ndarray]:
         """(counts [num_layers, BINS], bin edges [BINS + 1]) of one hand-off label."""
@@ -99,12 +120,15 @@ class LayerDistributions:
                     "below_range": int(acc.below[layer]), "above_range": int(acc.above[layer])})
         return pd.DataFrame(rows, columns=DISTRIBUTION_COLUMNS)
 
-    def sample(self, label: str) -> pd.DataFrame:
-        """The sampled values of one hand-off label as a long table (layer, value)."""
+    def sample(self, label: str, most: int | None = None) -> pd.DataFrame:
+        """The sampled values of one hand-off label as a long table (layer, value); with `most`, thinned
+        evenly to at most that many values per layer."""
         acc = self._labels[label]
         if not acc.samples:
             return pd.DataFrame({"layer": pd.Series(dtype=int), "value": pd.Series(dtype=float)})
         block = np.concatenate(acc.samples, axis=1)  # [num_layers, sampled columns]
+        if most is not None and block.shape[1] > most:
+            block = block[:, np.linspace(0, block.shape[1] - 1, most).astype(np.int64)]
         layers = np.repeat(np.arange(self.num_layers), block.shape[1])
         values = block.reshape(-1)
         keep = np.isfinite(values)
@@ -116,7 +140,7 @@ class LayerDistributions:
 
         from render.figures import new_figure
 
-        data = self.sample(label)
+        data = self.sample(label, VIOLIN_VALUES)
         width = min(20.0, max(6.0, 0.32 * self.num_layers + 1.5))
         fig = new_figure(width, 4.2)
         ax = fig.add_subplot()
@@ -128,6 +152,7 @@ class LayerDistributions:
         ax.tick_params(axis="x", labelsize=7)
         n_handoffs = len(self._labels[label].samples)
         fig.suptitle(f"{label} · value distribution per layer · {n_handoffs} hand-offs "
-                     f"(violins of ≤ {SAMPLE_COLUMNS} random columns each; quartiles dashed)", fontsize=9)
+                     f"(violins of ≤ {SAMPLE_COLUMNS} random columns each, ≤ {VIOLIN_VALUES} values per layer; "
+                     "quartiles dashed)", fontsize=9)
         fig.tight_layout()
         return fig

@@ -62,7 +62,7 @@ class KnnSettings:
     score: str
 
     @classmethod
-    def from_attrs(cls, attrs: dict) -> "KnnSettings":
+    def from_attrs(cls, attrs: dict) -> KnnSettings:
         return cls(float(attrs.get("knn_percentage") or 0.8), int(attrs.get("knn_min_keep") or 0),
                    str(attrs.get("knn_strategy") or "top"), str(attrs.get("knn_score") or "seed"))
 
@@ -154,6 +154,16 @@ class KnnDropReport:
             "exact_scores": bool(self._first and self.scores_match)})
         self._absent = pu[~kept]
         self._first = False
+
+    def merge(self, other: KnnDropReport) -> None:
+        """Fold in what `other` accumulated (over later problems)."""
+        for column, values in other._dropped.items():
+            self._dropped[column] += values
+        self._summary += other._summary
+        for key, theirs in other._segments.items():
+            mine = self._segments.setdefault(key, _Segment())
+            for name in vars(theirs):
+                setattr(mine, name, getattr(mine, name) + getattr(theirs, name))
 
     def _check(self, order: np.ndarray, kept: np.ndarray, kept_scores, dropped_scores):
         """(kept_are_top, top_overlap) for the strategy; (None, None) where they do not apply."""

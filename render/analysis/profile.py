@@ -65,6 +65,20 @@ class LayerSegmentProfile:
             rows["std"].append(std)
             rows["n_values"].append(count.astype(np.int64))
 
+    def merge(self, other: LayerSegmentProfile) -> None:
+        """Fold in what `other` accumulated (over later problems)."""
+        for name, key in other._keys.items():
+            mine = self._keys.get(name)
+            if mine is None:
+                self._keys[name] = key
+                continue
+            mine.count += key.count
+            mine.total += key.total
+            mine.squares += key.squares
+            mine.problem_means += key.problem_means
+        for column, parts in other._rows.items():
+            self._rows[column] += parts
+
     def per_problem(self) -> pd.DataFrame:
         """One row per (hand-off, problem, layer, segment): mean, std and count of its finite values."""
         if not self._rows["layer"]:
@@ -78,7 +92,7 @@ class LayerSegmentProfile:
         problem_mean, ci_low, ci_high: mean of the per-problem means and its 95 % t interval
         (NaN with fewer than two problems).
         """
-        from scipy import stats
+        from scipy.special import stdtrit
 
         parts = []
         for (label, agent, kind), key in self._keys.items():
@@ -90,7 +104,7 @@ class LayerSegmentProfile:
                 pooled_std = np.sqrt(np.maximum(key.squares / key.count - pooled ** 2, 0.0))
                 problem_mean = np.where(n_problems > 0, np.nansum(means, axis=0) / n_problems, np.nan)
                 spread = np.sqrt(np.nansum((means - problem_mean) ** 2, axis=0) / (n_problems - 1))
-                half = stats.t.ppf(0.975, np.maximum(n_problems - 1, 1)) * spread / np.sqrt(n_problems)
+                half = stdtrit(np.maximum(n_problems - 1, 1), 0.975) * spread / np.sqrt(n_problems)
             half = np.where(n_problems > 1, half, np.nan)
             parts.append(pd.DataFrame({
                 "handoff": label, "layer": np.arange(self.num_layers), "agent": agent, "kind": kind,
@@ -141,7 +155,7 @@ def profile_figure(table: pd.DataFrame, handoff: str, band_layers: dict | None =
         left.annotate("◀", xy=(len(order), row + 0.5), xytext=(len(order) + 0.05, row + 0.5), fontsize=7,
                       va="center", annotation_clip=False, color="red" if sign == "high" else "blue")
     right.set_xlabel("layer")
-    right.set_ylabel(f"mean over problems (95 % CI)")
+    right.set_ylabel("mean over problems (95 % CI)")
     right.legend(fontsize=7, loc="best")
     n_problems = int(rows["n_problems"].max()) if len(rows) else 0
     marked = " · shaded layers: horizontal band in ≥ half the problems" if band_layers else ""

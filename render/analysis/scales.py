@@ -51,6 +51,11 @@ class LayerRanges:
         self.capture.update(row)
         self.handoffs.setdefault(label, Range()).update(row)
 
+    def merge(self, other: LayerRanges) -> None:
+        for mine, theirs in [(self.capture, other.capture)] + [
+                (self.handoffs.setdefault(label, Range()), r) for label, r in other.handoffs.items()]:
+            mine.lo, mine.hi = min(mine.lo, theirs.lo), max(mine.hi, theirs.hi)
+
     def range_for(self, scale: str, label: str, row: np.ndarray) -> tuple[float, float]:
         """(lo, hi) that `scale` normalises `row` (of hand-off `label`) with."""
         if scale not in SCALES:

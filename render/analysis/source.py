@@ -1,16 +1,18 @@
 """What an analysis reads: one capture, the chosen problems and hand-offs, streamed one hand-off at a time.
 
 Nothing here holds more than one hand-off's matrix: `stream` yields them in file order and the
-caller folds each into its accumulators before the next is read.
+caller folds each into its accumulators before the next is read. `chunks` cuts the problems into
+fixed blocks that worker processes read on their own (see `parallel.py`).
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from capture.format import CaptureError, CaptureReader, Handoff, number_ranges
+
+CHUNK = 32  # problems per unit of work; fixed, so results never depend on the number of workers
 
 
 class AnalysisError(CaptureError):
@@ -34,24 +36,6 @@ def parse_names(spec) -> list[str] | None:
     return parse_transitions(spec)
 
 
-@dataclass(frozen=True)
-class Selection:
-    """The problems (in file order) and, per problem, the hand-offs to read.
-
-    handoffs: number -> tuple of (index in the problem's run order, label); the label is the
-        hand-off's name, with '#2', '#3', ... when a name occurs again in one problem.
-    """
-
-    numbers: tuple[int, ...]
-    handoffs: dict
-    labels: tuple[str, ...]  # every label selected, in first-seen order
-    warnings: tuple[str, ...] = ()
-
-    @property
-    def num_handoffs(self) -> int:
-        return sum(len(v) for v in self.handoffs.values())
-
-
 def handoff_labels(names: Sequence[str]) -> list[str]:
     """['a', 'b', 'a'] -> ['a', 'b', 'a#2']: a label per hand-off that is unique within its problem."""
     seen: dict[str, int] = {}
@@ -62,57 +46,53 @@ def handoff_labels(names: Sequence[str]) -> list[str]:
     return labels
 
 
-def select(reader: CaptureReader, problems: set[int] | None = None,
-           transitions: Sequence[str] | None = None) -> Selection:
-    """The problems and hand-offs of `reader` that match; raises AnalysisError when nothing does."""
+def select_problems(reader: CaptureReader, problems: set[int] | None = None) -> tuple[list[int], list[str]]:
+    """(the committed problem numbers that match, in file order; warnings); AnalysisError when none does."""
     numbers = reader.problem_numbers
     if not numbers:
         raise AnalysisError(f"{reader.path} has no committed problems; nothing to analyse")
-    warnings = []
-    if problems is not None:
-        missing = sorted(problems - set(numbers))
-        chosen = [n for n in numbers if n in problems]
-        if not chosen:
-            raise AnalysisError(f"{reader.path} has no problem {number_ranges(sorted(problems))} "
-                                f"(it holds {number_ranges(numbers)})")
-        if missing:
-            warnings.append(f"{reader.path}: no problem {number_ranges(missing)}")
-        numbers = chosen
-    wanted = set(transitions) if transitions is not None else None
-    seen: list[str] = []
-    handoffs = {}
-    for number in numbers:
-        names = reader.problem(number).handoff_names
-        labels = handoff_labels(names)
-        for name in names:
-            if name not in seen:
-                seen.append(name)
-        handoffs[number] = tuple((i, label) for i, (name, label) in enumerate(zip(names, labels))
-                                 if wanted is None or name in wanted)
-    if wanted is not None:
-        absent = sorted(wanted - set(seen))
-        if len(absent) == len(wanted):
-            close = difflib.get_close_matches(absent[0], seen, n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise AnalysisError(f"{reader.path} has no hand-off {', '.join(absent)}{hint} "
-                                f"(it has {', '.join(seen) or 'none'})")
-        if absent:
-            warnings.append(f"{reader.path}: no hand-off {', '.join(absent)} in the selected problems")
-    labels = []
-    for chosen in handoffs.values():
-        for _, label in chosen:
-            if label not in labels:
-                labels.append(label)
-    return Selection(tuple(numbers), handoffs, tuple(labels), tuple(warnings))
+    if problems is None:
+        return numbers, []
+    chosen = [n for n in numbers if n in problems]
+    if not chosen:
+        raise AnalysisError(f"{reader.path} has no problem {number_ranges(sorted(problems))} "
+                            f"(it holds {number_ranges(numbers)})")
+    missing = sorted(problems - set(numbers))
+    return chosen, [f"{reader.path}: no problem {number_ranges(missing)}"] if missing else []
 
 
-def stream(reader: CaptureReader, selection: Selection, number: int) -> Iterator[tuple[str, Handoff]]:
-    """(label, hand-off) of one problem's selected hand-offs, read one at a time, in run order."""
-    chosen = selection.handoffs.get(number, ())
+def problem_handoffs(reader: CaptureReader, number: int, wanted: Sequence[str] | None) -> list[tuple[int, str, str]]:
+    """(index in the run order, label, name) of one problem's hand-offs whose name is in `wanted` (all when None)."""
+    names = reader.problem(number).handoff_names
+    return [(i, label, name) for i, (name, label) in enumerate(zip(names, handoff_labels(names)))
+            if wanted is None or name in wanted]
+
+
+def check_names(path, wanted: Sequence[str] | None, seen: Sequence[str]) -> list[str]:
+    """Warnings for names asked for but absent; AnalysisError when none of them is present."""
+    if wanted is None:
+        return []
+    absent = [n for n in wanted if n not in seen]
+    if len(absent) == len(wanted):
+        close = difflib.get_close_matches(absent[0], list(seen), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise AnalysisError(f"{path} has no hand-off {', '.join(absent)}{hint} (it has {', '.join(seen) or 'none'})")
+    return [f"{path}: no hand-off {', '.join(absent)} in the selected problems"] if absent else []
+
+
+def stream(reader: CaptureReader, number: int,
+           wanted: Sequence[str] | None) -> Iterator[tuple[int, str, str, Handoff]]:
+    """(index in the run order, label, name, hand-off) of one problem's wanted hand-offs, read one at a
+    time, in run order."""
+    chosen = problem_handoffs(reader, number, wanted)
     if not chosen:
         return
-    for (_, label), handoff in zip(chosen, reader.handoffs(number, [i for i, _ in chosen])):
-        yield label, handoff
+    for (index, label, name), handoff in zip(chosen, reader.handoffs(number, [i for i, _, _ in chosen])):
+        yield index, label, name, handoff
+
+
+def chunks(numbers: Sequence[int], size: int = CHUNK) -> list[list[int]]:
+    return [list(numbers[i:i + size]) for i in range(0, len(numbers), size)]
 
 
 def still_writing_note(reader: CaptureReader) -> str | None:
@@ -120,7 +100,7 @@ def still_writing_note(reader: CaptureReader) -> str | None:
     if reader.finished_at:
         return None
     count = len(reader.problem_numbers)
-    return (f"note: {reader.path} is not finished (still being written, or its run stopped): analysing the "
+    return (f"note: {reader.path} is not finished (still being written, or its run stopped): using the "
             f"{count} problem{'s' if count != 1 else ''} committed so far")
 
 

@@ -67,6 +67,13 @@ class TopTokens:
             rows["kind"].extend(segments.labels[p][1] for p in places)
             rows["value"].extend(row[columns].tolist())
 
+    def merge(self, other: TopTokens) -> None:
+        """Fold in what `other` accumulated (over later problems)."""
+        for column, values in other._rows.items():
+            self._rows[column] += values
+        for label, counts in other._occurrences.items():
+            self._occurrences.setdefault(label, Counter()).update(counts)
+
     def table(self) -> pd.DataFrame:
         return pd.DataFrame(self._rows, columns=TOP_COLUMNS)
 
