@@ -175,7 +175,8 @@ main = LazyGroup(
     help="LatentMAS agents sharing a KV cache, and heatmaps of what each agent reads.\n\n"
          "Capture on a GPU (`latentmas capture`), render anywhere (`latentmas render`).",
     lazy={"render": "render.cli:render_command", "info": "render.info:info_command",
-          "view": "render.viewer.cli:view_command"},
+          "view": "render.viewer.cli:view_command", "analyze": "render.analysis.cli:analyze_command",
+          "compare": "render.analysis.cli:compare_command"},
 )
 
 def _print_version(ctx, param, value):

@@ -1,0 +1,46 @@
+"""Analysis of capture files: the questions the heatmaps are drawn for, as tables and figures.
+
+Every computation is a plain function returning pandas tables and matplotlib figures, so a
+notebook gets what `latentmas analyze` / `latentmas compare` write:
+
+    analyze_capture(path, ...) -> Analysis       # .profile, .distributions, .top_tokens, .bands, .figures()
+    compare_captures(a, b, ...) -> Comparison    # .table, .layers, .knn (kNN-dropped report), .figures()
+    write_analysis(result, out) / write_comparison(result, out)  # CSV, JSON and PNG into a folder
+    find_bands(matrix, BandRule()) -> list[Band] # one [num_layers, T] matrix
+
+See docs/analysis.md. Importing this package is cheap; the names load their module on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "analyze_capture": "analyze",
+    "Analysis": "analyze",
+    "compare_captures": "compare",
+    "Comparison": "compare",
+    "wasserstein_by_layer": "compare",
+    "write_analysis": "report",
+    "write_comparison": "report",
+    "find_bands": "bands",
+    "BandRule": "bands",
+    "Band": "bands",
+    "AnalysisError": "source",
+    "comparable_strip": "scales",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
