@@ -300,7 +300,8 @@ def mark_bands(ax, bands: list[Band]) -> None:
 
 
 def bands_legend(bands: list[Band]) -> str:
-    """A one-line count for a figure's notes, e.g. 'bands: 1 horizontal (dashed), 2 vertical (magenta), 0 hotspots (○)'."""
+    """A one-line count for a figure's notes,
+    e.g. 'bands: 1 horizontal (dashed), 2 vertical (magenta), 0 hotspots (○)'."""
     count = {kind: sum(b.type == kind for b in bands) for kind in ("horizontal", "vertical", "hotspot")}
     return (f"bands: {count['horizontal']} horizontal (dashed), {count['vertical']} vertical (magenta), "
             f"{count['hotspot']} hotspots (○)")

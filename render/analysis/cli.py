@@ -99,8 +99,8 @@ def compare_command(capture_a, capture_b, out, problems, transitions, show, jobs
     from .report import write_comparison
 
     try:
-        result = compare_captures(capture_a, capture_b, problems=problems, transitions=transitions, show=show, jobs=jobs,
-                                  progress=not no_progress, warn=_warn)
+        result = compare_captures(capture_a, capture_b, problems=problems, transitions=transitions, show=show,
+                                  jobs=jobs, progress=not no_progress, warn=_warn)
         folder, written = write_comparison(result, out, progress=not no_progress)
     except CaptureError as error:
         raise click.ClickException(str(error)) from None

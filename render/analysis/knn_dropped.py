@@ -43,7 +43,9 @@ SEGMENT_COLUMNS = ["handoff", "agent", "kind", "candidates", "dropped", "share_d
 
 
 def _truthy(value) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes") if not isinstance(value, (bool, np.bool_)) else bool(value)
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    return str(value).strip().lower() in ("1", "true", "yes")
 
 
 def filtered_side(attrs_a: dict, attrs_b: dict) -> str | None:
