@@ -36,7 +36,8 @@ def segment_labels(segments, num_columns: int) -> tuple[list[str], list[str]]:
 
 
 def handoff_to_xarray(handoff):
-    """`handoff.layer_similarities` [num_layers, T] as a DataArray with dims ("layer", "column").
+    """`handoff.layer_similarities` [num_layers, T] as a float32 DataArray with dims ("layer", "column")
+    (captures store float16 by default; float32 keeps means and sums accurate).
 
     Coordinates: `layer` and `column` (0-based indices), and along `column`: `position` (the
     original cache position; kNN filtering leaves gaps), `token` (text, "<latent>" for latent
@@ -44,7 +45,7 @@ def handoff_to_xarray(handoff):
     Group by segment with `da.groupby("segment").mean()`.
     """
     xr = _require("xarray")
-    values = np.asarray(handoff.layer_similarities)
+    values = np.asarray(handoff.layer_similarities, dtype=np.float32)
     num_layers, num_columns = values.shape
     agents, kinds = segment_labels(handoff.segments, num_columns)
     segments = [f"{a} {k}" if a else "" for a, k in zip(agents, kinds)]
