@@ -17,6 +17,8 @@ $(PY):
 
 install: $(PY)  ## create .venv and install the project with its test tools
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet $(TORCH)
+	@# the build backend in .venv too: tests/test_install.py builds the package offline with it
+	$(PIP) install --quiet "setuptools>=77,<85"
 	$(PIP) install --quiet -e ".[capture,test]"
 
 test: install  ## run the test suite (CPU, offline)

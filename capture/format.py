@@ -51,11 +51,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import h5py
 import numpy as np
 
+from .handoff_list import HandoffList
 from .text import shorten
 
 SCHEMA_VERSION = 1
@@ -133,6 +134,16 @@ class Handoff:
     @property
     def num_columns(self) -> int:
         return int(self.layer_similarities.shape[1])
+
+    def __repr__(self) -> str:
+        layers, columns = np.shape(self.layer_similarities)
+        return f"<Handoff {self.name}: {layers} layers x {columns} columns, {len(self.segments)} segments>"
+
+    def to_xarray(self):
+        """An `xarray.DataArray` [layer, column] with positions, tokens and segments as coordinates (`[notebook]`)."""
+        from .tables import handoff_to_xarray
+
+        return handoff_to_xarray(self)
 
 
 @dataclass
@@ -595,18 +606,21 @@ class CaptureReader(_OpenFile):
             prediction=_decode(p["prediction"][row]), correct=None if correct < 0 else bool(correct),
             handoff_names=names, handoff_columns=[int(t) for t in h["num_columns"][first:first + count]])
 
-    def handoffs(self, problem: int, which: Sequence[int] | None = None) -> Iterator[Handoff]:
-        """The hand-offs of one problem, in run order, with their matrices.
+    def handoffs(self, problem: int, which: Sequence[int] | None = None) -> HandoffList:
+        """The hand-offs of one problem, in run order, each read (with its matrix) when first used.
 
         which: their 0-based places in the problem's run order, to read only those (default: all).
+        A list-like (`len`, `[i]`, `for`) that is also an iterator (`next`): see `HandoffList`.
         """
         row = self._row(problem)
         first = int(self._file["problems/first_handoff"][row])
         count = int(self._file["problems/num_handoffs"][row])
-        for index in range(count) if which is None else which:
+        places = list(range(count) if which is None else which)
+        for index in places:
             if not 0 <= index < count:
                 raise CaptureError(f"problem {problem} in {self.path} has {count} hand-offs, no hand-off {index}")
-            yield self._handoff(first + index)
+        names = self.problem(problem).handoff_names
+        return HandoffList([first + i for i in places], self._handoff, [names[i] for i in places], problem)
 
     def handoff(self, problem: int, name: str) -> Handoff:
         for handoff in self.handoffs(problem):
@@ -640,6 +654,20 @@ class CaptureReader(_OpenFile):
             tokens=[_decode(t) for t in c["token"][first:first + width]],
             segments=segments,
         )
+
+    def __repr__(self) -> str:
+        if not self._file.id.valid:
+            return f"<CaptureReader {str(self.path)!r} (closed)>"
+        model = self.attrs.get("model_name") or "?"
+        state = "finished" if self.finished_at else "unfinished"
+        return (f"<CaptureReader {str(self.path)!r}: model {model!r}, {len(self._numbers)} problems, "
+                f"{self.num_layers} layers, {state}>")
+
+    def problems_table(self):
+        """A `pandas.DataFrame` of the problems, one row each, with T per hand-off (`[notebook]`)."""
+        from .tables import problems_table
+
+        return problems_table(self)
 
 
 def number_ranges(numbers: Sequence[int]) -> str:

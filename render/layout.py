@@ -80,12 +80,12 @@ class Layout:
     width_in: float
     height_in: float
     heat: tuple[float, float, float, float]
-    band: tuple[float, float] | None    # (y0, y1) of the segment band, in heatmap-axes fractions (> 1)
-    rug: float | None                   # y of the kNN gap marks, in heatmap-axes fractions (< 0)
-    cbar: tuple[float, float, float, float]
-    label_row: float                    # height of one segment-label row, in heatmap-axes fractions
+    band: tuple[float, float] | None    # (y0, y1) of the segment band, inches above the heatmap's top
+    rug: float | None                   # y of the kNN gap marks, inches from the heatmap's bottom (< 0)
+    cbar: tuple[float, float, float, float] | None  # None: drawn beside a caller's axes (`axes_layout`)
+    label_row: float                    # height of one segment-label row, in inches
     tick_pad_pt: float                  # x tick label padding (room for the rug)
-    title_y: float                      # figure fraction of the top of the title
+    title_y: float | None               # figure fraction of the top of the title (None: the axes' title)
     plot_width_in: float
     interpolation: str                  # 'nearest' or 'antialiased'
     token_labels: bool                  # token strings fit and are drawn
@@ -148,9 +148,7 @@ def heatmap_layout(num_layers: int, num_columns: int, dpi: float, *, title_lines
 
     heat_bottom = bottom
     heat = rect(LEFT_IN, heat_bottom, plot_w, plot_h)
-    band_y0 = 1 + 0.03 / plot_h
-    band = (band_y0, band_y0 + BAND_IN / plot_h) if has_segments else None
-    rug = -(RUG_IN / 2 + 0.01) / plot_h if has_gaps else None
+    band, rug = _band_and_rug(has_segments, has_gaps)
     if strip:
         cbar_w = min(3.0, plot_w)
         cbar = rect(LEFT_IN + plot_w - cbar_w, 0.28, cbar_w, 0.11)
@@ -160,9 +158,43 @@ def heatmap_layout(num_layers: int, num_columns: int, dpi: float, *, title_lines
     rows = 1 if strip else num_layers
     return Layout(
         width_in=width, height_in=height, heat=heat, band=band, rug=rug, cbar=cbar, title_y=title_y,
-        label_row=LABEL_ROW_IN / plot_h, tick_pad_pt=3.5 + (RUG_IN * 72 if has_gaps else 0),
+        label_row=LABEL_ROW_IN, tick_pad_pt=_tick_pad_pt(has_gaps),
         plot_width_in=plot_w, interpolation=_interpolation(num_columns, rows, plot_w, plot_h, dpi),
         token_labels=labels_fit,
+    )
+
+
+def _band_and_rug(has_segments: bool, has_gaps: bool) -> tuple[tuple[float, float] | None, float | None]:
+    """(band y0, y1 in inches above the heatmap) and (rug y in inches below it), None where absent."""
+    band = (0.03, 0.03 + BAND_IN) if has_segments else None
+    rug = -(RUG_IN / 2 + 0.01) if has_gaps else None
+    return band, rug
+
+
+def _tick_pad_pt(has_gaps: bool) -> float:
+    return 3.5 + (RUG_IN * 72 if has_gaps else 0)
+
+
+def band_height_pt(label_rows: int) -> float:
+    """Room (points) that the segment band and `label_rows` rows of labels take above a heatmap."""
+    return (0.03 + BAND_IN + 0.25 * LABEL_ROW_IN + label_rows * LABEL_ROW_IN + 0.04) * 72
+
+
+def axes_layout(axes_w_in: float, axes_h_in: float, num_rows: int, num_columns: int, dpi: float, *,
+                fig_w_in: float, fig_h_in: float, heat: tuple[float, float, float, float],
+                has_segments: bool = True, has_gaps: bool = False, token_labels: bool = False) -> Layout:
+    """Geometry of a heatmap drawn into a caller's axes of `axes_w_in` x `axes_h_in` inches.
+
+    The axes keeps its place (`heat`, figure fractions); band, labels and gap marks go around
+    it at fixed distances in inches, the colour bar beside it (taken from its width by matplotlib).
+    Token labels are drawn when the axes gives each column LABELLED_COLUMN_IN.
+    """
+    band, rug = _band_and_rug(has_segments, has_gaps)
+    labels_fit = token_labels and 0 < num_columns <= int(axes_w_in / LABELLED_COLUMN_IN)
+    return Layout(
+        width_in=fig_w_in, height_in=fig_h_in, heat=heat, band=band, rug=rug, cbar=None, title_y=None,
+        label_row=LABEL_ROW_IN, tick_pad_pt=_tick_pad_pt(has_gaps), plot_width_in=axes_w_in,
+        interpolation=_interpolation(num_columns, num_rows, axes_w_in, axes_h_in, dpi), token_labels=labels_fit,
     )
 
 
@@ -181,13 +213,17 @@ def nice_step(span: int, max_ticks: int) -> int:
     return int(10 * magnitude)
 
 
-def column_ticks(num_columns: int, plot_w_in: float) -> np.ndarray:
-    """Column indices to label on the x axis: at most one every 1.1 in, on a 1-2-5 grid."""
+def column_ticks(num_columns: int, plot_w_in: float, offset: int = 0) -> np.ndarray:
+    """Column indices to label on the x axis: at most one every 1.1 in, on a 1-2-5 grid.
+
+    offset: the first column's true index (a window of a hand-off); ticks stay on the grid's multiples.
+    """
     if num_columns <= 0:
         return np.zeros(0, dtype=int)
     max_ticks = max(2, min(20, int(plot_w_in / 1.1)))
     step = nice_step(num_columns, max_ticks)
-    return np.arange(0, num_columns, step)
+    first = -(-offset // step) * step
+    return np.arange(first, offset + num_columns, step)
 
 
 def layer_ticks(num_layers: int, plot_h_in: float) -> np.ndarray:
@@ -292,9 +328,8 @@ def segment_boundaries(segments: Sequence, num_columns: int) -> list[int]:
 # -- tokens ----------------------------------------------------------------------------
 
 def format_token(token: str, max_chars: int = 12) -> str:
-    """A token string made safe and short for a tick label (no mathtext, visible whitespace)."""
-    text = (token.replace("\n", "↵").replace("\t", "\\t").replace("\r", "\\r")
-            .replace("$", r"\$"))
+    """A token string made short for a tick label, whitespace visible (drawn as text, never mathtext)."""
+    text = token.replace("\n", "↵").replace("\t", "\\t").replace("\r", "\\r")
     if text.strip() == "":
         text = "␣" * min(len(text), 3) if text else "∅"
     if len(text) > max_chars:

@@ -293,7 +293,7 @@ def test_token_labels_only_where_they_fit():
     many = [f"tok{i}" for i in range(layout.max_labelled_tokens() + 1)]
     fig = multi_layer_heatmap(np.zeros((4, len(many))), tokens=many, token_labels=True)
     assert len(fig.axes[0].get_xticks()) < 20
-    assert layout.format_token("a\nb$c") == "a↵b\\$c"
+    assert layout.format_token("a\nb$c") == "a↵b$c"  # drawn as text (parse_math off), so no escaping
 
 
 def test_token_labels_notice_for_long_handoffs(tmp_path):
@@ -344,3 +344,106 @@ def test_render_sources_never_import_torch_or_transformers():
     pattern = re.compile(r"^\s*(import|from)\s+(torch|transformers)\b", re.M)
     for source in (REPO / "render").glob("*.py"):
         assert not pattern.search(source.read_text()), source
+
+
+# -- notebooks: ax=, windows, inline display, backend ---------------------------------------------------
+
+def test_two_handoffs_share_one_figure_through_ax(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from render.figures import plot_handoff
+
+    capture = write_capture(tmp_path / "run.h5", numbers=(1,), widths=(30, 60), gap_every=10)
+    with CaptureReader(capture) as reader:
+        first, second = reader.handoffs(1)
+    fig = Figure(figsize=(12, 7), layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1)
+    assert plot_handoff(first, ax=top, problem=1) is fig
+    assert plot_handoff(second, "single", ax=fig.add_gridspec(1, 1)[0]) is fig  # a SubplotSpec makes its axes
+    assert top.render_info.values.shape == (6, 30) and fig.axes[-2].render_info.values.shape == (1, 60)
+    assert top.get_title(loc="left").startswith("Planner → Critic · problem 1")
+    assert top.get_xlim() == (-0.5, 29.5)
+    marks = [line for line in top.lines if line.get_marker() == "^"]
+    assert marks[0].get_xdata().tolist() == [9.5, 19.5]  # kNN gaps at their columns
+    draw(fig)  # lays out and draws without error
+
+
+def test_a_window_of_columns_keeps_its_true_axis():
+    values = np.tile(np.arange(100, dtype=float), (4, 1)) / 100
+    positions = np.arange(100) + np.arange(100) // 25 * 2  # 2 positions removed before columns 25, 50, 75
+    segments = [Segment("planner", "prompt", 0, 40), Segment("planner", "latent", 40, 100)]
+    fig = multi_layer_heatmap(values, segments=segments, positions=positions, columns=(30, 60))
+    ax = fig.axes[0]
+    assert ax.get_xlim() == (29.5, 59.5) and fig.render_info.column_offset == 30
+    np.testing.assert_array_equal(fig.render_info.values, values[:, 30:60].astype(np.float32))
+    assert all(30 <= t < 60 for t in ax.get_xticks()) and "column 30 … 59" in ax.get_xlabel()
+    assert "columns 30 … 59" in fig.get_suptitle() and "kNN removed 2 positions in 1 run" in fig.get_suptitle()
+    marks = [line for line in ax.lines if line.get_marker() == "^"]
+    assert marks[0].get_xdata().tolist() == [49.5]
+    assert ax.collections[0].get_segments()[0][0][0] == 39.5  # the prompt/latent boundary at its true column
+    # the same window, cut by the caller: column_offset; the gap before its first column is unknown there
+    cut = multi_layer_heatmap(values[:, 50:60], positions=positions[50:60], column_offset=50)
+    assert cut.axes[0].get_xlim() == (49.5, 59.5) and "kNN" not in cut.get_suptitle()
+    with pytest.raises(ValueError, match="not a window"):
+        multi_layer_heatmap(values, columns=(60, 200))
+
+
+def test_file_text_is_drawn_literally_never_as_mathtext():
+    """Titles, agent and model names from a capture may hold '$': drawn as typed, and a bad TeX
+    command must not break the figure."""
+    values = np.zeros((4, 12))
+    segments = [Segment(r"$\undefinedcmd$", "prompt", 0, 6), Segment("a$x^2$b", "latent", 6, 12)]
+    for draw_figure in (multi_layer_heatmap, single_layer_strip):
+        fig = draw_figure(values, title=r"my $x^2$ model $\undefinedcmd$", segments=segments,
+                          notes=(r"model: $\undefinedcmd$",))
+        draw(fig)  # mathtext would raise on \undefinedcmd
+        assert r"my $x^2$ model $\undefinedcmd$" in fig.get_suptitle()
+        texts = [fig._suptitle, *fig.axes[0].texts]
+        assert any(r"$\undefinedcmd$" in t.get_text() for t in fig.axes[0].texts)
+        assert all(not t.get_parse_math() for t in texts if "$" in t.get_text())
+    tokens = ["$a$", r"$\bad$"] + ["t"] * 10
+    fig = multi_layer_heatmap(values, tokens=tokens, token_labels=True)
+    draw(fig)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()[:2]] == ["$a$", r"$\bad$"]
+
+
+def test_infinite_cells_are_drawn_apart_from_nan_and_counted_as_inf():
+    from render.figures import NEG_INF_COLOR, POS_INF_COLOR
+
+    values = np.zeros((4, 40))
+    values[0, :10] = np.inf
+    values[1, :10] = -np.inf
+    values[2, :10] = np.nan
+    fig = multi_layer_heatmap(values)
+    title = fig.get_suptitle()
+    assert "10 +Inf cells (black)" in title and "10 −Inf cells (white)" in title and "10 NaN cells (grey)" in title
+    area = heat_pixels(fig, draw(fig))
+    rows = np.array_split(area, 4, axis=0)[::-1]  # layer 0 first
+    left = [band[2:-2, 2: area.shape[1] // 4 - 4].reshape(-1, 3) for band in rows]
+    for band, colour in zip(left, (POS_INF_COLOR, NEG_INF_COLOR, NAN_COLOR)):
+        assert np.abs(band - rgb255(colour)).max() <= 2
+    strip = single_layer_strip(values, layer=0)
+    assert "10 +Inf cells (black)" in strip.get_suptitle() and "NaN" not in strip.get_suptitle()
+
+
+def test_a_figure_knows_how_to_show_itself_as_png():
+    fig = multi_layer_heatmap(np.zeros((4, 10)))
+    png = fig._repr_png_()
+    assert png.startswith(b"\x89PNG")
+    image = imread(__import__("io").BytesIO(png))
+    assert image.shape[:2] == (round(fig.get_figheight() * fig.dpi), round(fig.get_figwidth() * fig.dpi))
+
+
+def test_importing_render_leaves_the_backend_and_pyplot_alone(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys, matplotlib; matplotlib.use('svg'); import numpy as np, render; "
+            "render.multi_layer_heatmap(np.zeros((3, 5))).canvas.draw(); render.plot_handoff; "
+            "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["svg", "False"]

@@ -1,10 +1,12 @@
 """Loading problems: from a JSON/JSONL file, from the Hugging Face hub, or
-from the small bundled sample files in `<repo>/data/`.
+from the small bundled sample files in `<repo>/data/` (shipped in the package as
+`latentmas/sample_data/`).
 
-The hub is tried only when the optional `datasets` package is importable, the
-offline switches are off and the hub answers an HTTP probe within about two
-seconds;
-anything else falls back to the bundled file with a one-line notice on stderr.
+The hub is tried only when the optional `datasets` package is importable (the
+`[hub]` extra: `pip install "latentmas[hub]"`), the offline switches are off and
+the hub answers an HTTP probe within about two seconds; anything else falls back
+to the bundled file with a one-line notice on stderr. `problem_origin` says which
+source a loaded list came from, for the run summary and the capture metadata.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import sys
 import threading
 import urllib.error
@@ -169,7 +172,7 @@ def hub_records(task: Task) -> tuple[list[Located] | None, str]:
         if _env_on(name):
             return None, f"{name}=1"
     if not _datasets_installed():
-        return None, "the 'datasets' package is not installed"
+        return None, "the 'datasets' package is not installed: pip install \"latentmas[hub]\""
     if not _hub_reachable(task.hub.dataset_id):
         return None, "cannot reach the hub"
     hub = task.hub
@@ -185,10 +188,29 @@ def hub_records(task: Task) -> tuple[list[Located] | None, str]:
 # --------------------------------------------------------------------------- problems
 
 
+SAMPLE_PACKAGE = "latentmas.sample_data"  # the repo's `data/`, shipped under this name (see setup.py)
+
+
+def _shipped_data_dir() -> Path | None:
+    """Where the installed package keeps the bundled samples (`latentmas/sample_data/`), if it has them."""
+    try:
+        spec = importlib.util.find_spec(SAMPLE_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        if any(Path(location).glob("*.jsonl")):
+            return Path(location)
+    return None
+
+
 def data_dir() -> Path:
-    """Directory of the bundled sample files: $LATENTMAS_DATA_DIR or `<repo>/data`."""
+    """Directory of the bundled sample files: $LATENTMAS_DATA_DIR, else the installed package's
+    `latentmas/sample_data/` (a `pip install .` ships the repo's `data/` there; an editable
+    install maps it to `data/`), else `<repo>/data` of a source checkout."""
     override = os.environ.get("LATENTMAS_DATA_DIR")
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "data"
+    if override:
+        return Path(override)
+    return _shipped_data_dir() or Path(__file__).resolve().parents[2] / "data"
 
 
 def bundled_file(task: Task) -> tuple[Path, str]:
@@ -240,3 +262,20 @@ def load_problems(
     count = f"{len(problems)} bundled {task.name} problems"
     print(f"notice: hub unavailable ({reason}); using {count} from {display}", file=sys.stderr)
     return problems
+
+
+def problem_origin(problems: list[Problem]) -> dict[str, Any]:
+    """{"problem_source": where `problems` came from, "problem_count": how many} for summaries and
+    capture metadata, so a bundled fallback cannot pass for the real dataset.
+
+    problem_source: "hub:<dataset id>", "bundled:data/<task>.jsonl" (the few sample problems used
+    when the hub is unavailable) or the data file's path; several, joined by ", ", if mixed; "none"
+    for an empty list.
+    """
+    sources: dict[str, None] = {}
+    for problem in problems:
+        source = problem.source
+        if not source.startswith(("hub:", "bundled:")):
+            source = re.sub(r":\d+$", "", source)  # "path:LINE" -> "path"
+        sources.setdefault(source, None)
+    return {"problem_source": ", ".join(sources) or "none", "problem_count": len(problems)}
