@@ -207,10 +207,12 @@ def _window(data: np.ndarray, segments, positions, tokens, columns, column_offse
     full_positions = None if positions is None else np.asarray(positions)
     if columns is not None:
         if column_offset:
-            raise ValueError("give columns=(start, stop) of the whole hand-off, or column_offset for cut data, not both")
+            raise ValueError("give columns=(start, stop) of the whole hand-off, or column_offset for cut data, "
+                             "not both")
         start, stop = (int(c) for c in columns)
         if not 0 <= start < stop <= total:
-            raise ValueError(f"columns=({start}, {stop}) is not a window of the {total} columns (0 <= start < stop <= T)")
+            raise ValueError(f"columns=({start}, {stop}) is not a window of the {total} columns "
+                             "(0 <= start < stop <= T)")
         data = data[:, start:stop]
         positions = None if full_positions is None else full_positions[start:stop]
         tokens = None if tokens is None else list(tokens)[start:stop]

@@ -13,7 +13,7 @@ import pytest
 from capture.format import CaptureReader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_render import write_capture  # noqa: E402
+from test_render import write_capture
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "examples" / "explore_capture.ipynb"
