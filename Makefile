@@ -24,10 +24,12 @@ install: $(PY)  ## create .venv and install the project with its test tools
 test: install  ## run the test suite (CPU, offline)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
-demo: install  ## LatentMAS on the built-in tiny model, capture + heatmaps into charts/
+demo: install  ## LatentMAS on the built-in tiny model, capture + heatmaps into charts/, an offline viewer page
 	HF_HUB_OFFLINE=1 $(PY) run.py --method latent_mas --model_name tiny-qwen3 --task gsm8k \
-		--max_samples 2 --max_new_tokens 256 --device cpu --show_heatmaps --show_heatmaps_singlelayer
-	@echo "charts written to $(CURDIR)/charts/"
+		--max_samples 2 --max_new_tokens 256 --device cpu --show_heatmaps --show_heatmaps_singlelayer \
+		--capture_file captures/demo.h5
+	$(PY) -m latentmas view captures/demo.h5 --out charts/demo/viewer.html
+	@echo "charts written to $(CURDIR)/charts/; open $(CURDIR)/charts/demo/viewer.html in a browser"
 
 bench:  ## CPU benchmarks (render speed, capture overhead)
 	$(PY) bench/render_speed.py
