@@ -169,4 +169,5 @@ def test_cli_conventions(workdir):
     dashed = runner.invoke(main, ["run", "--max-samples", "1", "--max_new_tokens", "2", "--latent-steps", "1",
                                   "--device", "cpu"])
     assert dashed.exit_code == 0, dashed.output
-    assert json.loads(dashed.output.strip().splitlines()[-1])["total"] == 1
+    summary = next(line for line in dashed.output.splitlines() if line.startswith("{"))
+    assert json.loads(summary)["total"] == 1
