@@ -169,5 +169,5 @@ def test_cli_conventions(workdir):
     dashed = runner.invoke(main, ["run", "--max-samples", "1", "--max_new_tokens", "2", "--latent-steps", "1",
                                   "--device", "cpu"])
     assert dashed.exit_code == 0, dashed.output
-    summary = next(line for line in dashed.output.splitlines() if line.startswith("{"))
-    assert json.loads(summary)["total"] == 1
+    last = [line for line in dashed.output.splitlines() if "{" in line][-1]  # after the progress bar's \r
+    assert json.loads(last[last.index("{"):])["total"] == 1
