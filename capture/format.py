@@ -707,6 +707,7 @@ class CaptureReader(_OpenFile):
 
     @_reading
     def _load(self) -> None:
+        self._groups: dict[str, h5py.Group] = {}
         self._attrs = self._check_attrs()
         self._check_schema()
         # Read the commit marker before touching the tables, so a file still being
@@ -789,27 +790,15 @@ class CaptureReader(_OpenFile):
     def _dataset(self, group: str, name: str, allowed, rank: int) -> h5py.Dataset:
         """`/group/name`, reached through hard links only, its data in this file, its dtype and rank the schema's."""
         where = f"/{group}/{name}"
-        parent = self._file
-        for part, path in ((group, f"/{group}"), (name, where)):
-            link = parent.get(part, getlink=True)
-            if link is None:
-                raise CaptureError(f"{self.path} is not a LatentMAS capture (missing {path})")
-            if not isinstance(link, h5py.HardLink):
-                kind = "an external" if isinstance(link, h5py.ExternalLink) else "a soft"
-                raise CaptureError(f"{self.path}: {path} is {kind} link; a capture holds its objects itself, "
-                                   "and links are not followed")
-            parent = parent[part]
-            if path != where and not isinstance(parent, h5py.Group):
-                raise CaptureError(f"{self.path}: {path} is a dataset where the schema has a group")
-        dataset = parent
+        dataset = self._member(self._group(group), name, where)
         if not isinstance(dataset, h5py.Dataset):
             raise CaptureError(f"{self.path}: {where} is a group where the schema has a dataset")
-        if dataset.is_virtual:
+        plist = dataset.id.get_create_plist()
+        if plist.get_layout() == h5py.h5d.VIRTUAL:
             raise CaptureError(f"{self.path}: {where} is a virtual dataset (its data lives in other files), "
                                "which a capture may not use")
-        if dataset.external:
+        if plist.get_external_count():
             raise CaptureError(f"{self.path}: {where} keeps its data in external files, which a capture may not use")
-        plist = dataset.id.get_create_plist()
         for i in range(plist.get_nfilters()):
             code = plist.get_filter(i)[0]
             if code not in _BUILTIN_FILTERS:
@@ -827,6 +816,25 @@ class CaptureReader(_OpenFile):
         if not ok:
             raise CaptureError(f"{self.path}: {where} holds {dtype}, the schema {expected}")
         return dataset
+
+    def _group(self, name: str) -> h5py.Group:
+        if name not in self._groups:
+            group = self._member(self._file, name, f"/{name}")
+            if not isinstance(group, h5py.Group):
+                raise CaptureError(f"{self.path}: /{name} is a dataset where the schema has a group")
+            self._groups[name] = group
+        return self._groups[name]
+
+    def _member(self, parent: h5py.Group, name: str, where: str):
+        """parent[name] when it is a hard link (soft and external links are refused, never followed)."""
+        link = parent.get(name, getlink=True)
+        if link is None:
+            raise CaptureError(f"{self.path} is not a LatentMAS capture (missing {where})")
+        if not isinstance(link, h5py.HardLink):
+            kind = "an external" if isinstance(link, h5py.ExternalLink) else "a soft"
+            raise CaptureError(f"{self.path}: {where} is {kind} link; a capture holds its objects itself, "
+                               "and links are not followed")
+        return parent[name]
 
     def _texts(self, group: str, name: str) -> list[str]:
         """Every committed string of `/group/name`, decoded once and kept."""
