@@ -199,8 +199,12 @@ def _decode(value, where: str = "a string") -> str:
         try:
             return value.decode("utf-8")
         except UnicodeDecodeError:
-            raise checks.TableError(f"{where} is not valid UTF-8") from None
+            raise _BadText(f"{where} is not valid UTF-8") from None
     return str(value)
+
+
+class _BadText(ValueError):
+    """A string in the file that is not UTF-8."""
 
 
 def text_problem(text: str) -> str | None:
@@ -668,6 +672,8 @@ def _reading(method):
             raise
         except checks.TableError as error:
             raise CaptureError(f"{self.path} is inconsistent: {error}") from None
+        except _BadText as error:
+            raise CaptureError(f"{self.path} is damaged: {error}") from None
         except (KeyError, OSError, RuntimeError, ValueError, TypeError, UnicodeDecodeError, MemoryError) as error:
             if is_version_error(error):
                 raise CaptureTooNew(f"{self.path} {newer_format_message()}") from None
