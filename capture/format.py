@@ -46,6 +46,7 @@ written (`stage`) before their results are known and the batch committed after.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import unicodedata
@@ -278,7 +279,8 @@ class CaptureWriter(_OpenFile):
         self.path = path
         self._lock = lock
         self._broken: str | None = None
-        self._sync_fd = os.open(file.filename, os.O_RDONLY) if durable else None
+        self._durable = durable
+        self._fd = os.open(file.filename, os.O_RDWR)  # for fsync and space reservations
         self._committed = [int(x) for x in file["status/committed"][:]]
         count = self._committed[0]
         self.completed_numbers: set[int] = set(int(n) for n in file["problems/number"][:count])
@@ -336,6 +338,11 @@ class CaptureWriter(_OpenFile):
         except OSError as error:
             raise CaptureError(f"cannot write capture file {final_path}: {_reason(error)}") from None
         try:
+            _reserve_space(file.filename, (source.path.stat().st_size if source is not None else 0) + _MARGIN)
+        except OSError as error:
+            file.close()
+            raise CaptureWriteError(f"cannot write capture file {final_path}: {_reason(error)}") from None
+        try:
             attrs = dict(run_attrs)
             attrs["schema_version"] = SCHEMA_VERSION
             attrs["config"] = json.dumps(config, sort_keys=True)
@@ -383,9 +390,11 @@ class CaptureWriter(_OpenFile):
                     except (OSError, RuntimeError) as error:
                         raise CaptureWriteError(f"could not close {self.path}: {_reason(error)}") from None
         finally:
-            if self._sync_fd is not None:
-                os.close(self._sync_fd)
-                self._sync_fd = None
+            if self._fd is not None:
+                if not self._broken:
+                    _trim_reserved(self._fd)
+                os.close(self._fd)
+                self._fd = None
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
@@ -393,8 +402,18 @@ class CaptureWriter(_OpenFile):
     def _sync(self) -> None:
         """Flush HDF5's buffers to the OS and, when durable, the OS's to the disk."""
         self._file.flush()
-        if self._sync_fd is not None:
-            os.fsync(self._sync_fd)
+        if self._durable:
+            os.fsync(self._fd)
+
+    def _reserve(self, nbytes: int, what: str) -> None:
+        """Make room for `nbytes` more before HDF5 writes them, so a full disk or a file-size limit
+        fails here, cleanly, with the file untouched (HDF5 failing mid-write leaves a file shorter
+        than its superblock says, and a library that crashes at exit)."""
+        try:
+            _reserve_space(self._fd, nbytes)
+        except OSError as error:
+            raise CaptureWriteError(f"could not write {what} to {self.path}: {_reason(error)}; the problems "
+                                    "committed before are kept, and a rerun resumes after them") from None
 
     def _failed(self, what: str, error: BaseException) -> CaptureWriteError:
         self._broken = _reason(error)
@@ -427,6 +446,8 @@ class CaptureWriter(_OpenFile):
                 for text in (handoff.from_agent, handoff.to_agent, *handoff.tokens,
                              *(s.agent for s in handoff.segments), *(s.kind for s in handoff.segments)):
                     _refuse_text(text, f"hand-off {handoff.name}" + (f" of problem {number}" if number else ""))
+        self._reserve(_MARGIN + sum(2 * h.layer_similarities.size * 4 + sum(len(t) * 4 + 48 for t in h.tokens)
+                                    for of_problem in handoffs for h in of_problem), _problems_named(numbers))
         try:
             return self._stage(handoffs)
         except CaptureError:
@@ -445,6 +466,8 @@ class CaptureWriter(_OpenFile):
             for what, text in (("question", problem.question), ("gold answer", problem.gold),
                                ("prediction", problem.prediction or "")):
                 _refuse_text(text, f"problem {problem.number}'s {what}")
+        self._reserve(_MARGIN + sum(4 * (len(p.question) + len(p.gold) + len(p.prediction or "")) + 256
+                                    for p in problems), _problems_named([p.number for p in problems]))
         try:
             self._commit(staged, problems)
         except (OSError, RuntimeError) as error:
@@ -522,6 +545,7 @@ class CaptureWriter(_OpenFile):
 
     def finish(self, finished_at: str, summary: dict) -> None:
         """Mark the run finished and store its summary (JSON)."""
+        self._reserve(_MARGIN + 4 * len(json.dumps(summary)), "the run summary")
         try:
             self._file["status/finished_at"][0] = finished_at
             self._file["status/summary"][0] = json.dumps(summary, sort_keys=True)
@@ -550,10 +574,84 @@ def _refuse_text(text: str, where: str) -> None:
 
 
 def _close_quietly(file: h5py.File) -> None:
-    """Close an h5py file whose writes failed: HDF5's last flush fails again, and is not reported."""
+    """Close an h5py file whose writes failed (disk full, size limit), without a crash or noise.
+
+    HDF5's last flush fails again. `File.close` would then leave the file half-closed in
+    HDF5, which crashes the process when the library shuts down at exit (a segfault after
+    the one-line error). Dropping every object id of the file, then the file id itself,
+    ends it cleanly; the errors HDF5 reports on the way (the same failed write) are not
+    shown again.
+    """
+    import gc
+    import sys
+
+    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
     try:
-        file.close()
-    except Exception:  # noqa: BLE001 - the write error was already reported in one line
+        fid = file.id
+        if fid.valid:
+            try:
+                others = fid.get_obj_ids(types=h5py.h5f.OBJ_ALL & ~h5py.h5f.OBJ_FILE)
+            except Exception:  # noqa: BLE001
+                others = []
+            for oid in others:
+                for _ in range(8):
+                    if not oid.valid:
+                        break
+                    try:
+                        h5py.h5i.dec_ref(oid)
+                    except Exception:  # noqa: BLE001 - the write error was already reported in one line
+                        pass
+            for _ in range(8):
+                if not fid.valid:
+                    break
+                try:
+                    fid.close()
+                except Exception:  # noqa: BLE001
+                    pass
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+
+
+_MARGIN = 1 << 20  # bytes reserved beyond an estimate of what a write adds (metadata, heaps)
+
+
+def _reserve_space(file, nbytes: int) -> None:
+    """Allocate disk space up to the file's HDF5 end (its superblock) plus `nbytes` (`file`: path or fd).
+
+    Raises OSError (ENOSPC, EFBIG) when it does not fit; a file system without fallocate gets no reservation.
+    """
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(file, os.O_RDWR) if not isinstance(file, int) else file
+    try:
+        end = _hdf5_end(fd)
+        try:
+            os.posix_fallocate(fd, 0, end + nbytes)
+        except OSError as error:
+            if error.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return
+            raise
+    finally:
+        if fd is not file:
+            os.close(fd)
+
+
+def _hdf5_end(fd: int) -> int:
+    """The end-of-file address the superblock on disk records (the file's size when unknown)."""
+    from .hdf5_open import parse_superblock
+
+    head = parse_superblock(os.pread(fd, 96, 0))
+    return head[2] if head is not None and head[2] > 0 else os.fstat(fd).st_size
+
+
+def _trim_reserved(fd: int) -> None:
+    """Give back reserved space past the HDF5 end of a cleanly closed file."""
+    try:
+        end = _hdf5_end(fd)
+        if 0 < end < os.fstat(fd).st_size:
+            os.ftruncate(fd, end)
+    except OSError:
         pass
 
 

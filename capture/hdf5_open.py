@@ -52,6 +52,11 @@ def superblock(path: Path) -> tuple[int, int, int] | None:
             head = f.read(96)
     except OSError:
         return None
+    return parse_superblock(head)
+
+
+def parse_superblock(head: bytes) -> tuple[int, int, int] | None:
+    """`superblock` of a file's first 96 bytes."""
     if not head.startswith(SIGNATURE) or len(head) < 16:
         return None
     version = head[8]
