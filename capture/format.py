@@ -58,7 +58,8 @@ import h5py
 import numpy as np
 
 from . import checks
-from .hdf5_open import NewerFormatError, OpenError, is_version_error, newer_format_message, open_read_only
+from .hdf5_open import (SIGNATURE, NewerFormatError, OpenError, is_version_error, newer_format_message,
+                         open_read_only, superblock)
 from .lock import CaptureLockedError, WriterLock
 from .text import shorten
 
@@ -679,14 +680,15 @@ def _half_created(path: Path) -> bool:
             start = f.read(8)
     except OSError:
         return False
-    if start != b"\x89HDF\r\n\x1a\n":
+    if start != SIGNATURE:
         return False  # not HDF5 at all: someone else's file, refused by the resume
     try:
         file = open_read_only(path)
     except NewerFormatError:
         return False
     except OpenError:
-        return path.stat().st_size <= _HALF_CREATED_MAX_BYTES
+        head = superblock(path)  # the file's size includes the space its writer reserved
+        return (head[2] if head is not None and head[2] > 0 else path.stat().st_size) <= _HALF_CREATED_MAX_BYTES
     try:
         if not set(file.keys()) <= {*_TABLES, "status"}:
             return False
