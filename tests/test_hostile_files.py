@@ -113,3 +113,14 @@ def test_capture_path_that_is_a_fifo_does_not_block(folder):
         os.mkfifo(fifo)
     proc = _read_all(fifo)
     assert proc.returncode == 1 and "not a regular file" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("question, reason", [("a\x00b", "NUL character"), ("a\udc80b", "lone surrogate")])
+def test_unstorable_question_is_refused_before_anything_is_written(tmp_path, question, reason):
+    from capture.format import CaptureError, CaptureWriter
+
+    path = tmp_path / "run.h5"
+    with pytest.raises(CaptureError) as refused:
+        CaptureWriter.open(path, {}, {"k": 1}, num_layers=2, questions={1: "fine", 2: question})
+    assert "problem 2" in str(refused.value) and reason in str(refused.value) and "\n" not in str(refused.value)
+    assert not path.exists() and not (tmp_path / "run.h5.lock").exists()
