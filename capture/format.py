@@ -46,9 +46,10 @@ written (`stage`) before their results are known and the batch committed after.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -56,6 +57,10 @@ from typing import Sequence
 import h5py
 import numpy as np
 
+from . import checks
+from .hdf5_open import (SIGNATURE, NewerFormatError, OpenError, is_version_error, newer_format_message,
+                         open_read_only, superblock)
+from .lock import CaptureLockedError, WriterLock
 from .handoff_list import HandoffList
 from .text import shorten
 
@@ -67,6 +72,9 @@ _STR = h5py.string_dtype("utf-8")
 _ROW_CHUNK = 4096
 _COLUMN_CHUNK = 1024
 _COMPRESSION = dict(compression="gzip", compression_opts=4, shuffle=True)
+# The lowest HDF5 format that allows SWMR writing, as both bounds: a newer HDF5 (2.0 under
+# h5py 3.16) would otherwise write object headers that h5py 3.10-3.14 and HDF5 1.10 tools refuse.
+LIBVER = ("v110", "v110")
 
 # group -> (name, dtype) of its row datasets; the similarity matrix is special.
 _TABLES: dict[str, tuple[tuple[str, object], ...]] = {
@@ -99,6 +107,18 @@ class CaptureError(Exception):
 
 class CaptureConfigMismatch(CaptureError):
     """Resuming a capture with a configuration other than the one it was started with."""
+
+
+class CaptureWriteError(CaptureError):
+    """Writing failed (disk full, file-size limit, I/O error); committed problems are kept."""
+
+
+class CaptureBusy(CaptureError):
+    """Another live process writes this capture."""
+
+
+class CaptureTooNew(CaptureError):
+    """The file was written by a newer HDF5 (or schema) than this reader knows."""
 
 
 @dataclass
@@ -145,6 +165,16 @@ class Handoff:
 
         return handoff_to_xarray(self)
 
+    @property
+    def nan_cells(self) -> int:
+        """Cells that are NaN (a key of zero norm); drawn grey."""
+        return int(np.isnan(self.layer_similarities).sum())
+
+    @property
+    def infinite_cells(self) -> int:
+        """Cells that are +Inf or -Inf (an overflow): not similarities, to be reported as such."""
+        return int(np.isinf(self.layer_similarities).sum())
+
 
 @dataclass
 class StagedHandoffs:
@@ -176,69 +206,37 @@ def handoff_name(from_agent: str, to_agent: str) -> str:
     return f"{from_agent}_to_{to_agent}"
 
 
-def _decode(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
-
-def superblock_eof(path: Path) -> int | None:
-    """The end-of-file address an HDF5 file's superblock (at offset 0) records, or None if unknown."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(96)
-    except OSError:
-        return None
-    if not head.startswith(_HDF5_SIGNATURE) or len(head) < 16:
-        return None
-    version = head[8]
-    if version in (0, 1):
-        size, base_at = head[13], (24 if version == 0 else 28)
-    elif version in (2, 3):
-        size, base_at = head[9], 12
-    else:
-        return None
-    if size not in (2, 4, 8) or len(head) < base_at + 3 * size:
-        return None
-    base = int.from_bytes(head[base_at:base_at + size], "little")
-    return base + int.from_bytes(head[base_at + 2 * size:base_at + 3 * size], "little")
-
-
-def _refuse_truncated(path: Path) -> None:
-    """Raise if the file is shorter than its superblock says.
-
-    Needed before an SWMR open, which skips HDF5's own end-of-file check (reads past
-    the end then retry for minutes). A live writer can lag its superblock for a
-    moment, so a short file is looked at again before it is refused.
-    """
-    stored = superblock_eof(path)
-    for attempt in range(4):
-        if stored is None:
-            return
-        size = path.stat().st_size
-        if size >= stored:
-            return
-        if attempt == 3:
-            raise CaptureError(f"{path} is truncated ({size:,} of {stored:,} bytes) and cannot be read")
-        time.sleep(0.25)
-        stored = superblock_eof(path)
-
-
-def _open_for_reading(path: Path) -> h5py.File:
-    """Open a capture read-only; a file still being written (or whose writer died) opens in SWMR mode."""
-    if not path.exists():
-        raise CaptureError(f"capture file not found: {path}")
-    if not h5py.is_hdf5(path):
-        raise CaptureError(f"{path} is not an HDF5 file")
-    try:
-        return h5py.File(path, "r")
-    except OSError as plain_error:
-        _refuse_truncated(path)
+def _decode(value, where: str = "a string") -> str:
+    """Text read from the file; invalid UTF-8 raises CaptureError-ready ValueError naming `where`."""
+    if isinstance(value, bytes):
         try:
-            return h5py.File(path, "r", swmr=True)
-        except OSError:
-            raise CaptureError(f"{path} is damaged or truncated and cannot be read ({plain_error})") from None
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _BadText(f"{where} is not valid UTF-8") from None
+    return str(value)
+
+
+class _BadText(ValueError):
+    """A string in the file that is not UTF-8."""
+
+
+def text_problem(text: str) -> str | None:
+    """Why `text` cannot be stored in a capture (a NUL, a lone surrogate), or None when it can."""
+    if "\x00" in text:
+        return "contains a NUL character (U+0000)"
+    for ch in text:
+        if unicodedata.category(ch) == "Cs":
+            return f"contains a lone surrogate (U+{ord(ch):04X}), which is not valid UTF-8"
+    return None
+
+
+def check_storable_questions(path, questions: dict[int, str]) -> None:
+    """Refuse, before anything is solved, a question that a capture cannot store."""
+    for number in sorted(questions):
+        problem = text_problem(str(questions[number]))
+        if problem:
+            raise CaptureError(f"cannot capture problem {number} into {path}: its question {problem}; "
+                               "fix the data file or leave the problem out")
 
 
 class _OpenFile:
@@ -282,13 +280,19 @@ def check_same_problems(path, stored: dict[int, str], questions: dict[int, str])
 class CaptureWriter(_OpenFile):
     """Appends finished problems to a capture file, one commit per batch (`append_batch`, or `stage` + `commit`).
 
-    Use `CaptureWriter.open(path, run_attrs, config, num_layers)`: it creates the
-    file, or resumes it when it exists (refusing a different `config`, or other problems).
+    Use `CaptureWriter.open(path, run_attrs, config, num_layers)`: it takes the file's writer
+    lock (`<path>.lock`, held until `close`), then creates the file, or resumes it when it
+    exists (refusing a different `config`, or other problems). Each commit is flushed and
+    fsync'ed before and after the commit counter moves (`durable=False` skips the fsyncs).
     """
 
-    def __init__(self, file: h5py.File, path: Path):
+    def __init__(self, file: h5py.File, path: Path, lock: WriterLock | None = None, durable: bool = True):
         self._file = file
         self.path = path
+        self._lock = lock
+        self._broken: str | None = None
+        self._durable = durable
+        self._fd = os.open(file.filename, os.O_RDWR)  # for fsync and space reservations
         self._committed = [int(x) for x in file["status/committed"][:]]
         count = self._committed[0]
         self.completed_numbers: set[int] = set(int(n) for n in file["problems/number"][:count])
@@ -304,29 +308,52 @@ class CaptureWriter(_OpenFile):
         dtype: str = "float16",
         overwrite: bool = False,
         questions: dict[int, str] | None = None,
+        durable: bool = True,
     ) -> "CaptureWriter":
         """Create `path`, or resume it if it holds a capture of the same `config` (and `questions`).
 
         run_attrs: metadata stored as root attributes (JSON-able scalars).
         config: the settings that must match to resume (compared as JSON).
-        questions: number -> question of the run; a stored problem with another question refuses
-            the resume (`check_same_problems`), before anything is copied.
+        questions: number -> question of the run; one a capture cannot store (NUL, lone
+            surrogate) is refused here, before anything is solved, and a stored problem with
+            another question refuses the resume (`check_same_problems`), before anything is copied.
+        Raises CaptureBusy when another live process writes `path`.
         """
         path = Path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise CaptureError(f"cannot create the folder for {path}: {error.strerror or error}") from None
-        if path.exists() and not overwrite:
-            return cls._resume(path, config, questions)
-        return cls._create(path, path, run_attrs, config, num_layers, dtype)
+        if questions:
+            check_storable_questions(path, questions)
+        try:
+            lock = WriterLock.acquire(path)
+        except CaptureLockedError as error:
+            raise CaptureBusy(str(error)) from None
+        except OSError as error:
+            raise CaptureError(f"cannot lock {path} for writing: {error.strerror or error}") from None
+        try:
+            if path.exists() and not overwrite and not _half_created(path):
+                writer = cls._resume(path, config, questions, lock, durable)
+            else:
+                writer = cls._create(path, path, run_attrs, config, num_layers, dtype, lock=lock, durable=durable)
+        except BaseException:
+            lock.release()
+            raise
+        return writer
 
     @classmethod
-    def _create(cls, path: Path, final_path: Path, run_attrs, config, num_layers, dtype, source=None):
+    def _create(cls, path: Path, final_path: Path, run_attrs, config, num_layers, dtype, source=None,
+                lock=None, durable=True):
         try:
-            file = h5py.File(path, "w", libver="latest")
+            file = h5py.File(path, "w", libver=LIBVER)
         except OSError as error:
-            raise CaptureError(f"cannot write capture file {final_path}: {error}") from None
+            raise CaptureError(f"cannot write capture file {final_path}: {_reason(error)}") from None
+        try:
+            _reserve_space(file.filename, (source.path.stat().st_size if source is not None else 0) + _MARGIN)
+        except OSError as error:
+            file.close()
+            raise CaptureWriteError(f"cannot write capture file {final_path}: {_reason(error)}") from None
         try:
             attrs = dict(run_attrs)
             attrs["schema_version"] = SCHEMA_VERSION
@@ -340,13 +367,15 @@ class CaptureWriter(_OpenFile):
             status.create_dataset("summary", data=[""], dtype=_STR)
             file.swmr_mode = True
             file.flush()
-        except OSError as error:
-            file.close()
-            raise CaptureError(f"cannot write capture file {final_path}: {error}") from None
-        return cls(file, final_path)
+            writer = cls(file, final_path, lock, durable)
+            writer._sync()
+        except (OSError, RuntimeError, ValueError, TypeError) as error:
+            _close_quietly(file)
+            raise CaptureWriteError(f"cannot write capture file {final_path}: {_reason(error)}") from None
+        return writer
 
     @classmethod
-    def _resume(cls, path: Path, config: dict, questions: dict[int, str] | None) -> "CaptureWriter":
+    def _resume(cls, path: Path, config: dict, questions, lock, durable) -> "CaptureWriter":
         """Rebuild the file from its committed rows (a crashed writer leaves it locked) and go on."""
         with CaptureReader(path) as old:
             check_same_config(path, old.config, config)
@@ -354,9 +383,54 @@ class CaptureWriter(_OpenFile):
                 check_same_problems(path, old.questions(), questions)
             run_attrs = {k: v for k, v in old.attrs.items() if k not in ("schema_version", "config")}
             tmp = path.with_name(path.name + ".resume-tmp")
-            writer = cls._create(tmp, path, run_attrs, config, old.num_layers, old.similarity_dtype, source=old)
+            writer = cls._create(tmp, path, run_attrs, config, old.num_layers, old.similarity_dtype, source=old,
+                                 lock=lock, durable=durable)
         os.replace(tmp, path)
+        if durable:
+            _sync_folder(path.parent)
         return writer
+
+    def close(self) -> None:
+        """Close the file (quietly after a failed write: what was committed stays) and release the lock."""
+        try:
+            if self._file.id.valid:
+                if self._broken:
+                    _close_quietly(self._file)
+                else:
+                    try:
+                        self._file.close()
+                    except (OSError, RuntimeError) as error:
+                        raise CaptureWriteError(f"could not close {self.path}: {_reason(error)}") from None
+        finally:
+            if self._fd is not None:
+                if not self._broken:
+                    _trim_reserved(self._fd)
+                os.close(self._fd)
+                self._fd = None
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def _sync(self) -> None:
+        """Flush HDF5's buffers to the OS and, when durable, the OS's to the disk."""
+        self._file.flush()
+        if self._durable:
+            os.fsync(self._fd)
+
+    def _reserve(self, nbytes: int, what: str) -> None:
+        """Make room for `nbytes` more before HDF5 writes them, so a full disk or a file-size limit
+        fails here, cleanly, with the file untouched (HDF5 failing mid-write leaves a file shorter
+        than its superblock says, and a library that crashes at exit)."""
+        try:
+            _reserve_space(self._fd, nbytes)
+        except OSError as error:
+            raise CaptureWriteError(f"could not write {what} to {self.path}: {_reason(error)}; the problems "
+                                    "committed before are kept, and a rerun resumes after them") from None
+
+    def _failed(self, what: str, error: BaseException) -> CaptureWriteError:
+        self._broken = _reason(error)
+        return CaptureWriteError(f"could not write {what} to {self.path}: {self._broken}; the problems committed "
+                                 "before are kept, and a rerun resumes after them")
 
     # -- writing -----------------------------------------------------------------
     def append(self, problem: ProblemRecord) -> None:
@@ -379,22 +453,42 @@ class CaptureWriter(_OpenFile):
         their compression, token strings) is written here, so a caller can do it while the
         device is still busy and keep `commit` short. `numbers` (the problems') name them in errors.
         """
+        for of_problem, number in zip(handoffs, list(numbers) or [None] * len(handoffs)):
+            for handoff in of_problem:
+                for text in (handoff.from_agent, handoff.to_agent, *handoff.tokens,
+                             *(s.agent for s in handoff.segments), *(s.kind for s in handoff.segments)):
+                    _refuse_text(text, f"hand-off {handoff.name}" + (f" of problem {number}" if number else ""))
+        self._reserve(_MARGIN + sum(2 * h.layer_similarities.size * 4 + sum(len(t) * 4 + 48 for t in h.tokens)
+                                    for of_problem in handoffs for h in of_problem), _problems_named(numbers))
         try:
             return self._stage(handoffs)
-        except (OSError, ValueError, TypeError) as error:
-            raise CaptureError(f"could not write {_problems_named(numbers)} to {self.path}: {error}") from None
+        except CaptureError:
+            raise
+        except (OSError, RuntimeError) as error:
+            raise self._failed(_problems_named(numbers), error) from None
+        except (ValueError, TypeError) as error:
+            raise CaptureError(f"could not write {_problems_named(numbers)} to {self.path}: {_reason(error)}") from None
 
     def commit(self, staged: StagedHandoffs, problems: Sequence[ProblemRecord]) -> None:
         """Write `problems` (whose hand-offs are `staged`, in order) and make them visible at once."""
         if len(problems) != len(staged.num_handoffs) or staged.base != self._committed:
             raise CaptureError(f"{self.path}: the staged hand-offs do not belong to these {len(problems)} problems "
                                "or to the file's current state")
+        for problem in problems:
+            for what, text in (("question", problem.question), ("gold answer", problem.gold),
+                               ("prediction", problem.prediction or "")):
+                _refuse_text(text, f"problem {problem.number}'s {what}")
+        self._reserve(_MARGIN + sum(4 * (len(p.question) + len(p.gold) + len(p.prediction or "")) + 256
+                                    for p in problems), _problems_named([p.number for p in problems]))
         try:
             self._commit(staged, problems)
-        except (OSError, ValueError, TypeError) as error:
+        except (OSError, RuntimeError) as error:
+            raise self._failed(_problems_named([p.number for p in problems]), error) from None
+        except (ValueError, TypeError) as error:
             raise CaptureError(f"could not write {_problems_named([p.number for p in problems])} to {self.path}: "
-                               f"{error}") from None
+                               f"{_reason(error)}") from None
         self.completed_numbers.update(p.number for p in problems)
+
 
     def _stage(self, per_problem: Sequence[Sequence[Handoff]]) -> StagedHandoffs:
         _, n_handoffs, n_columns, n_segments = self._committed
@@ -455,19 +549,170 @@ class CaptureWriter(_OpenFile):
             first += count
         for name, values in rows.items():
             _append_rows(self._file[f"problems/{name}"], n_problems, values)
-        self._file.flush()
-        self._committed = [n_problems + len(problems), *staged.end]
-        self._file["status/committed"][:] = self._committed
-        self._file.flush()
+        self._sync()  # every row is on the disk before the counter that makes it visible
+        committed = [n_problems + len(problems), *staged.end]
+        self._file["status/committed"][:] = committed
+        self._sync()
+        self._committed = committed
 
     def finish(self, finished_at: str, summary: dict) -> None:
         """Mark the run finished and store its summary (JSON)."""
+        self._reserve(_MARGIN + 4 * len(json.dumps(summary)), "the run summary")
         try:
             self._file["status/finished_at"][0] = finished_at
             self._file["status/summary"][0] = json.dumps(summary, sort_keys=True)
-            self._file.flush()
+            self._sync()
+        except (OSError, RuntimeError) as error:
+            raise self._failed("the run summary", error) from None
+
+
+def _reason(error: BaseException) -> str:
+    """An h5py/OS error as one short line: the OS's words when it gave some (e.g. 'No space left on device')."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = " ".join(str(error).split()) or type(error).__name__
+    for marker in ("errno = 28", "No space left"):
+        if marker in text:
+            return "No space left on device"
+    if "errno = 27" in text or "File too large" in text:
+        return "File too large (the file-size limit was reached)"
+    return text[:300]
+
+
+def _refuse_text(text: str, where: str) -> None:
+    problem = text_problem(str(text))
+    if problem:
+        raise CaptureError(f"cannot capture {where}: it {problem}")
+
+
+def _close_quietly(file: h5py.File) -> None:
+    """Close an h5py file whose writes failed (disk full, size limit), without a crash or noise.
+
+    HDF5's last flush fails again. `File.close` would then leave the file half-closed in
+    HDF5, which crashes the process when the library shuts down at exit (a segfault after
+    the one-line error). Dropping every object id of the file, then the file id itself,
+    ends it cleanly; the errors HDF5 reports on the way (the same failed write) are not
+    shown again.
+    """
+    import gc
+    import sys
+
+    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+    try:
+        fid = file.id
+        if fid.valid:
+            try:
+                others = fid.get_obj_ids(types=h5py.h5f.OBJ_ALL & ~h5py.h5f.OBJ_FILE)
+            except Exception:  # noqa: BLE001
+                others = []
+            for oid in others:
+                for _ in range(8):
+                    if not oid.valid:
+                        break
+                    try:
+                        h5py.h5i.dec_ref(oid)
+                    except Exception:  # noqa: BLE001 - the write error was already reported in one line
+                        pass
+            for _ in range(8):
+                if not fid.valid:
+                    break
+                try:
+                    fid.close()
+                except Exception:  # noqa: BLE001
+                    pass
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+
+
+_MARGIN = 1 << 20  # bytes reserved beyond an estimate of what a write adds (metadata, heaps)
+
+
+def _reserve_space(file, nbytes: int) -> None:
+    """Allocate disk space up to the file's HDF5 end (its superblock) plus `nbytes` (`file`: path or fd).
+
+    Raises OSError (ENOSPC, EFBIG) when it does not fit; a file system without fallocate gets no reservation.
+    """
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(file, os.O_RDWR) if not isinstance(file, int) else file
+    try:
+        end = _hdf5_end(fd)
+        try:
+            os.posix_fallocate(fd, 0, end + nbytes)
         except OSError as error:
-            raise CaptureError(f"could not finish {self.path}: {error}") from None
+            if error.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return
+            raise
+    finally:
+        if fd is not file:
+            os.close(fd)
+
+
+def _hdf5_end(fd: int) -> int:
+    """The end-of-file address the superblock on disk records (the file's size when unknown)."""
+    from .hdf5_open import parse_superblock
+
+    head = parse_superblock(os.pread(fd, 96, 0))
+    return head[2] if head is not None and head[2] > 0 else os.fstat(fd).st_size
+
+
+def _trim_reserved(fd: int) -> None:
+    """Give back reserved space past the HDF5 end of a cleanly closed file."""
+    try:
+        end = _hdf5_end(fd)
+        if 0 < end < os.fstat(fd).st_size:
+            os.ftruncate(fd, end)
+    except OSError:
+        pass
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so a rename in it survives a power loss."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _half_created(path: Path) -> bool:
+    """Whether `path` is what a writer killed while creating it leaves: no committed problem, and a
+    header that is unreadable or only LatentMAS's own groups. Such a file is recreated, not refused."""
+    try:
+        if path.stat().st_size == 0:
+            return True
+        with open(path, "rb") as f:
+            start = f.read(8)
+    except OSError:
+        return False
+    if start != SIGNATURE:
+        return False  # not HDF5 at all: someone else's file, refused by the resume
+    try:
+        file = open_read_only(path)
+    except NewerFormatError:
+        return False
+    except OpenError:
+        head = superblock(path)  # the file's size includes the space its writer reserved
+        return (head[2] if head is not None and head[2] > 0 else path.stat().st_size) <= _HALF_CREATED_MAX_BYTES
+    try:
+        if not set(file.keys()) <= {*_TABLES, "status"}:
+            return False
+        if "status" not in file or "committed" not in file["status"] or "config" not in file.attrs:
+            return True
+        return int(file["status/committed"][0]) == 0 and "schema_version" not in file.attrs
+    except Exception:  # noqa: BLE001 - an unreadable header of our own groups
+        return True
+    finally:
+        _close_quietly(file)
+
+
+_HALF_CREATED_MAX_BYTES = 1 << 20  # a writer killed while creating leaves a few KB
 
 
 def _problems_named(numbers: Sequence[int]) -> str:
@@ -520,8 +765,41 @@ class ProblemSummary:
     handoff_columns: list[int]  # T of each hand-off, in the same order
 
 
+# What a reader accepts: (kinds, item sizes) per dataset; "str" is a string dtype.
+_INT = ("iu", (1, 2, 4, 8))
+_FLOAT = ("f", (2, 4))
+_BUILTIN_FILTERS = {1, 2, 3, 4, 5, 6}  # deflate, shuffle, fletcher32, szip, nbit, scaleoffset: no plugin loads
+
+
+def _reading(method):
+    """Turn any failure of h5py/numpy on a hostile file into a one-line CaptureError naming the file."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except CaptureError:
+            raise
+        except checks.TableError as error:
+            raise CaptureError(f"{self.path} is inconsistent: {error}") from None
+        except _BadText as error:
+            raise CaptureError(f"{self.path} is damaged: {error}") from None
+        except (KeyError, OSError, RuntimeError, ValueError, TypeError, UnicodeDecodeError, MemoryError) as error:
+            if is_version_error(error):
+                raise CaptureTooNew(f"{self.path} {newer_format_message()}") from None
+            raise CaptureError(f"{self.path} is damaged and cannot be read ({_reason(error)})") from None
+    return wrapper
+
+
 class CaptureReader(_OpenFile):
     """Read-only view of the committed part of a capture file.
+
+    Opening checks the file before anything is read from it: every object the layout names
+    is reached through hard links only (no soft or external links), no dataset keeps its
+    data outside the file (external storage, virtual layout) or needs a filter plugin,
+    dtypes and ranks are the schema's, and the tables agree with each other (`capture.checks`).
+    Anything else is a one-line CaptureError; nothing outside the file is ever read.
 
     >>> with CaptureReader("captures/run.h5") as capture:
     ...     for handoff in capture.handoffs(problem=1):
@@ -530,57 +808,195 @@ class CaptureReader(_OpenFile):
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._file = _open_for_reading(self.path)
+        if not self.path.exists() and not self.path.is_symlink():
+            raise CaptureError(f"capture file not found: {self.path}")
         try:
-            self._check_schema()
-            # Read the commit marker before touching the tables, so a file still being
-            # written never shows rows beyond it.
-            self.committed = [int(x) for x in self._file["status/committed"][:]]
-            count = self.committed[0]
-            self._numbers = self._file["problems/number"][:count].astype(int)
-        except KeyError as error:
-            self._file.close()
-            raise CaptureError(f"{self.path} is not a LatentMAS capture (missing {error})") from None
-        except OSError as error:
-            self._file.close()
-            raise CaptureError(f"{self.path} is damaged or truncated and cannot be read ({error})") from None
+            self._file = open_read_only(self.path)
+        except NewerFormatError as error:
+            raise CaptureTooNew(f"{self.path} {error}") from None
+        except OpenError as error:
+            raise CaptureError(f"{self.path} {error}") from None
+        try:
+            self._load()
+        except BaseException:
+            _close_quietly(self._file)
+            raise
+
+    @_reading
+    def _load(self) -> None:
+        self._groups: dict[str, h5py.Group] = {}
+        self._attrs = self._check_attrs()
+        self._check_schema()
+        # Read the commit marker before touching the tables, so a file still being
+        # written never shows rows beyond it.
+        committed = self._dataset("status", "committed", _INT, 1)[()]
+        self._datasets = {(group, name): self._dataset(group, name, "str" if dt is _STR else _INT, 1)
+                          for group, columns in _TABLES.items() for name, dt in columns}
+        for name in ("finished_at", "summary"):
+            self._datasets[("status", name)] = self._dataset("status", name, "str", 1)
+        sims = self._datasets[("columns", "layer_similarities")] = self._dataset(
+            "columns", "layer_similarities", _FLOAT, 2)
+        lengths = {g: min(self._datasets[(g, n)].shape[0] for n, _ in columns) for g, columns in _TABLES.items()}
+        lengths["columns"] = min(lengths["columns"], sims.shape[1])
+        self.committed = checks.check_committed(np.asarray(committed), lengths)
+        if sims.shape[0] < 1:
+            raise checks.TableError("/columns/layer_similarities has no layers")
+        problems, handoffs, columns, segments = self.committed
+        for group, count in zip(_COMMIT_ORDER, self.committed):
+            checks.check_read_size(f"/{group}", count, 8)
+        self._problem_table = {name: self._datasets[("problems", name)][:problems]
+                               for name in ("number", "correct", "first_handoff", "num_handoffs")}
+        self._handoff_table = {name: self._datasets[("handoffs", name)][:handoffs]
+                               for name in ("first_column", "num_columns", "first_segment", "num_segments")}
+        p, h = self._problem_table, self._handoff_table
+        checks.check_problem_numbers(p["number"])
+        checks.check_correct(p["correct"])
+        checks.check_ranges("/problems", p["first_handoff"], p["num_handoffs"], handoffs, "/handoffs")
+        checks.check_ranges("/handoffs", h["first_column"], h["num_columns"], columns, "/columns")
+        checks.check_ranges("/handoffs", h["first_segment"], h["num_segments"], segments, "/segments")
+        checks.check_segments(h["first_segment"], h["num_segments"], h["num_columns"],
+                              self._datasets[("segments", "start")][:segments],
+                              self._datasets[("segments", "stop")][:segments])
+        widest = int(h["num_columns"].max()) if handoffs else 0
+        checks.check_read_size("a hand-off's /columns/layer_similarities", widest,
+                               sims.shape[0] * sims.dtype.itemsize)
+        self._numbers = p["number"].astype(int)
         self._row_of = {int(n): i for i, n in enumerate(self._numbers)}
+        self._strings: dict[tuple[str, str], list[str]] = {}
+
+    def _check_attrs(self) -> dict:
+        """Root attributes as Python scalars; arrays, references or bad UTF-8 are refused."""
+        attrs = {}
+        for key in self._file.attrs.keys():
+            where = f"root attribute {shorten(key, 40)!r}"
+            value = self._file.attrs[key]
+            if isinstance(value, np.ndarray) or isinstance(value, (list, tuple)):
+                raise CaptureError(f"{self.path}: {where} is an array; the schema allows scalars and strings only")
+            if isinstance(value, bytes):
+                value = _decode(value, where)
+            elif isinstance(value, np.generic) and value.dtype.kind in "biuf":
+                value = value.item()
+            elif not isinstance(value, (str, int, float, bool)):
+                raise CaptureError(f"{self.path}: {where} is a {type(value).__name__}; the schema allows scalars "
+                                   "and strings only")
+            attrs[key] = value
+        return attrs
 
     def _check_schema(self) -> None:
-        version = self._file.attrs.get("schema_version")
+        version = self._attrs.get("schema_version")
         if version is None:
             raise CaptureError(f"{self.path} is not a LatentMAS capture (no schema_version attribute)")
-        if int(version) != SCHEMA_VERSION:
-            raise CaptureError(
-                f"{self.path} uses capture schema {int(version)}; this version of latentmas reads schema "
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise CaptureError(f"{self.path} is not a LatentMAS capture (schema_version is "
+                               f"{shorten(repr(version), 40)}, not an integer)")
+        if version != SCHEMA_VERSION:
+            raise CaptureTooNew(
+                f"{self.path} uses capture schema {version}; this version of latentmas reads schema "
                 f"{SCHEMA_VERSION}")
+        config = self._attrs.get("config")
+        if not isinstance(config, str):
+            raise CaptureError(f"{self.path} is not a LatentMAS capture (no config attribute)")
+        try:
+            parsed = json.loads(config)
+        except ValueError:
+            raise CaptureError(f"{self.path}: the config attribute is not JSON") from None
+        if not isinstance(parsed, dict):
+            raise CaptureError(f"{self.path}: the config attribute is not a JSON object")
+        self._config = parsed
+
+    def _dataset(self, group: str, name: str, allowed, rank: int) -> h5py.Dataset:
+        """`/group/name`, reached through hard links only, its data in this file, its dtype and rank the schema's."""
+        where = f"/{group}/{name}"
+        dataset = self._member(self._group(group), name, where)
+        if not isinstance(dataset, h5py.Dataset):
+            raise CaptureError(f"{self.path}: {where} is a group where the schema has a dataset")
+        plist = dataset.id.get_create_plist()
+        if plist.get_layout() == h5py.h5d.VIRTUAL:
+            raise CaptureError(f"{self.path}: {where} is a virtual dataset (its data lives in other files), "
+                               "which a capture may not use")
+        if plist.get_external_count():
+            raise CaptureError(f"{self.path}: {where} keeps its data in external files, which a capture may not use")
+        for i in range(plist.get_nfilters()):
+            code = plist.get_filter(i)[0]
+            if code not in _BUILTIN_FILTERS:
+                raise CaptureError(f"{self.path}: {where} needs HDF5 filter {code}, a plugin this reader does not load")
+        if dataset.ndim != rank:
+            raise CaptureError(f"{self.path}: {where} has {dataset.ndim} dimensions, the schema {rank}")
+        dtype = dataset.dtype
+        if allowed == "str":
+            ok = h5py.check_string_dtype(dtype) is not None
+            expected = "strings"
+        else:
+            kinds, sizes = allowed
+            ok = dtype.kind in kinds and dtype.itemsize in sizes
+            expected = "floats of 2 or 4 bytes" if kinds == "f" else "integers"
+        if not ok:
+            raise CaptureError(f"{self.path}: {where} holds {dtype}, the schema {expected}")
+        return dataset
+
+    def _group(self, name: str) -> h5py.Group:
+        if name not in self._groups:
+            group = self._member(self._file, name, f"/{name}")
+            if not isinstance(group, h5py.Group):
+                raise CaptureError(f"{self.path}: /{name} is a dataset where the schema has a group")
+            self._groups[name] = group
+        return self._groups[name]
+
+    def _member(self, parent: h5py.Group, name: str, where: str):
+        """parent[name] when it is a hard link (soft and external links are refused, never followed)."""
+        link = parent.get(name, getlink=True)
+        if link is None:
+            raise CaptureError(f"{self.path} is not a LatentMAS capture (missing {where})")
+        if not isinstance(link, h5py.HardLink):
+            kind = "an external" if isinstance(link, h5py.ExternalLink) else "a soft"
+            raise CaptureError(f"{self.path}: {where} is {kind} link; a capture holds its objects itself, "
+                               "and links are not followed")
+        return parent[name]
+
+    def _texts(self, group: str, name: str) -> list[str]:
+        """Every committed string of `/group/name`, decoded once and kept."""
+        key = (group, name)
+        if key not in self._strings:
+            count = self.committed[_COMMIT_ORDER.index(group)]
+            raw = self._datasets[key][:count]
+            self._strings[key] = [_decode(v, f"/{group}/{name} row {i}") for i, v in enumerate(raw)]
+        return self._strings[key]
 
     # -- run metadata ------------------------------------------------------------
     @property
     def attrs(self) -> dict:
-        return {k: (_decode(v) if isinstance(v, (bytes, str)) else v.item() if hasattr(v, "item") else v)
-                for k, v in self._file.attrs.items()}
+        return dict(self._attrs)
 
     @property
     def config(self) -> dict:
-        return json.loads(_decode(self._file.attrs["config"]))
+        return dict(self._config)
 
     @property
     def num_layers(self) -> int:
-        return int(self._file["columns/layer_similarities"].shape[0])
+        return int(self._datasets[("columns", "layer_similarities")].shape[0])
 
     @property
     def similarity_dtype(self) -> str:
-        return str(self._file["columns/layer_similarities"].dtype)
+        return str(self._datasets[("columns", "layer_similarities")].dtype)
 
     @property
+    @_reading
     def finished_at(self) -> str:
-        return _decode(self._file["status/finished_at"][0])
+        values = self._datasets[("status", "finished_at")]
+        return _decode(values[0], "/status/finished_at") if values.shape[0] else ""
 
     @property
+    @_reading
     def summary(self) -> dict:
-        text = _decode(self._file["status/summary"][0])
-        return json.loads(text) if text else {}
+        values = self._datasets[("status", "summary")]
+        text = _decode(values[0], "/status/summary") if values.shape[0] else ""
+        if not text:
+            return {}
+        try:
+            summary = json.loads(text)
+        except ValueError:
+            raise CaptureError(f"{self.path}: /status/summary is not JSON") from None
+        return summary if isinstance(summary, dict) else {"summary": summary}
 
     # -- problems and hand-offs ----------------------------------------------------
     @property
@@ -588,23 +1004,32 @@ class CaptureReader(_OpenFile):
         """Numbers of the committed problems, in the order they were written."""
         return [int(n) for n in self._numbers]
 
+    @_reading
     def questions(self) -> dict[int, str]:
         """number -> question of every committed problem."""
-        stored = self._file["problems/question"][:len(self._numbers)]
-        return {int(n): _decode(q) for n, q in zip(self._numbers, stored)}
+        return dict(zip(self.problem_numbers, self._texts("problems", "question")))
 
+    @_reading
     def problem(self, number: int) -> ProblemSummary:
-        row = self._row(number)
-        p = self._file["problems"]
+        return self._summary(self._row(number))
+
+    @_reading
+    def problems(self) -> list[ProblemSummary]:
+        """Every committed problem's row, in file order; each table column is read once (fast for many)."""
+        return [self._summary(row) for row in range(len(self._numbers))]
+
+    def _summary(self, row: int) -> ProblemSummary:
+        p, h = self._problem_table, self._handoff_table
         first, count = int(p["first_handoff"][row]), int(p["num_handoffs"][row])
-        h = self._file["handoffs"]
-        names = [handoff_name(_decode(a), _decode(b))
-                 for a, b in zip(h["from_agent"][first:first + count], h["to_agent"][first:first + count])]
+        from_agents, to_agents = self._texts("handoffs", "from_agent"), self._texts("handoffs", "to_agent")
         correct = int(p["correct"][row])
         return ProblemSummary(
-            number=number, question=_decode(p["question"][row]), gold=_decode(p["gold"][row]),
-            prediction=_decode(p["prediction"][row]), correct=None if correct < 0 else bool(correct),
-            handoff_names=names, handoff_columns=[int(t) for t in h["num_columns"][first:first + count]])
+            number=int(self._numbers[row]), question=self._texts("problems", "question")[row],
+            gold=self._texts("problems", "gold")[row], prediction=self._texts("problems", "prediction")[row],
+            correct=None if correct < 0 else bool(correct),
+            handoff_names=[handoff_name(a, b) for a, b in zip(from_agents[first:first + count],
+                                                               to_agents[first:first + count])],
+            handoff_columns=[int(t) for t in h["num_columns"][first:first + count]])
 
     def handoffs(self, problem: int, which: Sequence[int] | None = None) -> HandoffList:
         """The hand-offs of one problem, in run order, each read (with its matrix) when first used.
@@ -613,8 +1038,8 @@ class CaptureReader(_OpenFile):
         A list-like (`len`, `[i]`, `for`) that is also an iterator (`next`): see `HandoffList`.
         """
         row = self._row(problem)
-        first = int(self._file["problems/first_handoff"][row])
-        count = int(self._file["problems/num_handoffs"][row])
+        first = int(self._problem_table["first_handoff"][row])
+        count = int(self._problem_table["num_handoffs"][row])
         places = list(range(count) if which is None else which)
         for index in places:
             if not 0 <= index < count:
@@ -633,25 +1058,25 @@ class CaptureReader(_OpenFile):
             raise CaptureError(f"{self.path} has no problem {number} (it holds {number_ranges(self.problem_numbers)})")
         return self._row_of[number]
 
+    @_reading
     def _handoff(self, index: int) -> Handoff:
-        h = self._file["handoffs"]
+        h = self._handoff_table
         first, width = int(h["first_column"][index]), int(h["num_columns"][index])
         seg_first, seg_count = int(h["first_segment"][index]), int(h["num_segments"][index])
-        s = self._file["segments"]
+        seg = slice(seg_first, seg_first + seg_count)
+        d = self._datasets
         segments = [
-            Segment(_decode(a), _decode(k), int(b), int(e))
-            for a, k, b, e in zip(s["agent"][seg_first:seg_first + seg_count],
-                                  s["kind"][seg_first:seg_first + seg_count],
-                                  s["start"][seg_first:seg_first + seg_count],
-                                  s["stop"][seg_first:seg_first + seg_count])
+            Segment(_decode(a, "/segments/agent"), _decode(k, "/segments/kind"), int(b), int(e))
+            for a, k, b, e in zip(d[("segments", "agent")][seg], d[("segments", "kind")][seg],
+                                  d[("segments", "start")][seg], d[("segments", "stop")][seg])
         ]
-        c = self._file["columns"]
+        cols = slice(first, first + width)
         return Handoff(
-            from_agent=_decode(h["from_agent"][index]),
-            to_agent=_decode(h["to_agent"][index]),
-            layer_similarities=c["layer_similarities"][:, first:first + width],
-            positions=c["position"][first:first + width],
-            tokens=[_decode(t) for t in c["token"][first:first + width]],
+            from_agent=self._texts("handoffs", "from_agent")[index],
+            to_agent=self._texts("handoffs", "to_agent")[index],
+            layer_similarities=d[("columns", "layer_similarities")][:, cols],
+            positions=d[("columns", "position")][cols].astype(np.int64),
+            tokens=[_decode(t, "/columns/token") for t in d[("columns", "token")][cols]],
             segments=segments,
         )
 

@@ -22,7 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .format import CaptureReader, CaptureWriter, ProblemRecord, check_same_config, check_same_problems
+from .format import (CaptureBusy, CaptureError, CaptureReader, CaptureWriter, ProblemRecord, check_same_config,
+                     check_same_problems)
+from .lock import CaptureLockedError, WriterLock
 
 SHARD_DIR_SUFFIX = ".shards"
 MERGE_TMP_SUFFIX = ".merge-tmp"
@@ -107,6 +109,19 @@ def merge(
     merge killed at any point leaves the capture file and the shards as they were.
     """
     capture_file = Path(capture_file)
+    try:
+        lock = WriterLock.acquire(capture_file)  # no other writer replaces the file while it is merged
+    except CaptureLockedError as error:
+        raise CaptureBusy(str(error)) from None
+    except OSError as error:
+        raise CaptureError(f"cannot lock {capture_file} for writing: {error.strerror or error}") from None
+    try:
+        return _merge_locked(capture_file, summarize, extra_attrs)
+    finally:
+        lock.release()
+
+
+def _merge_locked(capture_file: Path, summarize, extra_attrs) -> MergeStats:
     paths = sources(capture_file)
     if not paths:
         raise FileNotFoundError(f"nothing to merge: neither {capture_file} nor shards in {shard_dir(capture_file)}")
