@@ -58,10 +58,17 @@ import h5py
 import numpy as np
 
 from . import checks
-from .hdf5_open import (SIGNATURE, NewerFormatError, OpenError, is_version_error, newer_format_message,
-                         open_read_only, superblock)
-from .lock import CaptureLockedError, WriterLock
 from .handoff_list import HandoffList
+from .hdf5_open import (
+    SIGNATURE,
+    NewerFormatError,
+    OpenError,
+    is_version_error,
+    newer_format_message,
+    open_read_only,
+    superblock,
+)
+from .lock import CaptureLockedError, WriterLock
 from .text import shorten
 
 SCHEMA_VERSION = 1

@@ -22,8 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .format import (CaptureBusy, CaptureError, CaptureReader, CaptureWriter, ProblemRecord, check_same_config,
-                     check_same_problems)
+from .format import (
+    CaptureBusy,
+    CaptureError,
+    CaptureReader,
+    CaptureWriter,
+    ProblemRecord,
+    check_same_config,
+    check_same_problems,
+)
 from .lock import CaptureLockedError, WriterLock
 
 SHARD_DIR_SUFFIX = ".shards"

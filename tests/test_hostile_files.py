@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from hostile import ACCEPTED, CANARY_TEXT, CASES, make_case
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,15 +8,14 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from hostile import valid_capture
 
 from capture.format import CaptureReader
-from hostile import valid_capture
 
 REPO = Path(__file__).resolve().parents[1]
 OLDEST_H5PY = re.search(r'"h5py>=([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)

@@ -12,9 +12,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hostile import valid_capture
 
 from capture.format import CaptureBusy, CaptureReader, CaptureWriter
-from hostile import valid_capture
 
 REPO = Path(__file__).resolve().parents[1]
 
