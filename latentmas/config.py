@@ -23,6 +23,7 @@ GROUPS = ("model", "method", "kNN", "capture", "output", "benchmark-only")
 
 PROMPTS = ("sequential", "hierarchical")
 KNN_STRATEGIES = ("top", "bottom", "random")
+KNN_POSITIONS = ("keep", "renumber")
 
 
 def _similarity_modes() -> tuple[str, ...]:
@@ -87,6 +88,12 @@ class RunConfig:
     seed: int = setting(42, "Seed of sampling, kNN 'random' and --random_weights.", "method")
     text_mas_context_length: int = setting(2048, "text_mas: most tokens of earlier agents' text passed on.",
                                            "method", minimum=1)
+    no_think: bool = setting(False, "Turn Qwen3's thinking off for every agent: the chat template writes an empty "
+                             "<think></think> block (this project's former default; the original never "
+                             "does this).", "method")
+    top_k: int = setting(-1, "Sample from the k most likely tokens (before top-p); -1 = the model's generation "
+                         "config, as the original's `generate` (Qwen3: 20; none: off); 0 = off.", "method",
+                         minimum=-1)
     # -- kNN
     knn_filter: bool = setting(False, "Trim the shared cache before each hand-off.", "kNN")
     knn_percentage: float = setting(0.8, "Fraction of cached tokens kept, in (0, 1].", "kNN", minimum=0,
@@ -98,6 +105,10 @@ class RunConfig:
                              "top/bottom. Modes that need the prompt's prefill cost a scoring pass: the incoming "
                              "prompt runs on the cache up to the middle layer before the trim, then the cache is "
                              "put back.", "kNN", choices=_similarity_modes)
+    knn_positions: str = setting("keep", "Positions of the columns written after a trim. keep: count on from "
+                                 "the last original position (kept columns keep theirs); renumber: restart at the "
+                                 "number of kept columns, as the kNN-latentMAS fork does.", "kNN",
+                                 choices=KNN_POSITIONS)
     # -- capture
     similarity: str = setting("seed", "What the captured matrices hold; `latentmas modes` describes each mode.",
                               "capture", choices=_similarity_modes)
