@@ -183,14 +183,17 @@ def test_knn_positions_after_a_trim(tiny_lm, renumber, first_new):
 
 
 class _Positions:
+    """Records, at each hand-off (after the trim), row 0's positions, segments and the incoming prompt's length."""
+
     def __init__(self):
         self.seen = []
 
     def on_handoff(self, event):
         shared = event.shared
         real = shared.real_columns(0)
-        self.seen.append((shared.positions[0, real].tolist(), [shared.segments[i] for i in
-                                                              shared.segment_ids[0, real].tolist()]))
+        self.seen.append((shared.positions[0, real].tolist(),
+                          [shared.segments[i].agent for i in shared.segment_ids[0, real].tolist()],
+                          int(event.prompt_mask[0].sum())))
 
 
 @pytest.mark.parametrize("knn_positions", ["keep", "renumber"])
@@ -198,12 +201,13 @@ def test_knn_positions_setting_reaches_the_run(tiny_lm, fake_problems, knn_posit
     cfg = tiny_config(knn_filter=True, knn_percentage=0.5, max_new_tokens=1, knn_positions=knn_positions)
     observer = _Positions()
     get_method("latent_mas")(tiny_lm, fake_problems()[:1], GSM8K, cfg, observer=observer)
-    (first_positions, _), (second_positions, second_segments) = observer.seen[:2]
-    critic = [p for p, s in zip(second_positions, second_segments) if s.agent == "critic"]
-    kept_at_first = len(first_positions)
-    start = kept_at_first if knn_positions == "renumber" else max(first_positions) + 1
-    assert critic == list(range(start, start + len(critic)))
-    assert start != (max(first_positions) + 1 if knn_positions == "renumber" else kept_at_first)
+    (first, _, critic_prompt), (second, agents, _) = observer.seen[:2]
+    written = critic_prompt + cfg.latent_steps  # columns the critic wrote after the first trim
+    start = {"keep": max(first) + 1, "renumber": len(first)}[knn_positions]
+    critic = [p for p, agent in zip(second, agents) if agent == "critic"]
+    # the second trim keeps a subset of them, always the newest (min_keep): the last latent step
+    assert set(critic) <= set(range(start, start + written)) and critic[-1] == start + written - 1
+    assert len(first) < max(first) + 1  # the first trim removed columns, so the two settings differ
 
 
 @pytest.mark.parametrize("T, p", [(100, 0.29), (100, 0.57), (10, 0.7), (50, 0.8), (7, 0.3)])

@@ -76,7 +76,7 @@ def test_vary_constant_weights_touches_only_constants():
     changed = tiny_qwen3.vary_constant_weights(model, 0)
     assert changed == ["1.weight", "1.bias"]  # the Linear starts random, the LayerNorm at 1 and 0
     torch.testing.assert_close(model[0].weight, weight, rtol=0, atol=0)
-    assert float(model[1].weight.std()) > 0 and float(model[1].bias.abs().max()) > 0
+    assert float(model[1].weight.detach().std()) > 0 and float(model[1].bias.detach().abs().max()) > 0
 
 
 def test_loaded_model_shapes(tiny_lm):
