@@ -36,6 +36,7 @@ from capture.recorder import CaptureRecorder  # noqa: E402
 from latentmas.config import RunConfig  # noqa: E402
 from latentmas.methods import get_method, latent_mas  # noqa: E402
 from latentmas.models import load_model  # noqa: E402
+from latentmas.prompts import AGENTS  # noqa: E402
 from latentmas.tasks import get_task, load_problems  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -143,7 +144,7 @@ def main(model_name, random_weights, device, dtypes, task, data_file, num_proble
         by_segment, by_step = differences(reference, other)
         for key, value in summarise(by_segment).items():
             by_segment_table[(dtype, key)][comparison] = value
-        for key, value in sorted(summarise(by_step).items()):
+        for key, value in sorted(summarise(by_step).items(), key=lambda item: (AGENTS.index(item[0][0]), item[0][1])):
             by_step_table[(dtype, key)][comparison] = value
 
     references = {}

@@ -269,3 +269,31 @@ def test_medqa_reads_the_originals_copy():
               "options": options, "answer": "Antibiotics", "query": "ignored"}
     question, gold = get_task("medqa").parse_record(record)
     assert gold == "C" and question.count("Antibiotics") == 1 and question.startswith("A patient has a fever.")
+
+
+# --------------------------------------------------------------------------- the noise-floor bench
+
+
+def test_noise_floor_bench_runs_on_tiny_qwen3(tiny_lm_cache_env, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "noise_floor.py"
+    spec = importlib.util.spec_from_file_location("noise_floor", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "noise.json"
+    result = CliRunner().invoke(bench.main, ["--device", "cpu", "--problems", "2", "--batch_size", "2",
+                                             "--latent_steps", "2", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "By segment" in result.output and "By latent step" in result.output
+    figures = json.loads(out.read_text())["figures"]
+    repeats = [f for f in figures if f["comparison"] == "repeat"]
+    assert repeats and all(f["mean"] == f["max"] == 0.0 for f in repeats)  # the CPU is reproducible
+    steps = {(f["key"][0], f["key"][1]) for f in figures if f["table"] == "latent_step"}
+    assert steps == {(agent, step) for agent in ("planner", "critic", "refiner") for step in (1, 2)}
+    assert {f["comparison"] for f in figures} == {"repeat", "bs2", "fast"}
+    bad = CliRunner().invoke(bench.main, ["--dtypes", "fp8"])
+    assert bad.exit_code != 0 and "unknown dtype fp8" in bad.output
