@@ -31,13 +31,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from capture.format import LATENT_TOKEN, CaptureReader  # noqa: E402
-from capture.recorder import CaptureRecorder  # noqa: E402
-from latentmas.config import RunConfig  # noqa: E402
-from latentmas.methods import get_method, latent_mas  # noqa: E402
-from latentmas.models import load_model  # noqa: E402
-from latentmas.prompts import AGENTS  # noqa: E402
-from latentmas.tasks import get_task, load_problems  # noqa: E402
+from capture.format import LATENT_TOKEN, CaptureReader
+from capture.recorder import CaptureRecorder
+from latentmas.config import RunConfig
+from latentmas.methods import get_method, latent_mas
+from latentmas.models import load_model
+from latentmas.prompts import AGENTS
+from latentmas.tasks import get_task, load_problems
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

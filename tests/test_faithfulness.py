@@ -9,17 +9,29 @@ import math
 
 import pytest
 import torch
-
 from captures import tiny_config
+
 from latentmas.decoding import Sampler, Sampling
 from latentmas.knn import KnnFilter
 from latentmas.methods import get_method
-from latentmas.methods.common import ProblemResult, chat_text, encode, sampling_of, thinking_of, top_k_of
+from latentmas.methods.common import (
+    ProblemResult,
+    chat_text,
+    encode,
+    sampling_of,
+    thinking_of,
+    top_k_of,
+)
 from latentmas.methods.text_mas import readable_turns
 from latentmas.prompts import AGENTS, agent_prompt
 from latentmas.shared_cache import SegmentKey, SharedCache
 from latentmas.tasks import get_task
-from latentmas.tasks.scoring import accuracy_fields, original_correct, original_prediction, tally
+from latentmas.tasks.scoring import (
+    accuracy_fields,
+    original_correct,
+    original_prediction,
+    tally,
+)
 
 GSM8K = get_task("gsm8k")
 PROMPT = agent_prompt("planner", "What is 2 + 3?", GSM8K.answer_instruction)
