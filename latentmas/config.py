@@ -23,6 +23,7 @@ GROUPS = ("model", "method", "kNN", "capture", "output", "benchmark-only")
 
 PROMPTS = ("sequential", "hierarchical")
 KNN_STRATEGIES = ("top", "bottom", "random")
+KNN_POSITIONS = ("keep", "renumber")
 
 
 def _similarity_modes() -> tuple[str, ...]:
@@ -88,6 +89,12 @@ class RunConfig:
     seed: int = setting(42, "Seed of sampling, kNN 'random' and --random_weights.", "method")
     text_mas_context_length: int = setting(2048, "text_mas: most tokens of earlier agents' text passed on.",
                                            "method", minimum=1)
+    no_think: bool = setting(False, "Turn Qwen3's thinking off for every agent: the chat template writes an empty "
+                             "<think></think> block (this project's former default; the original never "
+                             "does this).", "method")
+    top_k: int = setting(-1, "Sample from the k most likely tokens (before top-p); -1 = the model's generation "
+                         "config, as the original's `generate` (Qwen3: 20; none: off); 0 = off.", "method",
+                         minimum=-1)
     # -- kNN
     knn_filter: bool = setting(False, "Trim the shared cache before each hand-off.", "kNN")
     knn_percentage: float = setting(0.8, "Fraction of cached tokens kept, in (0, 1].", "kNN", minimum=0,
@@ -99,6 +106,10 @@ class RunConfig:
                              "top/bottom. Modes that need the prompt's prefill cost a scoring pass: the incoming "
                              "prompt runs on the cache up to the middle layer before the trim, then the cache is "
                              "put back.", "kNN", choices=_similarity_modes)
+    knn_positions: str = setting("keep", "Positions of the columns written after a trim. keep: count on from "
+                                 "the last original position (kept columns keep theirs); renumber: restart at the "
+                                 "number of kept columns, as the kNN-latentMAS fork does.", "kNN",
+                                 choices=KNN_POSITIONS)
     # -- capture
     similarity: str = setting("seed", "What the captured matrices hold; `latentmas modes` describes each mode.",
                               "capture", choices=_similarity_modes)
@@ -117,14 +128,18 @@ class RunConfig:
 
     def identity(self) -> dict:
         """The settings a capture file must share with a run that resumes it."""
-        keys = ("method", "model_name", "random_weights", "task", "data_file", "prompt", "think", "latent_steps",
-                "latent_space_realign", "max_new_tokens", "temperature", "top_p", "ignore_eos", "seed",
-                "text_mas_context_length", "similarity")
+        # no_think and top_k are always recorded: captures made before them ran with thinking off and no
+        # top-k cut, which are no longer the defaults, so they must not resume under the new ones.
+        keys = ("method", "model_name", "random_weights", "task", "data_file", "prompt", "think", "no_think",
+                "latent_steps", "latent_space_realign", "max_new_tokens", "temperature", "top_p", "top_k",
+                "ignore_eos", "seed", "text_mas_context_length", "similarity")
         identity = {k: getattr(self, k) for k in keys}
         identity["knn"] = self.knn_settings()
         if identity["knn"] is not None and self.knn_score != "seed":
             # only when not the default, so captures made before knn_score existed still resume
             identity["knn"]["score"] = self.knn_score
+        if identity["knn"] is not None and self.knn_positions != "keep":
+            identity["knn"]["positions"] = self.knn_positions
         return identity
 
     def run_name(self) -> str:

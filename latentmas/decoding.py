@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from .fast_decode import static_step, use_fast
 from .shared_cache import SegmentKey, SharedCache
@@ -22,6 +22,7 @@ OVERLAP_AFTER = 2 * CHECK_EVERY - 2
 @dataclass
 class Sampling:
     """temperature <= 0 means greedy. ignore_eos decodes exactly max_new_tokens (benchmarks).
+    top_k > 0 keeps the k most likely tokens before top-p, as transformers' `generate` does.
 
     fast: decode with a static KV buffer (`fast_decode.StaticStep`, a CUDA graph on
     GPUs); None = on for CUDA, off on the CPU.
@@ -32,6 +33,7 @@ class Sampling:
     top_p: float = 0.95
     ignore_eos: bool = False
     fast: bool | None = None
+    top_k: int = 0  # 0 = no top-k cut
 
 
 def problem_generators(numbers: list[int], seed: int, device: torch.device) -> list[torch.Generator]:
@@ -50,6 +52,8 @@ class Sampler:
         self.greedy = sampling.temperature <= 0
         self.generators = generators
         self.warpers = [] if self.greedy else [TemperatureLogitsWarper(sampling.temperature)]
+        if not self.greedy and sampling.top_k > 0:  # transformers' order: temperature, top-k, top-p
+            self.warpers.append(TopKLogitsWarper(sampling.top_k))
         if not self.greedy and sampling.top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(sampling.top_p))
 

@@ -142,11 +142,14 @@ class SharedCache:
         self.next_position = self.next_position + mask.long().sum(dim=1)
 
     @torch.no_grad()
-    def keep(self, keep: torch.Tensor) -> None:
+    def keep(self, keep: torch.Tensor, renumber: bool = False) -> None:
         """Keep only the columns where `keep` [batch, T] is True, in their original order.
 
         Rows keep different numbers of columns, so each row is packed to the right
         and left-padded to the longest row; every layer's keys and values follow.
+        Kept columns keep their positions (their keys carry that RoPE phase). New columns
+        count on from the last original position; with `renumber` (the kNN-latentMAS fork's
+        behaviour) they restart at the row's number of kept columns instead.
         """
         keep = keep & self.mask
         new_length = int(keep.sum(dim=1).max())
@@ -160,6 +163,8 @@ class SharedCache:
         self.positions = self.positions.gather(1, order).masked_fill(~self.mask, -1)
         self.token_ids = self.token_ids.gather(1, order).masked_fill(~self.mask, PAD)
         self.segment_ids = self.segment_ids.gather(1, order)
+        if renumber:
+            self.next_position = self.mask.sum(dim=1)
 
     @contextlib.contextmanager
     def restored(self) -> Iterator[None]:

@@ -54,6 +54,31 @@ def test_weights_are_seeded(tiny_lm_cache_env, tmp_path):
         torch.testing.assert_close(first[name], second[name], rtol=0, atol=0)
 
 
+def test_no_weight_is_left_at_a_constant(tiny_lm):
+    """RMSNorm, q_norm and k_norm weights of 1 would hide a code path that skips a norm."""
+    constant = [name for name, p in tiny_lm.model.named_parameters() if bool((p == p.flatten()[0]).all())]
+    assert constant == []
+    norms = [p for name, p in tiny_lm.model.named_parameters() if "norm" in name]
+    assert len(norms) == 4 * tiny_lm.num_layers + 1  # input, post-attention, q, k per layer; the final norm
+    assert all(float(p.min()) >= 0.5 and float(p.max()) <= 1.5 and float(p.std()) > 0.1 for p in norms)
+
+
+def test_a_changed_recipe_builds_a_new_cache_folder(tiny_lm_cache_env, monkeypatch):
+    folder = tiny_qwen3.cache_dir()
+    assert folder.name == f"tiny-qwen3-v{tiny_qwen3.VERSION}"
+    monkeypatch.setattr(tiny_qwen3, "VERSION", tiny_qwen3.VERSION + 1)
+    assert tiny_qwen3.cache_dir() != folder and not tiny_qwen3.cache_dir().exists()
+
+
+def test_vary_constant_weights_touches_only_constants():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    weight = model[0].weight.detach().clone()
+    changed = tiny_qwen3.vary_constant_weights(model, 0)
+    assert changed == ["1.weight", "1.bias"]  # the Linear starts random, the LayerNorm at 1 and 0
+    torch.testing.assert_close(model[0].weight, weight, rtol=0, atol=0)
+    assert float(model[1].weight.detach().std()) > 0 and float(model[1].bias.detach().abs().max()) > 0
+
+
 def test_loaded_model_shapes(tiny_lm):
     assert isinstance(tiny_lm, LoadedModel)
     assert tiny_lm.device == torch.device("cpu")

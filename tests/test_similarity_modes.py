@@ -48,6 +48,7 @@ def tiny_other(tiny_lm, family: str):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     from latentmas.models import LoadedModel
+    from latentmas.models.tiny_qwen3 import sharpen_attention, vary_constant_weights
 
     shapes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=len(tiny_lm.tokenizer), max_position_embeddings=4096,
@@ -56,6 +57,11 @@ def tiny_other(tiny_lm, family: str):
     config._attn_implementation = "eager"
     torch.manual_seed(7)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    # no weight left at a constant (Qwen2's q/k/v biases included) and attention far from uniform
+    # (about 0.2 in total variation, like tiny-qwen3's 0.33; at the initial scale it is 0.009), so
+    # a missing bias, norm or RoPE shows
+    vary_constant_weights(model, 7)
+    sharpen_attention(model, 6.0)
     assert not hasattr(model.model.layers[0].self_attn, "q_norm")
     return LoadedModel(name=f"tiny-{family}", model=model, tokenizer=tiny_lm.tokenizer, device=torch.device("cpu"))
 

@@ -28,7 +28,7 @@ from ..prompts import AGENTS, agent_prompt
 from ..realign import LatentInput
 from ..shared_cache import LATENT, SegmentKey, SharedCache
 from ..similarity import get_mode
-from .common import AgentTurn, decode_turn, encode, finish, generators_for
+from .common import AgentTurn, decode_turn, encode, finish, generators_for, thinking_of
 
 SHARES_CACHE = True  # agents read one KV cache: the method capture watches
 
@@ -107,14 +107,14 @@ def solve(lm, problems, task, cfg, observer: HandoffObserver | None = None):
     for index, agent in enumerate(AGENTS):
         prompts = [agent_prompt(agent, p.question, task.answer_instruction, cfg.prompt, "latent_mas")
                    for p in problems]
-        texts, ids, mask = encode(lm, prompts, cfg.think)
+        texts, ids, mask = encode(lm, prompts, thinking_of(cfg))
         prompt_embeds = embed(ids)
         event = None
         if previous is not None:
             query = mean_embedding(prompt_embeds, mask)
             if knn is not None:
                 scores = knn_scores(lm, shared, knn, query, prompt_embeds, ids, mask, agent)
-                shared.keep(knn.keep_mask(scores, shared.mask, knn_generators))
+                shared.keep(knn.keep_mask(scores, shared.mask, knn_generators), renumber=cfg.knn_positions == "renumber")
             if observer is not None:
                 event = HandoffEvent(previous, agent, shared, query, ids, mask, problems)
                 observer.on_handoff(event)

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 NAME = "tiny-qwen3"
-VERSION = 1  # bump when the recipe changes, so caches rebuild
+VERSION = 2  # bump when the recipe changes, so caches rebuild (2: no weight left at a constant)
 SEED = 1234
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
@@ -127,5 +127,45 @@ def build(folder: Path) -> None:
     )
     torch.manual_seed(SEED)
     model = Qwen3ForCausalLM(config).to(torch.float32)
+    vary_constant_weights(model, SEED)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def vary_constant_weights(model, seed: int, spread: float = 0.5) -> list[str]:
+    """Give every parameter that is one constant (RMSNorm weights of 1, biases of 0) seeded random values.
+
+    A test model whose norm weights are all 1 cannot tell a code path that skips a norm from one
+    that applies it (cosine is blind to a per-head scale of 1); a zero bias hides a missing bias.
+    Norm weights become uniform in [1 - spread, 1 + spread], other constants N(0, spread / 4).
+    Returns the names of the parameters changed.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    changed = []
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.numel() < 2 or bool((parameter != parameter.flatten()[0]).any()):
+                continue
+            if "norm" in name:
+                values = 1 + spread * (2 * torch.rand(parameter.shape, generator=generator) - 1)
+            else:
+                values = spread / 4 * torch.randn(parameter.shape, generator=generator)
+            parameter.copy_(values.to(parameter.dtype))
+            changed.append(name)
+    return changed
+
+
+def sharpen_attention(model, factor: float) -> None:
+    """Scale every layer's q_proj and k_proj weights by `factor`: attention logits grow by about factor².
+
+    Models without q/k norms (Llama, Qwen2) at their initial weight scale attend almost uniformly,
+    which hides mistakes in positions (RoPE) and in the attention maths; this makes them attend sharply.
+    """
+    import torch
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(factor)
+            layer.self_attn.k_proj.weight.mul_(factor)

@@ -143,17 +143,34 @@ class GpqaTask(ChoiceTask):
 
     The four options are shuffled with a generator seeded by the loader seed
     and the record index, so the correct letter varies but is reproducible.
+
+    A record with `question` and a letter `answer` but no `Correct Answer` (the copy the original
+    LatentMAS reads, fingertap/GPQA-Diamond: options already in the question, in a fixed order)
+    is taken as it is, so `--data_file` on that copy gives the original's problems.
     """
 
     letters = "ABCD"
 
     def parse_record(self, record: Mapping[str, Any], *, index: int = 0, seed: int = 0) -> tuple[str, str]:
+        try:
+            get_field(record, "Correct Answer")
+        except KeyError:
+            return self._parse_lettered(record)
         stem = get_text(record, "Question")
         texts = [get_text(record, "Correct Answer")]
         texts += [get_text(record, f"Incorrect Answer {i}") for i in (1, 2, 3)]
         order = list(range(len(texts)))
         random.Random(f"gpqa:{seed}:{index}").shuffle(order)
         return self.format_question(stem, [texts[i] for i in order]), self.letter(order.index(0))
+
+    def _parse_lettered(self, record: Mapping[str, Any]) -> tuple[str, str]:
+        """`question` with its options inside, `answer` a letter ("C", "(C)", "c")."""
+        question = get_text(record, "question")
+        answer = get_text(record, "answer")
+        letter = self._letter_in(answer)
+        if letter is None or letter not in self.letters or len(answer.strip("() .").strip()) != 1:
+            raise ValueError(f"GPQA answer should be an option letter A-D, got {answer[:60]!r}")
+        return question, letter
 
 
 class MedqaTask(ChoiceTask):
