@@ -43,8 +43,9 @@ class WriterLock:
         self._fd = fd
 
     @classmethod
-    def acquire(cls, capture_file: str | os.PathLike) -> "WriterLock":
-        """Take the lock of `capture_file` or raise CaptureLockedError naming the live writer."""
+    def acquire(cls, capture_file: str | os.PathLike, hint: str = "or pass another --capture_file") -> "WriterLock":
+        """Take the lock of `capture_file` (any file a writer owns) or raise CaptureLockedError naming the
+        live writer; `hint` ends the message."""
         path = lock_path(capture_file)
         if fcntl is None:
             return cls(path, None)
@@ -57,7 +58,7 @@ class WriterLock:
                 os.close(fd)
                 raise CaptureLockedError(
                     f"{capture_file} is being written by another process ({holder}); wait for it to finish, "
-                    "or pass another --capture_file") from None
+                    f"{hint}") from None
             except OSError:
                 os.close(fd)
                 raise

@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
-APP_LAYER = ("latentmas.app", "latentmas.cli", "latentmas.__main__")
+APP_LAYER = ("latentmas.app", "latentmas.__main__")
 
 
 def _modules(package: str) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from latentmas.cli import main, run_command
+from latentmas.app.cli import main, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {"method", "model", "accuracy", "correct", "total", "total_time_sec", "time_per_sample_sec",

@@ -76,7 +76,7 @@ def test_installed_package_ships_the_bundled_problems(installed, tmp_path):
 
 @pytest.mark.slow
 def test_installed_cli_runs_offline_on_the_bundled_problems(installed, tmp_path, tiny_lm_cache_env):
-    code = ("import sys; from latentmas.cli import main; "
+    code = ("import sys; from latentmas.app.cli import main; "
             "main(sys.argv[1:], prog_name='latentmas')")
     done = subprocess.run(
         [sys.executable, "-c", code, "run", "--method", "baseline", "--model_name", "tiny-qwen3", "--task", "gsm8k",
@@ -106,10 +106,9 @@ def test_the_blocker_really_hides_torch(tmp_path):
     assert done.returncode != 0 and "No module named 'torch'" in done.stderr
 
 
-@pytest.mark.xfail(strict=False, reason="lead wires CLI")
 @pytest.mark.parametrize("command", ["capture", "run"])
 def test_capture_without_torch_says_which_extra_in_one_line(command, tmp_path):
-    code = _BLOCK_TORCH + "import sys; from latentmas.cli import main; main(sys.argv[1:], prog_name='latentmas')"
+    code = _BLOCK_TORCH + "import sys; from latentmas.app.cli import main; main(sys.argv[1:], prog_name='latentmas')"
     done = subprocess.run([sys.executable, "-c", code, command, "--model_name", "tiny-qwen3", "--max_samples", "1",
                            "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env=_env(PYTHONPATH=str(REPO)))

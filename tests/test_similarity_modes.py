@@ -18,8 +18,8 @@ from click.testing import CliRunner
 
 from capture.format import CaptureReader
 from capture.recorder import CaptureRecorder
+from latentmas.app.cli import capture_command
 from latentmas.app.recording import open_recorder
-from latentmas.cli import capture_command
 from latentmas.knn import KnnFilter
 from latentmas.methods.common import encode
 from latentmas.prefill import PrefillProbe, score_prompt

@@ -81,7 +81,11 @@ def _groups(capture_only: bool) -> dict[str, list]:
 def _need_model_stack() -> None:
     """One line instead of a traceback when torch or transformers is missing (a render-only install)."""
     for name in ("torch", "transformers"):
-        if importlib.util.find_spec(name) is None:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
             raise click.ClickException(missing_stack_message(ModuleNotFoundError(name=name)))
 
 

@@ -12,8 +12,9 @@ from capture.selection import DEFAULT_TRANSITIONS
 from ..config import RunConfig
 
 
-def run_attributes(cfg: RunConfig, lm) -> dict:
-    """The run's self-description, stored as the capture file's attributes."""
+def run_attributes(cfg: RunConfig, lm, origin: dict | None = None) -> dict:
+    """The run's self-description, stored as the capture file's attributes; `origin`: where the problems
+    came from and how many (`latentmas.tasks.loading.problem_origin`)."""
     import torch
 
     device = lm.device
@@ -42,6 +43,7 @@ def run_attributes(cfg: RunConfig, lm) -> dict:
         "knn_score": cfg.knn_score if knn else "",
         "seed": cfg.seed,
         "generate_bs": cfg.generate_bs,
+        **(origin or {}),
     }
 
 
@@ -53,11 +55,12 @@ def capture_identity(cfg: RunConfig, transitions: tuple[str, ...] | None, captur
 
 
 def open_recorder(path, cfg: RunConfig, lm, transitions=DEFAULT_TRANSITIONS, capture_dtype: str = "float16",
-                  overwrite: bool = False, questions: dict[int, str] | None = None, recorder_class=None):
+                  overwrite: bool = False, questions: dict[int, str] | None = None, recorder_class=None,
+                  origin: dict | None = None):
     """A `capture.recorder.CaptureRecorder` (or `recorder_class`) writing this run's hand-offs into `path`."""
     from capture.recorder import CaptureRecorder
 
-    return (recorder_class or CaptureRecorder).open(path, lm, run_attributes=run_attributes(cfg, lm),
+    return (recorder_class or CaptureRecorder).open(path, lm, run_attributes=run_attributes(cfg, lm, origin),
                                 identity=capture_identity(cfg, transitions, capture_dtype),
                                 similarity=cfg.similarity, transitions=transitions, overwrite=overwrite,
                                 dtype=capture_dtype, questions=questions)

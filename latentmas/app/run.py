@@ -30,6 +30,7 @@ from pathlib import Path
 from capture.selection import DEFAULT_TRANSITIONS
 
 from ..config import RunConfig
+from ..tasks.loading import problem_origin
 from . import distributed, results
 from .recording import capture_identity, open_recorder
 from .summary import read_summary, run_summary
@@ -76,12 +77,22 @@ class _Run:
         self.progress = progress
 
     def go(self) -> dict:
+        group = self.group
+        task, problems, lm = group.agree(self._load)
+        self.origin = problem_origin(problems)
+        results_lock = group.agree(lambda: self._lock_results() if group.is_main else None)
+        try:
+            return self._solve(task, problems, lm)
+        finally:
+            if results_lock is not None:
+                results_lock.release()
+
+    def _solve(self, task, problems, lm) -> dict:
         import torch
 
         from ..methods import get_method
 
         group, cfg = self.group, self.cfg
-        task, problems, lm = group.agree(self._load)
         solve = get_method(cfg.method)
         torch.manual_seed(cfg.seed)
         planned = group.broadcast(group.agree(lambda: self._plan(problems) if group.is_main else None))
@@ -112,19 +123,32 @@ class _Run:
                     recorder.close()
             return {"solved": solved}
 
+        def finish() -> dict | None:
+            return self._finish(recorder, problems, done, counts, started) if group.is_main else None
+
         try:
             try:
                 counts = group.gather(group.agree(solve_my_share))  # every rank has finished its share
             finally:
                 if tracker is not None:
                     tracker.close()
-            finish = lambda: self._finish(recorder, problems, done, counts, started) if group.is_main else None  # noqa: E731
             return group.broadcast(group.agree(finish))
         finally:
             if recorder is not None and self._writes_capture_file:
                 recorder.close()
 
     # -- steps ----------------------------------------------------------------------------
+    def _lock_results(self):
+        """Rank 0: the run folder's results are this run's alone until it ends (a second run of the same
+        command, started while this one lives, is refused before it touches them)."""
+        from capture.lock import CaptureLockedError, WriterLock
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            return WriterLock.acquire(self.run_dir / results.RESULTS, hint="or pass another --output_dir")
+        except CaptureLockedError as error:
+            raise ValueError(str(error)) from None
+
     def _load(self):
         from ..models import load_model
         from ..tasks import get_task, load_problems
@@ -163,7 +187,7 @@ class _Run:
         if self.capture_file is not None:
             target = self.capture_file if self._writes_capture_file else shards.shard_path(self.capture_file,
                                                                                            self.group.rank)
-            recorder = open_recorder(target, self.cfg, lm, self.transitions, self.capture_dtype)
+            recorder = open_recorder(target, self.cfg, lm, self.transitions, self.capture_dtype, origin=self.origin)
         part = results.part_path(self.run_dir, self.group.rank)
         return recorder, open(part, "a", encoding="utf-8")
 
@@ -187,7 +211,7 @@ class _Run:
         records = [r for r in results.merge_results(self.run_dir, keep=done) if r["number"] in numbers]
         solved = sum(c["solved"] for c in counts)
         summary_path = self.run_dir / "summary.json"
-        extra = {"world_size": self.group.world_size}
+        extra = {**self.origin, "world_size": self.group.world_size}
         merging = self.capture_file is not None and bool(shards.shard_files(self.capture_file))
         merge_started = time.perf_counter()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..tasks.scoring import accuracy_fields, tally
+
 # Statistics of the problems a run solved itself; a rerun that solves nothing keeps the stored ones.
 _TIMING = ("total_time_sec", "time_per_sample_sec")
 
@@ -13,19 +15,17 @@ def run_summary(cfg, results: list[dict], *, solved: int, elapsed: float, resume
                 previous: dict | None = None, **extra) -> dict:
     """The summary over every problem of the run (`results`: one results.jsonl record each).
 
-    Accuracy and generated tokens are over all of `results` (solved now or by an earlier run);
+    Accuracy (by this project's rule and by the original's, `latentmas.tasks.scoring`) and generated
+    tokens are over all of `results` (solved now or by an earlier run);
     timing is over the `solved` problems of this run, or, when it solved none, the `previous`
     summary's (so a view-only rerun keeps the statistics). `extra` is added at the end.
     """
-    total = len(results)
-    correct = sum(bool(r.get("correct")) for r in results)
     summary = {
         "method": cfg.method,
         "model": cfg.model_name,
         "task": cfg.task,
-        "accuracy": correct / total if total else 0.0,
-        "correct": correct,
-        "total": total,
+        **accuracy_fields(*tally(results)),
+        "total": len(results),
         "total_time_sec": round(elapsed, 3),
         "time_per_sample_sec": round(elapsed / solved, 3) if solved else 0.0,
         "generated_tokens": sum(int(r.get("generated_tokens") or 0) for r in results),

@@ -114,7 +114,8 @@ def solve(lm, problems, task, cfg, observer: HandoffObserver | None = None):
             query = mean_embedding(prompt_embeds, mask)
             if knn is not None:
                 scores = knn_scores(lm, shared, knn, query, prompt_embeds, ids, mask, agent)
-                shared.keep(knn.keep_mask(scores, shared.mask, knn_generators), renumber=cfg.knn_positions == "renumber")
+                keep = knn.keep_mask(scores, shared.mask, knn_generators)
+                shared.keep(keep, renumber=cfg.knn_positions == "renumber")
             if observer is not None:
                 event = HandoffEvent(previous, agent, shared, query, ids, mask, problems)
                 observer.on_handoff(event)
