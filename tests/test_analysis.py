@@ -282,7 +282,7 @@ def test_analyze_command_writes_everything(tmp_path, monkeypatch):
     result = run("analyze", path, "--no-progress", "--top", "2")
     assert result.exit_code == 0, result.output
     folder = tmp_path / "charts" / "run" / "analysis"
-    assert f"3 problems" in result.output and str(Path("charts/run/analysis")) in result.output
+    assert "3 problems" in result.output and str(Path("charts/run/analysis")) in result.output
     for name in ("layer_segment_profile.csv", "top_tokens.csv", "bands.csv", "distributions.csv",
                  "top_tokens_by_string.csv", "analysis.json", "profile_critic_to_refiner.png",
                  "distributions_refiner_to_judger.png", "top_tokens_planner_to_critic.png"):

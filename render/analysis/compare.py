@@ -33,6 +33,7 @@ from .knn_dropped import (
 from .parallel import run_chunks
 from .source import (
     AnalysisError,
+    check_names,
     chunks,
     parse_names,
     parse_problems,
