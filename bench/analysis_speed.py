@@ -113,20 +113,60 @@ def build(folder: Path, problems: int, num_layers: int) -> float:
     return time.perf_counter() - started
 
 
+def _tree_rss_mib(pid: int) -> float:
+    """Resident memory of `pid` and its children (worker processes), from /proc; 0 when gone."""
+    total = 0
+    for proc in [str(pid)] + _children(pid):
+        try:
+            for line in Path(f"/proc/{proc}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def _children(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+
+
 def measure(args: list[str]) -> dict:
-    """Run `python -m latentmas ARGS` as a child; its wall and CPU seconds and peak RSS (MiB)."""
+    """Run `python -m latentmas ARGS` as a child: wall and CPU seconds (the child and its workers, from
+    `os.wait4`), peak RSS of its largest process (rusage) and the peak sum over the process tree (sampled
+    from /proc every 0.1 s; pages the forked workers share with the parent are counted in each)."""
+    import threading
+
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     started = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "latentmas", *args], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    import tempfile
+
+    out_text, err_text = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # no pipe to fill up
+    child = subprocess.Popen([sys.executable, "-m", "latentmas", *args], env=env, stdout=out_text, stderr=err_text)
+    peak = [0.0]
+    done = threading.Event()
+
+    def sample():
+        while not done.wait(0.1):
+            peak[0] = max(peak[0], _tree_rss_mib(child.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     _, status, usage = os.wait4(child.pid, 0)
+    done.set()
+    sampler.join()
     wall = time.perf_counter() - started
-    out, err = child.stdout.read(), child.stderr.read()
+    out_text.seek(0)
+    err_text.seek(0)
+    out, err = out_text.read(), err_text.read()
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         raise SystemExit(f"latentmas {' '.join(args)} failed ({child.returncode}): {err.strip()[-500:]}")
     return {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "output": out.strip().splitlines()[-1]}
+            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "peak_tree_rss_mib": round(peak[0], 1),
+            "output": out.strip().splitlines()[-1]}
 
 
 def main() -> None:
@@ -154,7 +194,8 @@ def main() -> None:
     print(f"capture: {args.problems} problems, {handoffs} hand-offs, {args.layers} layers, "
           f"{columns / handoffs:.0f} columns per hand-off on average, float16; plain.h5 {sizes['plain.h5']:.0f} MiB, "
           f"knn.h5 {sizes['knn.h5']:.0f} MiB on disk")
-    print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}")
+    print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}; load average before: "
+          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     results = {}
     for name, command in (("analyze", ["analyze", str(folder / "plain.h5")]),
                           ("compare", ["compare", str(folder / "plain.h5"), str(folder / "knn.h5")])):
@@ -163,6 +204,7 @@ def main() -> None:
         results[name] = measure([*command, "--out", str(out), "--no-progress", "--show", str(args.show)])
         r = results[name]
         print(f"{name}: {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU, peak RSS {r['peak_rss_mib']:.0f} MiB "
+              f"(largest process), {r['peak_tree_rss_mib']:.0f} MiB (all its processes together) "
               f"({r['output']})")
     print(json.dumps(results))
 

@@ -38,6 +38,8 @@ from .source import (
 )
 from .top_tokens import TopTokens, top_tokens_figure
 
+JSON_TOKENS = 1000  # rows of top_tokens_by_string in analysis.json (the CSV has them all)
+
 
 @dataclass
 class Analysis:
@@ -63,14 +65,18 @@ class Analysis:
     _shown: list = field(repr=False, default_factory=list)
 
     def summary(self) -> dict:
-        """The machine-readable form written as analysis.json."""
+        """The machine-readable form written as analysis.json: settings, run metadata, notes, the profile, the
+        distributions, band counts and shares and the first `JSON_TOKENS` rows of the tokens by string (the
+        per-problem tables, top tokens and bands are the CSV files)."""
         def records(table: pd.DataFrame) -> list[dict]:
             return json.loads(table.to_json(orient="records"))
         return {"capture": str(self.capture), "settings": self.settings, "run": self.run, "notes": self.notes,
                 "handoffs": self.labels, "strip_ranges": self.strip_ranges,
                 "layer_segment_profile": records(self.profile), "distributions": records(self.distributions),
-                "top_tokens_by_string": records(self.top_tokens_by_string),
-                "bands": records(self.bands), "band_layers": records(self.band_layers),
+                "top_tokens_by_string": records(self.top_tokens_by_string.head(JSON_TOKENS)),
+                "band_counts": records(self.bands.groupby(["handoff", "type", "sign"], sort=False).size()
+                                       .rename("count").reset_index()),
+                "band_layers": records(self.band_layers),
                 "band_segments": records(self.band_segments)}
 
     def figures(self):
@@ -161,8 +167,6 @@ class _Parts:
         self.ranges.add(label, nan_matrix)
         if keep:
             self.shown.append((number, label, index))
-        if name not in self.names:
-            self.names.append(name)
         if label not in self.labels:
             self.labels.append(label)
 
@@ -179,7 +183,7 @@ def _analyze_chunk(numbers: list[int], options: _Options) -> _Parts:
     parts = _Parts(options)
     with CaptureReader(options.path) as reader:
         for number in numbers:
-            for index, label, name, handoff in stream(reader, number, options.wanted):
+            for index, label, name, handoff in stream(reader, number, options.wanted, parts.names):
                 parts.add(number, index, label, name, handoff, keep=number in options.shown)
     return parts
 

@@ -158,7 +158,7 @@ def find_bands(matrix: np.ndarray, rule: BandRule = BandRule()) -> list[Band]:
             mask = labelled[where] == index
             scores = np.where(mask, standard[where], -np.inf)
             peak = np.unravel_index(int(np.argmax(scores)), mask.shape)
-            layer, column = where[0].start + peak[0], where[1].start + peak[1]
+            layer, column = int(where[0].start + peak[0]), int(where[1].start + peak[1])
             found.append(Band("hotspot", "high", layer, layer, column, column, float(X[layer, column]),
                               float(standard[layer, column]), int(mask.sum())))
     return found

@@ -33,6 +33,8 @@ _COMMON = [
                  help="The first SHOW problems also get per-problem figures."),
     click.option("--jobs", "-j", type=click.IntRange(min=0), default=0, show_default=True,
                  help="Worker processes reading the capture(s) (0: one per core)."),
+    click.option("--figures/--no-figures", default=True, show_default=True,
+                 help="Draw the figures (--no-figures: tables and JSON only)."),
     click.option("--no-progress", is_flag=True, help="No progress bars."),
 ]
 
@@ -60,7 +62,7 @@ def _warn(line: str) -> None:
 @click.option("--strip-scale", type=click.Choice(["strip", "handoff", "capture"]), default="handoff",
               show_default=True, help="Colour range of the single-layer strips: each strip's own, every hand-off "
                                       "of the same name, or the whole capture.")
-def analyze_command(capture, out, problems, transitions, show, jobs, no_progress, layer, top, all_layers, strip_scale):
+def analyze_command(capture, out, problems, transitions, show, jobs, figures, no_progress, layer, top, all_layers, strip_scale):
     """Profiles, distributions, top tokens, bands and hotspots of one capture: CSV, JSON and figures."""
     if top < 1:
         raise click.BadParameter(f"must be at least 1, got {top}", param_hint="'--top'")
@@ -75,7 +77,7 @@ def analyze_command(capture, out, problems, transitions, show, jobs, no_progress
         result = analyze_capture(capture, problems=problems, transitions=transitions, layer=layer, top=top,
                                  all_layers=all_layers, show=show, strip_scale=strip_scale, jobs=jobs,
                                  progress=not no_progress, warn=_warn)
-        folder, written = write_analysis(result, out, progress=not no_progress)
+        folder, written = write_analysis(result, out, progress=not no_progress, figures=figures)
     except CaptureError as error:
         raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:
@@ -89,7 +91,7 @@ def analyze_command(capture, out, problems, transitions, show, jobs, no_progress
 @click.argument("capture_a", type=_CAPTURE)
 @click.argument("capture_b", type=_CAPTURE)
 @_apply(_COMMON)
-def compare_command(capture_a, capture_b, out, problems, transitions, show, jobs, no_progress):
+def compare_command(capture_a, capture_b, out, problems, transitions, show, jobs, figures, no_progress):
     """Compare two captures of the same problems (e.g. kNN off vs on) by original cache position."""
     if show < 0:
         raise click.BadParameter(f"must be 0 or more, got {show}", param_hint="'--show'")
@@ -101,7 +103,7 @@ def compare_command(capture_a, capture_b, out, problems, transitions, show, jobs
     try:
         result = compare_captures(capture_a, capture_b, problems=problems, transitions=transitions, show=show,
                                   jobs=jobs, progress=not no_progress, warn=_warn)
-        folder, written = write_comparison(result, out, progress=not no_progress)
+        folder, written = write_comparison(result, out, progress=not no_progress, figures=figures)
     except CaptureError as error:
         raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:

@@ -33,6 +33,7 @@ from .knn_dropped import (
 from .parallel import run_chunks
 from .source import (
     AnalysisError,
+    check_names,
     chunks,
     parse_names,
     parse_problems,
@@ -323,6 +324,7 @@ class _Parts:
                        if options.side is not None else None)
         self.shown: list[_Shown] = []
         self.labels: list[str] = []
+        self.names: list[str] = []  # every hand-off name seen, wanted or not
 
     def merge(self, other: _Parts) -> None:
         self.stats.merge(other.stats)
@@ -330,6 +332,7 @@ class _Parts:
             self.report.merge(other.report)
         self.shown += other.shown
         self.labels += [n for n in other.labels if n not in self.labels]
+        self.names += [n for n in other.names if n not in self.names]
 
 
 def _compare_chunk(numbers: list[int], options: _Options) -> _Parts:
@@ -337,8 +340,8 @@ def _compare_chunk(numbers: list[int], options: _Options) -> _Parts:
     parts = _Parts(options)
     with CaptureReader(options.a) as ra, CaptureReader(options.b) as rb:
         for number in numbers:
-            handoffs_a = {label: h for _, label, _, h in stream(ra, number, options.wanted)}
-            handoffs_b = {label: h for _, label, _, h in stream(rb, number, options.wanted)}
+            handoffs_a = {label: h for _, label, _, h in stream(ra, number, options.wanted, parts.names)}
+            handoffs_b = {label: h for _, label, _, h in stream(rb, number, options.wanted, parts.names)}
             if parts.report is not None:
                 parts.report.start_problem()
             for label in dict.fromkeys([*handoffs_a, *handoffs_b]):
@@ -388,8 +391,9 @@ def compare_captures(a, b, *, problems=None, transitions=None, show: int = 2, jo
     parts = results[0]
     for later in results[1:]:
         parts.merge(later)
-    if names is not None and not parts.labels:
-        raise AnalysisError(f"no hand-off {', '.join(names)} in {a} or {b}")
+    for line in check_names(f"{a} and {b}", names, parts.names):
+        notes.append(line)
+        warn(f"warning: {line}")
     table, layers = parts.stats.tables()
     knn = None
     if parts.report is not None:

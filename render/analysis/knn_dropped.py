@@ -243,7 +243,9 @@ def knn_figure(tables: KnnTables):
     right.set_title("dropped columns", fontsize=8)
     summary = tables.summary
     checked = summary["kept_are_top"].dropna()
-    verdict = (f"kept were the best-scoring in {int(checked.sum())} of {len(checked)} hand-offs"
+    exact = summary.loc[summary["exact_scores"].astype(bool), "kept_are_top"].dropna()
+    verdict = (f"kept were the best-scoring in {int(checked.sum())} of {len(checked)} hand-offs "
+               f"({int(exact.sum())} of {len(exact)} where the scores are exact)"
                if len(checked) else "no ranking check (strategy random or nothing dropped)")
     fig.suptitle(f"kNN filtering ({tables.settings.strategy}, keep {tables.settings.percentage:g}, "
                  f"min_keep {tables.settings.min_keep}, score {tables.settings.score}) · {verdict}", fontsize=9)

@@ -124,8 +124,9 @@ def _clean_json(data):
     return data
 
 
-def write_analysis(result, out: Path | None = None, progress: bool = True) -> tuple[Path, list[Path]]:
-    """Write an `Analysis` (tables, analysis.json, figures); returns (folder, files written)."""
+def write_analysis(result, out: Path | None = None, progress: bool = True,
+                   figures: bool = True) -> tuple[Path, list[Path]]:
+    """Write an `Analysis` (tables, analysis.json and, with `figures`, the figures); returns (folder, files)."""
     folder = output_folder([result.capture], ANALYSIS_JSON, out)
     _make(folder)
     write_json(folder / ANALYSIS_JSON, {"status": "being written"}, [result.capture])  # claims the folder
@@ -139,14 +140,15 @@ def write_analysis(result, out: Path | None = None, progress: bool = True) -> tu
         "band_layers.csv": result.band_layers,
         "band_segments.csv": result.band_segments,
     })
-    count = 3 * len(result.labels) + 2 * len(result._shown)
-    written += write_figures(folder, result.figures(), count, progress)
+    if figures:
+        written += write_figures(folder, result.figures(), 3 * len(result.labels) + 2 * len(result._shown), progress)
     written.append(write_json(folder / ANALYSIS_JSON, _clean_json(result.summary()), [result.capture]))
     return folder, written
 
 
-def write_comparison(result, out: Path | None = None, progress: bool = True) -> tuple[Path, list[Path]]:
-    """Write a `Comparison` (tables, compare.json, figures); returns (folder, files written)."""
+def write_comparison(result, out: Path | None = None, progress: bool = True,
+                     figures: bool = True) -> tuple[Path, list[Path]]:
+    """Write a `Comparison` (tables, compare.json and, with `figures`, the figures); returns (folder, files)."""
     folder = output_folder([result.a, result.b], COMPARE_JSON, out)
     _make(folder)
     write_json(folder / COMPARE_JSON, {"status": "being written"}, [result.a, result.b])  # claims the folder
@@ -155,6 +157,7 @@ def write_comparison(result, out: Path | None = None, progress: bool = True) -> 
         tables.update({"knn_dropped.csv": result.knn.dropped, "knn_summary.csv": result.knn.summary,
                        "knn_dropped_by_segment.csv": result.knn.by_segment})
     written = write_tables(folder, tables)
-    written += write_figures(folder, result.figures(), result.num_figures, progress)
+    if figures:
+        written += write_figures(folder, result.figures(), result.num_figures, progress)
     written.append(write_json(folder / COMPARE_JSON, _clean_json(result.summary()), [result.a, result.b]))
     return folder, written

@@ -80,11 +80,14 @@ def check_names(path, wanted: Sequence[str] | None, seen: Sequence[str]) -> list
     return [f"{path}: no hand-off {', '.join(absent)} in the selected problems"] if absent else []
 
 
-def stream(reader: CaptureReader, number: int,
-           wanted: Sequence[str] | None) -> Iterator[tuple[int, str, str, Handoff]]:
+def stream(reader: CaptureReader, number: int, wanted: Sequence[str] | None,
+           seen: list[str] | None = None) -> Iterator[tuple[int, str, str, Handoff]]:
     """(index in the run order, label, name, hand-off) of one problem's wanted hand-offs, read one at a
-    time, in run order."""
-    chosen = problem_handoffs(reader, number, wanted)
+    time, in run order. `seen` gets every hand-off name of the problem not in it yet (wanted or not)."""
+    every = problem_handoffs(reader, number, None)
+    if seen is not None:
+        seen += [name for name in dict.fromkeys(n for _, _, n in every) if name not in seen]
+    chosen = [entry for entry in every if wanted is None or entry[2] in wanted]
     if not chosen:
         return
     for (index, label, name), handoff in zip(chosen, reader.handoffs(number, [i for i, _, _ in chosen])):
