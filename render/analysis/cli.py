@@ -62,7 +62,8 @@ def _warn(line: str) -> None:
 @click.option("--strip-scale", type=click.Choice(["strip", "handoff", "capture"]), default="handoff",
               show_default=True, help="Colour range of the single-layer strips: each strip's own, every hand-off "
                                       "of the same name, or the whole capture.")
-def analyze_command(capture, out, problems, transitions, show, jobs, figures, no_progress, layer, top, all_layers, strip_scale):
+def analyze_command(capture, out, problems, transitions, show, jobs, figures, no_progress, layer, top, all_layers,
+                    strip_scale):
     """Profiles, distributions, top tokens, bands and hotspots of one capture: CSV, JSON and figures."""
     if top < 1:
         raise click.BadParameter(f"must be at least 1, got {top}", param_hint="'--top'")
