@@ -14,15 +14,13 @@ and in Jupyter a returned figure shows inline by itself.
 
 from __future__ import annotations
 
-import importlib
+from .lazy import lazy_exports
 
 _EXPORTS = {
     "render_capture": "batch",
     "RenderError": "batch",
     "RenderOptions": "batch",
     "figure_filename": "batch",
-    "parse_problem_spec": "batch",
-    "parse_transitions": "batch",
     "multi_layer_heatmap": "figures",
     "single_layer_strip": "figures",
     "plot_handoff": "figures",
@@ -37,15 +35,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'render' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -31,8 +31,7 @@ from .layout import max_labelled_tokens
 KINDS = ("multi", "single")  # the seed's two figures, drawn by default
 FORMATS = ("png", "svg", "pdf")
 
-__all__ = ["parse_problem_spec", "parse_transitions", "render_capture", "RenderError", "RenderOptions",
-           "figure_filename", "build_figure"]
+__all__ = ["render_capture", "RenderError", "RenderOptions", "figure_filename", "build_figure"]
 
 
 class RenderError(CaptureError):

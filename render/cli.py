@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from .options import check_cmap, check_problems
+
 DEFAULT_OUT = "charts"
 
 
@@ -38,25 +40,6 @@ def _finite(ctx, param, value):
     return value
 
 
-def _check_cmap(ctx, param, value):
-    if value is None:
-        return value
-    from .colormaps import UnknownColormap, check_cmap
-    try:
-        return check_cmap(value)
-    except UnknownColormap as error:
-        raise click.BadParameter(str(error), ctx=ctx, param=param) from None
-
-
-def _check_problems(ctx, param, value):
-    from capture.selection import parse_problem_spec
-    try:
-        parse_problem_spec(value)
-    except ValueError as error:
-        raise click.BadParameter(str(error), ctx=ctx, param=param) from None
-    return value
-
-
 @click.command("render")
 @click.argument("captures", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", "-o", "out_dir", default=DEFAULT_OUT, show_default=True, type=click.Path(path_type=Path),
@@ -64,16 +47,16 @@ def _check_problems(ctx, param, value):
 @click.option("--kind", "kinds", default="both", show_default=True, callback=_kinds, metavar="KINDS",
               help="Figure kinds, comma separated: multi (all layers), single (the middle layer, min-max "
                    "normalised), any other registered kind; both = multi,single; all = every kind.")
-@click.option("--cmap", default=None, callback=_check_cmap, metavar="NAME",
+@click.option("--cmap", default=None, callback=check_cmap, metavar="NAME",
               help="Colormap of the multi-layer heatmap and other kinds (any matplotlib name). "
                    "Default: the similarity mode's own (RdYlGn for cosine modes, viridis for attention).")
-@click.option("--single-cmap", default="YlOrRd", show_default=True, callback=_check_cmap, metavar="NAME",
+@click.option("--single-cmap", default="YlOrRd", show_default=True, callback=check_cmap, metavar="NAME",
               help="Colormap of the single-layer strip.")
 @click.option("--vmin", type=float, default=None, callback=_finite,
               help="Low end of the colour scale (default: the mode's, -1 for cosines, 0 for attention).")
 @click.option("--vmax", type=float, default=None, callback=_finite,
               help="High end of the colour scale (default: the mode's, 1 for cosines, max for attention).")
-@click.option("--problems", default=None, callback=_check_problems, metavar="SPEC",
+@click.option("--problems", default=None, callback=check_problems, metavar="SPEC",
               help="Problem numbers to draw, e.g. 1-5,9 (default: all committed).")
 @click.option("--transitions", default=None, metavar="NAMES",
               help="Hand-offs to draw, e.g. planner_to_critic,critic_to_refiner (default: all present).")

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from capture.format import CaptureWriter, Handoff, ProblemRecord, Segment
-from latentmas.cli import main
+from latentmas.app.cli import main
 from render.analysis import BandRule, analyze_capture, find_bands, write_analysis
 from render.analysis.distributions import BINS
 from render.analysis.scales import normalise

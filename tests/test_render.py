@@ -14,8 +14,9 @@ from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
 from capture.format import CaptureReader, CaptureWriter, Handoff, ProblemRecord, Segment
+from capture.selection import parse_problem_spec
 from render import layout
-from render.batch import RenderOptions, build_figure, figure_filename, parse_problem_spec, render_capture
+from render.batch import RenderOptions, build_figure, figure_filename, render_capture
 from render.colormaps import NAN_COLOR, scale_for
 from render.figures import multi_layer_heatmap, normalise_row, single_layer_strip
 

@@ -36,9 +36,9 @@ class OneSpelling(cloup.Option):
 class RegistryChoice(click.Choice):
     """A `click.Choice` whose names come from a registry function each time they are needed."""
 
-    def __init__(self, names: Callable[[], tuple[str, ...]]):
+    def __init__(self, names: Callable[[], tuple[str, ...]]):  # no super().__init__: `choices` is computed
         self._names = names
-        super().__init__((), case_sensitive=True)
+        self.case_sensitive = True
 
     @property
     def choices(self):
@@ -46,10 +46,6 @@ class RegistryChoice(click.Choice):
             return tuple(self._names())
         except ModuleNotFoundError as error:
             raise click.ClickException(missing_stack_message(error)) from None
-
-    @choices.setter
-    def choices(self, value):
-        pass
 
 
 class FiniteFloat(click.FloatRange):

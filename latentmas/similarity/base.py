@@ -9,18 +9,19 @@ range and colour scale without guessing from the name. Two families, each with o
 - `PrefillMode`: computed from the incoming agent's own prompt prefill, layer by layer,
   through forward hooks (`latentmas.prefill.PrefillProbe` calls `score(layers)`).
 
-A subclass with a `name` registers itself (`__init_subclass__`); `unregister(name)`
-takes it out again (tests that add a toy mode).
+A subclass with a `name` registers itself (`__init_subclass__`; one without `score` fails
+there, as an abstract class); `unregister(name)` takes it out again (tests that add a toy mode).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 _REGISTRY: dict[str, SimilarityMode] = {}
 
 
-class SimilarityMode:
+class SimilarityMode(ABC):
     """Base class of similarity modes; subclasses set the class attributes and `score`.
 
     name: the `--similarity` / `--knn_score` value.
@@ -60,10 +61,10 @@ class SimilarityMode:
 class HandoffMode(SimilarityMode):
     """A mode known at the hand-off, from the cached keys and the prompt's mean embedding."""
 
+    @abstractmethod
     def score(self, keys, query):
         """keys: per layer `[batch, kv_heads, T, head_dim]`; query: `[batch, hidden]`, the incoming
         prompt's mean input embedding. -> float32 `[batch, num_layers, T]`."""
-        raise NotImplementedError
 
 
 class PrefillMode(SimilarityMode):
@@ -79,10 +80,10 @@ class PrefillMode(SimilarityMode):
         Default: the layer's queries and keys, `batch · (kv_heads · (T + n) + heads · n) · head_dim`."""
         return batch * (lm.num_kv_heads * (width + n) + lm.num_heads * n) * lm.head_dim
 
+    @abstractmethod
     def score(self, layers):
         """layers: `latentmas.prefill.PrefillLayers` (one or several layers stacked along the batch
         axis). -> float32 `[batch', T]`."""
-        raise NotImplementedError
 
 
 def get_mode(name: str) -> SimilarityMode:

@@ -13,7 +13,7 @@ See docs/analysis.md. Importing this package is cheap; the names load their modu
 
 from __future__ import annotations
 
-import importlib
+from render.lazy import lazy_exports
 
 _EXPORTS = {
     "analyze_capture": "analyze",
@@ -32,15 +32,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -10,22 +10,13 @@ from pathlib import Path
 
 import click
 
-
-def _problems(ctx, param, value):
-    from render.batch import parse_problem_spec
-
-    try:
-        parse_problem_spec(value)
-    except ValueError as error:
-        raise click.BadParameter(str(error), ctx=ctx, param=param) from None
-    return value
-
+from render.options import check_problems
 
 _CAPTURE = click.Path(dir_okay=False, path_type=Path)
 _COMMON = [
     click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
                  help="Output folder. Default: a folder named after the capture(s) under charts/."),
-    click.option("--problems", default=None, callback=_problems, metavar="SPEC",
+    click.option("--problems", default=None, callback=check_problems, metavar="SPEC",
                  help="Problem numbers, e.g. 1-5,9 (default: all committed)."),
     click.option("--transitions", default=None, metavar="NAMES",
                  help="Hand-offs, e.g. planner_to_critic,critic_to_refiner (default: all present)."),

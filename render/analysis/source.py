@@ -21,7 +21,7 @@ class AnalysisError(CaptureError):
 
 def parse_problems(spec) -> set[int] | None:
     """'1-5,9' -> {1, ..., 5, 9}; None or '' -> None (all). Raises AnalysisError."""
-    from render.batch import parse_problem_spec
+    from capture.selection import parse_problem_spec
 
     try:
         return parse_problem_spec(spec)
@@ -31,9 +31,10 @@ def parse_problems(spec) -> set[int] | None:
 
 def parse_names(spec) -> list[str] | None:
     """'planner_to_critic,critic_to_refiner' -> names; None, '' or 'all' -> None (all)."""
-    from render.batch import parse_transitions
+    from capture.selection import parse_transitions
 
-    return parse_transitions(spec)
+    names = parse_transitions(spec)
+    return None if names is None else list(names)
 
 
 def handoff_labels(names: Sequence[str]) -> list[str]:

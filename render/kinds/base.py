@@ -8,12 +8,13 @@ A subclass with a `name` registers itself; `unregister(name)` takes it out again
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 _REGISTRY: dict[str, FigureKind] = {}
 
 
-class FigureKind:
+class FigureKind(ABC):
     """Base class of figure kinds.
 
     name: the `--kind` value; prefix: the file-name prefix; description: one line for `--help`.
@@ -30,13 +31,13 @@ class FigureKind:
         if "name" in cls.__dict__:
             _REGISTRY[cls.name] = cls()
 
+    @abstractmethod
     def draw(self, handoff, *, title: str, mode, cmap: str | None, options, notes=()):
         """The Figure of `handoff` (a `capture.format.Handoff`).
 
         mode: the capture's `ModeScale` (name, value range, colour scale); cmap: the user's colormap
         or None; options: the `RenderOptions` (vmin, vmax, dpi, token_labels, ...).
         """
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"<figure kind {self.name!r}>"

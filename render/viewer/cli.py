@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from render.options import check_cmap, check_problems
+
 DEFAULT_CHARTS = Path("charts")
 
 
@@ -23,39 +25,21 @@ def default_out(capture: Path, charts: Path = DEFAULT_CHARTS) -> Path:
     raise click.ClickException(f"too many viewer pages for {stem} under {charts}; pass --out")
 
 
-def _check_problems(ctx, param, value):
-    from render.batch import parse_problem_spec
-    try:
-        return parse_problem_spec(value)
-    except ValueError as error:
-        raise click.BadParameter(str(error), ctx=ctx, param=param) from None
-
-
-def _check_cmap(ctx, param, value):
-    if value is None:
-        return None
-    from render.colormaps import UnknownColormap, check_cmap
-    try:
-        return check_cmap(value)
-    except UnknownColormap as error:
-        raise click.BadParameter(str(error), ctx=ctx, param=param) from None
-
-
 @click.command("view")
 @click.argument("capture", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The HTML file to write (default: charts/<capture name>/viewer.html).")
-@click.option("--problems", default=None, callback=_check_problems, metavar="SPEC",
+@click.option("--problems", default=None, callback=check_problems, metavar="SPEC",
               help="Problem numbers to include, e.g. 1-5,9 (default: all committed).")
 @click.option("--transitions", default=None, metavar="NAMES",
               help="Hand-offs to include, e.g. planner_to_critic,critic_to_refiner (default: all).")
-@click.option("--cmap", default=None, callback=_check_cmap, metavar="NAME",
+@click.option("--cmap", default=None, callback=check_cmap, metavar="NAME",
               help="Colormap the page starts with (any matplotlib name; default: the similarity mode's).")
 def view_command(capture, out, problems, transitions, cmap):
     """Write one self-contained HTML page to explore every problem and hand-off of CAPTURE
     (opens from file:// in any browser, no network, no Python needed to look at it)."""
     from capture.format import CaptureError, CaptureReader
-    from render.batch import parse_transitions
+    from capture.selection import parse_transitions
 
     from .page import build_page, write_page
 
