@@ -98,16 +98,16 @@ def get_mode(name: str) -> SimilarityMode:
 def mode_names() -> tuple[str, ...]:
     """Every registered mode, the built-in ones first."""
     _builtin()
-    return tuple(_REGISTRY)
+    rank = {name: i for i, name in enumerate(BUILTIN)}
+    return tuple(sorted(_REGISTRY, key=lambda name: rank.get(name, len(BUILTIN))))  # then by registration
+
+
+BUILTIN = ("seed", "query", "attention")
 
 
 def _builtin() -> None:
-    """Import the built-in modes (they register themselves), in this order."""
-    from . import (
-        attention,  # noqa: F401
-        query,  # noqa: F401
-        seed,  # noqa: F401
-    )
+    """Import the built-in modes (they register themselves)."""
+    from . import attention, query, seed  # noqa: F401
 
 
 def unregister(name: str) -> None:
