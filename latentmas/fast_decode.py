@@ -190,19 +190,19 @@ def memory_budget(device: torch.device) -> float:
 def static_step(lm, shared: SharedCache, extra: int, tokens: bool = True, use_graph: bool | None = None) -> StaticStep:
     """A step started on `shared` with room for `extra` more columns, reused when one of its shape exists.
 
-    Steps live on the model (`lm.static_steps`), keyed by (tokens, batch, capacity, graph).
-    Before a new one is built, all of another batch size go (a run's batch size changes only
-    for its last, smaller batch), then the least recently used while there are KEEP_STEPS or
+    Steps live on the model (`lm.static_steps`), keyed by (tokens, batch, capacity, graph, dtype).
+    Before a new one is built, all of another batch size or dtype go (a run's batch size changes
+    only for its last, smaller batch; the dtype when the model is cast), then the least recently used while there are KEEP_STEPS or
     their buffers would pass KEEP_MEMORY_FRACTION of the GPU; out of GPU memory, all go and
     the build is tried once more.
     """
     graph = use_fast(lm.device, use_graph)
-    key = (tokens, shared.batch_size, capacity_for(shared.length + extra), graph)
+    key = (tokens, shared.batch_size, capacity_for(shared.length + extra), graph, lm.dtype)
     steps = lm.static_steps
     if key in steps:
         steps.move_to_end(key)
         return steps[key].start(shared)
-    for other in [k for k in steps if k[1] != key[1]]:
+    for other in [k for k in steps if k[1] != key[1] or k[4] != key[4]]:
         del steps[other]
     needed, budget = buffer_bytes(lm, key[1], key[2]), memory_budget(lm.device)
     while steps and (len(steps) >= KEEP_STEPS or

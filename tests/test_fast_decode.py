@@ -131,6 +131,28 @@ def test_steps_of_another_batch_size_are_dropped(tiny_lm, fake_problems):
     assert {key[1] for key in tiny_lm.static_steps} == {1}
 
 
+def test_a_cast_model_gets_steps_of_its_new_dtype(tiny_lm, fake_problems):
+    """Steps built before the model was cast are not reused after (their buffers hold the old dtype)."""
+    from latentmas.methods import latent_mas
+
+    task = get_task("gsm8k")
+    cfg = RunConfig(model_name="tiny-qwen3", device="cpu", latent_steps=2, max_new_tokens=4, temperature=0.0,
+                    fast_decode=True)
+    solve = get_method("latent_mas")
+    tiny_lm.static_steps.clear()
+    solve(tiny_lm, fake_problems()[:1], task, cfg)
+    assert {step.kv.keys[0].dtype for step in tiny_lm.static_steps.values()} == {torch.float32}
+    try:
+        tiny_lm.model.to(torch.bfloat16)
+        latent_mas._LATENT_INPUT[:] = [None, None, None]
+        solve(tiny_lm, fake_problems()[:1], task, cfg)
+        assert {step.kv.keys[0].dtype for step in tiny_lm.static_steps.values()} == {torch.bfloat16}
+    finally:
+        tiny_lm.model.to(torch.float32)
+        latent_mas._LATENT_INPUT[:] = [None, None, None]
+        tiny_lm.static_steps.clear()
+
+
 def test_a_full_step_says_so(tiny_lm):
     from latentmas.fast_decode import StaticStep
     from latentmas.shared_cache import SegmentKey, SharedCache
