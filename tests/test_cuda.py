@@ -130,8 +130,8 @@ def test_fused_query_capture_equals_eager(cuda_lm, fake_problems, tmp_path, monk
     cfg = RunConfig(model_name="tiny-qwen3", device="cuda", latent_steps=4, max_new_tokens=24, temperature=0.0,
                     similarity="query")
     compiled_before = rotated_query_similarities.compiled_calls
-    solve_and_capture(cuda_lm, problems, cfg, tmp_path / "fused.h5", 3, dtype="float32")
+    solve_and_capture(cuda_lm, problems, cfg, tmp_path / "fused.h5", 3, capture_dtype="float32")
     assert rotated_query_similarities.compiled_calls > compiled_before
     monkeypatch.setattr(similarity, "FUSED_DEVICE_TYPES", ())
-    solve_and_capture(cuda_lm, problems, cfg, tmp_path / "eager.h5", 3, dtype="float32")
+    solve_and_capture(cuda_lm, problems, cfg, tmp_path / "eager.h5", 3, capture_dtype="float32")
     assert_same_handoffs(tmp_path / "fused.h5", tmp_path / "eager.h5", atol=1e-5)

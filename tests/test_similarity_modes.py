@@ -377,7 +377,7 @@ def test_knn_score_is_part_of_the_identity():
 
 def capture(lm, problems, cfg, path, batch_size):
     """Capture `problems` in batches; returns {number: {handoff name: Handoff}}."""
-    solve_and_capture(lm, problems, cfg, path, batch_size, transitions=TRANSITIONS, dtype="float32")
+    solve_and_capture(lm, problems, cfg, path, batch_size, transitions=TRANSITIONS, capture_dtype="float32")
     with CaptureReader(path) as reader:
         assert reader.attrs["similarity"] == cfg.similarity
         return {n: {h.name: h for h in reader.handoffs(n)} for n in reader.problem_numbers}
