@@ -69,13 +69,21 @@ def completed_numbers(capture_file: str | os.PathLike, config: dict,
     holds a problem whose question differs from `questions` (number -> question, when
     given); CaptureError when one cannot be read.
     """
-    done: set[int] = set()
+    return set(completed_problems(capture_file, config, questions))
+
+
+def completed_problems(capture_file: str | os.PathLike, config: dict,
+                       questions: dict[int, str] | None = None) -> dict[int, bool | None]:
+    """Number -> `correct` of the problems committed in the capture file or any shard (the first place
+    a problem is found wins, as in `merge`); refuses as `completed_numbers` does."""
+    done: dict[int, bool | None] = {}
     for path in sources(capture_file):
         with CaptureReader(path) as reader:
             check_same_config(path, reader.config, config)
             if questions is not None:
                 check_same_problems(path, reader.questions(), questions)
-            done.update(reader.problem_numbers)
+            for problem in reader.problems():
+                done.setdefault(problem.number, problem.correct)
     return done
 
 

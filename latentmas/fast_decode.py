@@ -192,9 +192,9 @@ def static_step(lm, shared: SharedCache, extra: int, tokens: bool = True, use_gr
 
     Steps live on the model (`lm.static_steps`), keyed by (tokens, batch, capacity, graph, dtype).
     Before a new one is built, all of another batch size or dtype go (a run's batch size changes
-    only for its last, smaller batch; the dtype when the model is cast), then the least recently used while there are KEEP_STEPS or
-    their buffers would pass KEEP_MEMORY_FRACTION of the GPU; out of GPU memory, all go and
-    the build is tried once more.
+    only for its last, smaller batch; the dtype when the model is cast), then the least recently
+    used while there are KEEP_STEPS or their buffers would pass KEEP_MEMORY_FRACTION of the GPU;
+    out of GPU memory, all go and the build is tried once more.
     """
     graph = use_fast(lm.device, use_graph)
     key = (tokens, shared.batch_size, capacity_for(shared.length + extra), graph, lm.dtype)

@@ -147,7 +147,7 @@ class PrefillProbe:
         if isinstance(mode, str):
             mode = get_mode(mode)
         if not isinstance(mode, PrefillMode):
-            raise ValueError(f"PrefillProbe reads modes computed from a prefill, not {mode!r}")
+            raise ValueError(f"PrefillProbe reads modes computed from a prefill, not {getattr(mode, 'name', mode)!r}")
         self.shared = shared
         self.mode = mode
         self.prompt_mask = prompt_mask.to(torch.bool)

@@ -16,6 +16,7 @@ from latentmas.methods.common import encode
 from latentmas.prompts import AGENTS, agent_prompt
 from latentmas.realign import LatentInput
 from latentmas.shared_cache import LATENT, PAD, SegmentKey, SharedCache
+from latentmas.similarity import get_mode
 from latentmas.similarity.maths import layer_similarities, reduce_query
 from latentmas.tasks import get_task
 
@@ -476,8 +477,8 @@ def test_layer_similarities_errors():
         layer_similarities(keys, torch.randn(1, 2500))
     with pytest.raises(ValueError, match="not a multiple"):
         reduce_query(torch.randn(2, 100), 16)
-    with pytest.raises(ValueError, match="mode"):
-        layer_similarities(keys, torch.randn(1, 256), mode="other")
+    with pytest.raises(ValueError, match="unknown similarity mode 'other'; choose from seed, query, attention"):
+        get_mode("other")
     with pytest.raises(ValueError, match="at least one layer"):
         layer_similarities([], torch.randn(1, 256))
 

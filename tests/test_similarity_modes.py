@@ -28,7 +28,7 @@ from latentmas.realign import LatentInput
 from latentmas.shared_cache import LATENT, SegmentKey, SharedCache
 from latentmas.similarity import maths as similarity
 from latentmas.similarity import mode_names
-from latentmas.similarity.maths import attention_received, layer_similarities, query_similarities
+from latentmas.similarity.maths import attention_received, query_similarities
 from latentmas.tasks import get_task
 
 TASK = get_task("gsm8k")
@@ -176,8 +176,8 @@ def test_shape_errors():
         query_similarities(queries, keys, prompt_mask[:, 1:])
     with pytest.raises(ValueError, match="do not fit"):
         query_similarities(queries[:, :3], keys, prompt_mask)
-    with pytest.raises(ValueError, match="prefill"):
-        layer_similarities([keys], torch.randn(3, 16), mode="attention")
+    with pytest.raises(ValueError, match="from a prefill, not 'seed'"):  # a hand-off mode has no prefill to read
+        PrefillProbe(None, prompt_mask, "seed")
 
 
 # --------------------------------------------------------------------------- against the model itself

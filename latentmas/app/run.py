@@ -99,6 +99,7 @@ class _Run:
         done = set(planned["done"])
         todo = [p for p in problems if p.number not in done]
         mine = todo[group.rank::group.world_size]
+        self.resumed_correct = planned["correct"]
         recorder, out = group.agree(lambda: self._open_outputs(lm))
         started = time.perf_counter()
         tracker = self._tracker(len(problems), len(problems) - len(todo), planned["offsets"])
@@ -170,15 +171,15 @@ class _Run:
         """Rank 0, before any rank writes: the problems done, and the results parts kept."""
         from capture import merge as shards
 
-        done: set[int] = set()
+        done: dict[int, bool | None] = {}
         if self.capture_file is not None:
             if self.overwrite:
                 shards.remove_shards(self.capture_file)
                 self.capture_file.unlink(missing_ok=True)
             identity = capture_identity(self.cfg, self.transitions, self.capture_dtype)
-            done = shards.completed_numbers(self.capture_file, identity, {p.number: p.question for p in problems})
+            done = shards.completed_problems(self.capture_file, identity, {p.number: p.question for p in problems})
         offsets = results.prepare_parts(self.run_dir, resuming=bool(done))
-        return {"done": sorted(done), "offsets": offsets}
+        return {"done": sorted(done), "correct": done, "offsets": offsets}
 
     def _open_outputs(self, lm):
         from capture import merge as shards
@@ -209,6 +210,9 @@ class _Run:
 
         numbers = {p.number for p in problems}
         records = [r for r in results.merge_results(self.run_dir, keep=done) if r["number"] in numbers]
+        # a resumed problem whose results line was lost still counts, as the capture holds it
+        listed = {r["number"] for r in records}
+        records += [{"number": n, "correct": self.resumed_correct[n]} for n in sorted(done & numbers - listed)]
         solved = sum(c["solved"] for c in counts)
         summary_path = self.run_dir / "summary.json"
         extra = {**self.origin, "world_size": self.group.world_size}

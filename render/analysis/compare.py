@@ -22,6 +22,7 @@ import pandas as pd
 
 from capture.format import CaptureReader, number_ranges
 from capture.text import shorten
+from render.figures import LITERAL
 
 from .knn_dropped import (
     KnnDropReport,
@@ -420,11 +421,12 @@ def layer_shift_figure(layers: pd.DataFrame, label: str, name_a: str, name_b: st
         data = part[["layer", column]].dropna()
         if len(data):
             sns.lineplot(data=data, x="layer", y=column, ax=ax, errorbar=("ci", 95), marker="o", markersize=3)
-        ax.set_title(title, fontsize=8)
+        ax.set_title(title, fontsize=8, **LITERAL)
         ax.set_xlabel("layer")
         ax.set_ylabel(column)
     n = part["problem"].nunique()
-    fig.suptitle(f"{label} · A = {name_a} · B = {name_b} · {n} problems (mean and 95 % CI)", fontsize=9)
+    fig.suptitle(f"{label} · A = {name_a} · B = {name_b} · {n} problems (mean and 95 % CI)", fontsize=9,
+                 **LITERAL)
     fig.tight_layout()
     return fig
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from render.figures import LITERAL
+
 from .segments import column_segments
 
 PER_PROBLEM_COLUMNS = ["handoff", "problem", "layer", "agent", "kind", "mean", "std", "n_values"]
@@ -159,6 +161,6 @@ def profile_figure(table: pd.DataFrame, handoff: str, band_layers: dict | None =
     right.legend(fontsize=7, loc="best")
     n_problems = int(rows["n_problems"].max()) if len(rows) else 0
     marked = " · shaded layers: horizontal band in ≥ half the problems" if band_layers else ""
-    fig.suptitle(f"{handoff} · layer × segment profile · {n_problems} problems{marked}", fontsize=9)
+    fig.suptitle(f"{handoff} · layer × segment profile · {n_problems} problems{marked}", fontsize=9, **LITERAL)
     fig.tight_layout()
     return fig

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from render.figures import LITERAL
+
 SCALES = ("strip", "handoff", "capture")
 
 
@@ -102,7 +104,7 @@ def comparable_strip(handoff, layer: int, lo: float, hi: float, *, title: str = 
     for segment in handoff.segments:
         band_ax.axvspan(segment.start - 0.5, segment.stop - 0.5, color=agent_color(segment.agent, segment.kind))
         if segment.stop - segment.start >= max(1, width // 25):
-            band_ax.text((segment.start + segment.stop - 1) / 2, 1.15, f"{segment.agent} {segment.kind}",
+            band_ax.text((segment.start + segment.stop - 1) / 2, 1.15, f"{segment.agent} {segment.kind}", **LITERAL,
                          ha="center", va="bottom", fontsize=6, transform=band_ax.get_xaxis_transform())
     band_ax.set_yticks([])
     band_ax.tick_params(axis="x", labelbottom=False)
@@ -117,5 +119,5 @@ def comparable_strip(handoff, layer: int, lo: float, hi: float, *, title: str = 
     bar.ax.tick_params(labelsize=6)
     scope = {"strip": "this strip's own range", "handoff": "range over every hand-off of this name",
              "capture": "range over the whole capture"}[scale]
-    fig.suptitle(f"{title} · layer {layer} · colours on [{lo:.3f}, {hi:.3f}] ({scope})", fontsize=8, y=0.97)
+    fig.suptitle(f"{title} · layer {layer} · colours on [{lo:.3f}, {hi:.3f}] ({scope})", fontsize=8, y=0.97, **LITERAL)
     return fig

@@ -13,6 +13,8 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
+from render.figures import LITERAL
+
 from .segments import column_segments
 
 TOP_COLUMNS = ["handoff", "problem", "layer", "rank", "column", "position", "token", "agent", "kind", "value"]
@@ -111,7 +113,7 @@ def top_tokens_figure(by_token: pd.DataFrame, handoff: str, layer_text: str, sho
         labels = [f"“{format_token(t, 16)}”" for t in part["token"]]
         places = np.arange(len(part))  # one bar per row, even when two tokens print alike
         ax.barh(places, part["count"].to_numpy(), color=colour)
-        ax.set_yticks(places, labels)
+        ax.set_yticks(places, labels, **LITERAL)
         ax.invert_yaxis()
         for y, (count, mean) in enumerate(zip(part["count"], part["mean_value"])):
             ax.text(count, y, f" {mean:.2f}", va="center", fontsize=6)
@@ -119,6 +121,6 @@ def top_tokens_figure(by_token: pd.DataFrame, handoff: str, layer_text: str, sho
         ax.set_title(f"most often in the {side} K (bar label: mean value)", fontsize=8)
         ax.set_xlabel("times among the K")
         ax.tick_params(axis="y", labelsize=7)
-    fig.suptitle(f"{handoff} · tokens by string · {layer_text}", fontsize=9)
+    fig.suptitle(f"{handoff} · tokens by string · {layer_text}", fontsize=9, **LITERAL)
     fig.tight_layout()
     return fig
