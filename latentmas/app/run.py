@@ -99,7 +99,7 @@ class _Run:
         done = set(planned["done"])
         todo = [p for p in problems if p.number not in done]
         mine = todo[group.rank::group.world_size]
-        self.resumed_correct = planned["correct"]
+        self.resumed_correct = planned["done"]
         recorder, out = group.agree(lambda: self._open_outputs(lm))
         started = time.perf_counter()
         tracker = self._tracker(len(problems), len(problems) - len(todo), planned["offsets"])
@@ -168,7 +168,8 @@ class _Run:
         return self.capture_file is not None and self.group.world_size == 1
 
     def _plan(self, problems) -> dict:
-        """Rank 0, before any rank writes: the problems done, and the results parts kept."""
+        """Rank 0, before any rank writes: the problems done (number -> correct, from the capture), and
+        where the kept results parts end."""
         from capture import merge as shards
 
         done: dict[int, bool | None] = {}
@@ -179,7 +180,7 @@ class _Run:
             identity = capture_identity(self.cfg, self.transitions, self.capture_dtype)
             done = shards.completed_problems(self.capture_file, identity, {p.number: p.question for p in problems})
         offsets = results.prepare_parts(self.run_dir, resuming=bool(done))
-        return {"done": sorted(done), "correct": done, "offsets": offsets}
+        return {"done": done, "offsets": offsets}
 
     def _open_outputs(self, lm):
         from capture import merge as shards
@@ -219,7 +220,7 @@ class _Run:
         merging = self.capture_file is not None and bool(shards.shard_files(self.capture_file))
         merge_started = time.perf_counter()
 
-        def summarize(_stats=None) -> dict:
+        def summarize() -> dict:
             if merging:
                 extra["merge_time_sec"] = round(time.perf_counter() - merge_started, 3)
             return run_summary(self.cfg, records, solved=solved, elapsed=time.perf_counter() - started,
@@ -231,9 +232,9 @@ class _Run:
                 recorder.close()
             summary = None
 
-            def keep(stats):
+            def keep(_stats) -> dict:  # merge stores the summary in the merged file
                 nonlocal summary
-                summary = summarize(stats)
+                summary = summarize()
                 return summary
 
             shards.merge(self.capture_file, summarize=keep, extra_attrs={"world_size": self.group.world_size})
