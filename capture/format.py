@@ -25,6 +25,7 @@ which grow along columns::
     /columns/layer_similarities  float16|float32 [num_layers, C]
     /columns/position          int64 [C]   original cache position (kNN leaves gaps)
     /columns/token             str   [C]   token text; latent steps read "<latent>"
+    /columns/readout_step      int32   [C]     a latent column's step (0-based, in its agent's latent steps), -1 elsewhere
     /columns/readout_id        int32   [k, C]  top-k token ids of a latent column's readout, -1 elsewhere
     /columns/readout_token     str     [k, C]  their text, "" elsewhere
     /columns/readout_prob      float32 [k, C]  their probabilities, NaN elsewhere
@@ -32,7 +33,7 @@ which grow along columns::
     /columns/realign_cosine    float32 [C]     cosine of the realigned input and its nearest input
                                                embedding (NaN without --latent_space_realign)
     /columns/realign_token     str     [C]     that embedding's token, "" when none
-                                               (the six readout datasets exist only when the run kept
+                                               (the seven readout datasets exist only when the run kept
                                                a readout, k = --readout_top_k > 0; schema 1 has none)
     /segments/agent            str   [G]
     /segments/kind             str   [G]   "prompt" or "latent"
@@ -119,6 +120,7 @@ _TABLES: dict[str, tuple[tuple[str, object], ...]] = {
 _COMMIT_ORDER = ("problems", "handoffs", "columns", "segments")
 # The latent readout, in /columns, all or none: name -> (dtype, rank); rank 2 is [k, C].
 _READOUT: dict[str, tuple[object, int]] = {
+    "readout_step": (np.int32, 1),
     "readout_id": (np.int32, 2),
     "readout_token": (_STR, 2),
     "readout_prob": (np.float32, 2),
@@ -164,6 +166,7 @@ class LatentReadout:
 
     A latent column's readout is the LM head applied to the hidden state that became its input
     (before realignment); columns that are not latent steps have none (`has` False).
+    step: [T] int, the column's latent step (0-based, within its agent's steps; -1: none).
     ids: [T, k] int, top-k token ids, most likely first (-1: no readout).
     tokens: T lists of k strings, their text ("" where none).
     probs: [T, k] float32 probabilities (NaN where none); entropy: [T] float32, nats (NaN where none).
@@ -171,6 +174,7 @@ class LatentReadout:
         (NaN without realignment); realign_token: T strings, that embedding's token ("" where none).
     """
 
+    step: np.ndarray
     ids: np.ndarray
     tokens: list[list[str]]
     probs: np.ndarray
@@ -190,7 +194,7 @@ class LatentReadout:
     @classmethod
     def empty(cls, width: int, top_k: int) -> "LatentReadout":
         """No readout for any of `width` columns."""
-        return cls(ids=np.full((width, top_k), -1, dtype=np.int64), tokens=[[""] * top_k for _ in range(width)],
+        return cls(step=np.full(width, -1, dtype=np.int64), ids=np.full((width, top_k), -1, dtype=np.int64), tokens=[[""] * top_k for _ in range(width)],
                    probs=np.full((width, top_k), np.nan, dtype=np.float32),
                    entropy=np.full(width, np.nan, dtype=np.float32),
                    realign_cosine=np.full(width, np.nan, dtype=np.float32), realign_token=[""] * width)
@@ -203,7 +207,7 @@ class LatentReadout:
                 raise ValueError(f"readout {name} is {list(shape)}, not [{width}, {top_k}]")
         if len(self.tokens) != width or any(len(t) != top_k for t in self.tokens):
             raise ValueError(f"readout tokens are not {width} lists of {top_k}")
-        for name in ("entropy", "realign_cosine"):
+        for name in ("step", "entropy", "realign_cosine"):
             if np.shape(getattr(self, name)) != (width,):
                 raise ValueError(f"readout {name} is {list(np.shape(getattr(self, name)))}, not [{width}]")
         if len(self.realign_token) != width:
@@ -828,6 +832,7 @@ def _append_rows(dataset: h5py.Dataset, start: int, rows) -> None:
 
 def _append_readout(columns: h5py.Group, start: int, readouts: Sequence[LatentReadout]) -> None:
     """Append the readouts of consecutive hand-offs (their columns in order) from column `start`."""
+    _append_rows(columns["readout_step"], start, np.concatenate([r.step for r in readouts]).astype(np.int32))
     _append_rows(columns["readout_id"], start, np.concatenate([r.ids for r in readouts]).T.astype(np.int32))
     _append_rows(columns["readout_token"], start,
                  np.array([t for r in readouts for t in r.tokens], dtype=object).reshape(-1, readouts[0].top_k).T)
@@ -1234,6 +1239,7 @@ class CaptureReader(_OpenFile):
         d = self._datasets
         tokens = d[("columns", "readout_token")][:, cols].T
         return LatentReadout(
+            step=d[("columns", "readout_step")][cols].astype(np.int64),
             ids=d[("columns", "readout_id")][:, cols].T.astype(np.int64),
             tokens=[[_decode(t, "/columns/readout_token") for t in row] for row in tokens],
             probs=d[("columns", "readout_prob")][:, cols].T.astype(np.float32),

@@ -277,6 +277,7 @@ class CaptureRecorder:
             if step is None:
                 continue
             values = unpack(packed[row, step, :-1], k)
+            readout.step[column] = step
             readout.ids[column] = values["ids"]
             readout.tokens[column] = [self._text(int(t)) for t in values["ids"]]
             readout.probs[column] = values["probs"]

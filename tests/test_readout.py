@@ -64,7 +64,7 @@ def _latent_readouts(path, number):
             cols = slice(segment.start, segment.stop)
             r = handoff.readout
             out[segment.agent] = (r.ids[cols], r.probs[cols], r.entropy[cols], r.realign_cosine[cols],
-                                  r.realign_token[cols])
+                                  r.realign_token[cols], r.step[cols])
     return out
 
 
@@ -81,7 +81,8 @@ def test_readout_equals_an_independent_recomputation(tiny_lm, fake_problems, tmp
         reference = _reference(tiny_lm, problem, cfg)
         assert sorted(stored) == sorted(reference) and stored
         for agent, (greedy, probs, fed) in reference.items():
-            ids, top_probs, entropy, cosine, nearest = stored[agent]
+            ids, top_probs, entropy, cosine, nearest, steps = stored[agent]
+            np.testing.assert_array_equal(steps, np.arange(cfg.latent_steps))
             assert ids.shape == (cfg.latent_steps, cfg.readout_top_k)
             want_probs, want_ids = probs.topk(cfg.readout_top_k, dim=-1)
             np.testing.assert_array_equal(ids, want_ids.numpy())
@@ -141,8 +142,9 @@ def test_readout_survives_knn_trims(tiny_lm, fake_problems, tmp_path):
         by_position = {int(p): i for i, p in enumerate(planner.positions)}
         checked = 0
         for column in np.flatnonzero(trimmed.readout.has):
-            np.testing.assert_array_equal(trimmed.readout.ids[column],
-                                          planner.readout.ids[by_position[int(trimmed.positions[column])]])
+            same = by_position[int(trimmed.positions[column])]
+            np.testing.assert_array_equal(trimmed.readout.ids[column], planner.readout.ids[same])
+            assert trimmed.readout.step[column] == planner.readout.step[same]
             checked += 1
         assert checked > 0
         np.testing.assert_array_equal(trimmed.readout.has, [t == "<latent>" for t in trimmed.tokens])
@@ -155,6 +157,7 @@ def _handoff(width=4, readout=None):
 
 def _readout(width=4):
     readout = LatentReadout.empty(width, 2)
+    readout.step[1] = 0
     readout.ids[1] = [7, 3]
     readout.tokens[1] = ["x", "y"]
     readout.probs[1] = [0.5, 0.25]
