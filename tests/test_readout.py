@@ -201,3 +201,39 @@ def test_readout_round_trip_and_refusals(tmp_path):
         f["columns"].create_dataset("readout_prob", data=np.zeros((2, 4), dtype="S3"))
     with pytest.raises(CaptureError, match="readout_prob holds"):
         CaptureReader(path)
+
+
+def test_readout_and_info_commands(tiny_lm, fake_problems, tmp_path):
+    from click.testing import CliRunner
+
+    from render.info import info_command
+    from render.readout import readout_command
+
+    problems = fake_problems()[:2]
+    solve_and_capture(tiny_lm, problems, tiny_config(), tmp_path / "run.h5", batch_size=2)
+    with CaptureReader(tmp_path / "run.h5") as capture:
+        first = capture.handoff(1, "planner_to_critic").readout
+        top = [first.tokens[c][0] for c in range(len(first.ids)) if first.has[c]]
+    runner = CliRunner()
+    info = runner.invoke(info_command, [str(tmp_path / "run.h5"), "--problem", "1"])
+    assert info.exit_code == 0, info.output
+    line = next(x for x in info.output.splitlines() if "planner latent:" in x)
+    assert line.count("→") == 2 and len(top) == 3
+    table = runner.invoke(readout_command, [str(tmp_path / "run.h5"), "--problems", "2", "--csv",
+                                            str(tmp_path / "steps.csv")])
+    assert table.exit_code == 0, table.output
+    rows = table.output.splitlines()[1:]
+    assert len(rows) == 9 and all(r.split()[0] == "2" for r in rows)  # 3 agents x 3 steps of problem 2
+    import csv
+
+    with open(tmp_path / "steps.csv", encoding="utf-8") as f:
+        records = list(csv.DictReader(f))
+    assert [(r["agent"], r["step"]) for r in records[:4]] == [("planner", "0"), ("planner", "1"), ("planner", "2"),
+                                                                ("critic", "0")]
+    assert {f"token_{i}" for i in range(1, 6)} <= set(records[0])
+    assert float(records[0]["prob_1"]) >= float(records[0]["prob_2"])
+    missing = runner.invoke(readout_command, [str(tmp_path / "run.h5"), "--problems", "7"])
+    assert missing.exit_code != 0 and "no problem 7" in missing.output
+    solve_and_capture(tiny_lm, problems[:1], tiny_config(readout_top_k=0), tmp_path / "off.h5")
+    off = runner.invoke(readout_command, [str(tmp_path / "off.h5")])
+    assert off.exit_code != 0 and "no latent readout" in off.output
