@@ -25,7 +25,7 @@ which grow along columns::
     /columns/layer_similarities  float16|float32 [num_layers, C]
     /columns/position          int64 [C]   original cache position (kNN leaves gaps)
     /columns/token             str   [C]   token text; latent steps read "<latent>"
-    /columns/readout_step      int32   [C]     a latent column's step (0-based, in its agent's latent steps), -1 elsewhere
+    /columns/readout_step      int32   [C]     a latent column's step (0-based, per agent), -1 elsewhere
     /columns/readout_id        int32   [k, C]  top-k token ids of a latent column's readout, -1 elsewhere
     /columns/readout_token     str     [k, C]  their text, "" elsewhere
     /columns/readout_prob      float32 [k, C]  their probabilities, NaN elsewhere
@@ -194,7 +194,8 @@ class LatentReadout:
     @classmethod
     def empty(cls, width: int, top_k: int) -> "LatentReadout":
         """No readout for any of `width` columns."""
-        return cls(step=np.full(width, -1, dtype=np.int64), ids=np.full((width, top_k), -1, dtype=np.int64), tokens=[[""] * top_k for _ in range(width)],
+        return cls(step=np.full(width, -1, dtype=np.int64), ids=np.full((width, top_k), -1, dtype=np.int64),
+                   tokens=[[""] * top_k for _ in range(width)],
                    probs=np.full((width, top_k), np.nan, dtype=np.float32),
                    entropy=np.full(width, np.nan, dtype=np.float32),
                    realign_cosine=np.full(width, np.nan, dtype=np.float32), realign_token=[""] * width)

@@ -262,7 +262,8 @@ class CaptureRecorder:
         """The readout of each real column of hand-off `p` in batch row `row`: its agent's latent step at
         the column's cache position (positions within one agent's latent segment are distinct)."""
         real = p["mask"][row]
-        token_ids, positions, segment_ids = p["token_ids"][row][real], p["positions"][row][real], p["segment_ids"][row][real]
+        token_ids, positions = p["token_ids"][row][real], p["positions"][row][real]
+        segment_ids = p["segment_ids"][row][real]
         k = self.readout_top_k
         readout = LatentReadout.empty(len(token_ids), k)
         steps_of: dict[str, dict[int, int]] = {}

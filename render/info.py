@@ -155,7 +155,8 @@ def describe_problem(path, number: int) -> str:
 
         readout = readout_lines(latent_steps(reader, number)) if reader.readout_top_k else []
         if readout:
-            lines += ["", "  latent readout (each step's most likely next token):"] + [f"    {line}" for line in readout]
+            lines += ["", "  latent readout (each step's most likely next token):"]
+            lines += [f"    {line}" for line in readout]
     return "\n".join(lines)
 
 

@@ -237,3 +237,15 @@ def test_readout_and_info_commands(tiny_lm, fake_problems, tmp_path):
     solve_and_capture(tiny_lm, problems[:1], tiny_config(readout_top_k=0), tmp_path / "off.h5")
     off = runner.invoke(readout_command, [str(tmp_path / "off.h5")])
     assert off.exit_code != 0 and "no latent readout" in off.output
+
+
+def test_figure_labels_and_viewer_show_the_readout():
+    from render.kinds.base import column_labels
+    from render.viewer.data import encode_handoff
+
+    handoff = _handoff(readout=_readout())
+    assert column_labels(handoff) == ["a", "[x]", "a", "a"]
+    assert column_labels(_handoff()) == ["a"] * 4
+    encoded = encode_handoff(handoff, "seed")["readout"]
+    assert encoded[0] is None and encoded[1] == {"tokens": ["x", "y"], "probs": [0.5, 0.25], "entropy": 1.5}
+    assert "readout" not in encode_handoff(_handoff(), "seed")

@@ -149,7 +149,8 @@ def solve(lm, problems, task, cfg, observer: HandoffObserver | None = None):
             with prefill:
                 hidden = shared.extend(prompt_embeds, mask, ids, SegmentKey(agent, "prompt"))
             hook = latent_steps_hook(observer) if cfg.latent_steps > 0 else None
-            kept = think_latently(shared, latent_input, hidden, agent, cfg.latent_steps, fast, keep_states=hook is not None)
+            kept = think_latently(shared, latent_input, hidden, agent, cfg.latent_steps, fast,
+                                  keep_states=hook is not None)
             if hook is not None:
                 hook(LatentStepsEvent(agent, shared, *kept, problems))
             new = [AgentTurn(agent, text, "", int(m.sum()), 0, cfg.latent_steps) for text, m in zip(texts, mask)]
