@@ -110,13 +110,13 @@ class CaptureRecorder:
     def __init__(self, writer: CaptureWriter, lm, similarity: str = "seed", transitions=DEFAULT_TRANSITIONS):
         """The readout's k is the writer's (`CaptureWriter.readout_top_k`: a resumed file keeps its own)."""
         self.writer = writer
-        self.readout_top_k = writer.readout_top_k
         self._readouts: dict[str, _PendingReadout] = {}  # agent -> its latent readout in the current batch
         self._host_readouts: dict[str, np.ndarray] = {}  # the same on the host, once staged
         self._embedding_norms = None  # [vocab] fp32, for the realign cosine
         self.lm = lm
         self.mode = get_mode(similarity)
         self.similarity = self.mode.name
+        self.readout_top_k = writer.readout_top_k
         self.transitions = transitions
         self._pending: list[_Pending] = []
         self._awaiting: list[tuple[object, _Pending]] = []  # (event, entry) whose prefill is still to come
