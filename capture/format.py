@@ -4,8 +4,9 @@ This is the only module that knows the layout (documented for humans in
 `docs/capture-format.md`). It needs h5py and numpy only, never torch, so the
 renderer can read captures on a laptop.
 
-Layout (schema 1). Every dataset is one-dimensional, chunked and resizable
-along its row axis, except the similarity matrix, which grows along columns::
+Layout (schema 2). Every dataset is one-dimensional, chunked and resizable
+along its row axis, except the similarity matrix and the readout's top-k tables,
+which grow along columns::
 
     /                          attrs: schema_version, run metadata, config (JSON)
     /problems/number           int32 [P]   1-based problem number in the run
@@ -24,6 +25,16 @@ along its row axis, except the similarity matrix, which grows along columns::
     /columns/layer_similarities  float16|float32 [num_layers, C]
     /columns/position          int64 [C]   original cache position (kNN leaves gaps)
     /columns/token             str   [C]   token text; latent steps read "<latent>"
+    /columns/readout_step      int32   [C]     a latent column's step (0-based, per agent), -1 elsewhere
+    /columns/readout_id        int32   [k, C]  top-k token ids of a latent column's readout, -1 elsewhere
+    /columns/readout_token     str     [k, C]  their text, "" elsewhere
+    /columns/readout_prob      float32 [k, C]  their probabilities, NaN elsewhere
+    /columns/readout_entropy   float32 [C]     entropy (nats) of the step's distribution, NaN elsewhere
+    /columns/realign_cosine    float32 [C]     cosine of the realigned input and its nearest input
+                                               embedding (NaN without --latent_space_realign)
+    /columns/realign_token     str     [C]     that embedding's token, "" when none
+                                               (the seven readout datasets exist only when the run kept
+                                               a readout, k = --readout_top_k > 0; schema 1 has none)
     /segments/agent            str   [G]
     /segments/kind             str   [G]   "prompt" or "latent"
     /segments/start            int64 [G]   first column, relative to its hand-off
@@ -71,7 +82,8 @@ from .hdf5_open import (
 from .lock import CaptureLockedError, WriterLock
 from .text import shorten
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)  # schema 1: no latent readout
 LATENT_TOKEN = "<latent>"
 SEGMENT_KINDS = ("prompt", "latent")
 
@@ -106,6 +118,16 @@ _TABLES: dict[str, tuple[tuple[str, object], ...]] = {
     "segments": (("agent", _STR), ("kind", _STR), ("start", np.int64), ("stop", np.int64)),
 }
 _COMMIT_ORDER = ("problems", "handoffs", "columns", "segments")
+# The latent readout, in /columns, all or none: name -> (dtype, rank); rank 2 is [k, C].
+_READOUT: dict[str, tuple[object, int]] = {
+    "readout_step": (np.int32, 1),
+    "readout_id": (np.int32, 2),
+    "readout_token": (_STR, 2),
+    "readout_prob": (np.float32, 2),
+    "readout_entropy": (np.float32, 1),
+    "realign_cosine": (np.float32, 1),
+    "realign_token": (_STR, 1),
+}
 
 
 class CaptureError(Exception):
@@ -139,12 +161,68 @@ class Segment:
 
 
 @dataclass
+class LatentReadout:
+    """The model's own next-token distribution at each latent column of a hand-off, one entry per column.
+
+    A latent column's readout is the LM head applied to the hidden state that became its input
+    (before realignment); columns that are not latent steps have none (`has` False).
+    step: [T] int, the column's latent step (0-based, within its agent's steps; -1: none).
+    ids: [T, k] int, top-k token ids, most likely first (-1: no readout).
+    tokens: T lists of k strings, their text ("" where none).
+    probs: [T, k] float32 probabilities (NaN where none); entropy: [T] float32, nats (NaN where none).
+    realign_cosine: [T] float32, cosine of the realigned input and its nearest input embedding
+        (NaN without realignment); realign_token: T strings, that embedding's token ("" where none).
+    """
+
+    step: np.ndarray
+    ids: np.ndarray
+    tokens: list[list[str]]
+    probs: np.ndarray
+    entropy: np.ndarray
+    realign_cosine: np.ndarray
+    realign_token: list[str]
+
+    @property
+    def top_k(self) -> int:
+        return int(self.ids.shape[1])
+
+    @property
+    def has(self) -> np.ndarray:
+        """[T] bool: which columns have a readout."""
+        return self.ids[:, 0] >= 0 if self.top_k else np.zeros(len(self.ids), dtype=bool)
+
+    @classmethod
+    def empty(cls, width: int, top_k: int) -> "LatentReadout":
+        """No readout for any of `width` columns."""
+        return cls(step=np.full(width, -1, dtype=np.int64), ids=np.full((width, top_k), -1, dtype=np.int64),
+                   tokens=[[""] * top_k for _ in range(width)],
+                   probs=np.full((width, top_k), np.nan, dtype=np.float32),
+                   entropy=np.full(width, np.nan, dtype=np.float32),
+                   realign_cosine=np.full(width, np.nan, dtype=np.float32), realign_token=[""] * width)
+
+    def check(self, width: int, top_k: int) -> None:
+        """ValueError unless every array has `width` columns and `top_k` entries each."""
+        shapes = {"ids": np.shape(self.ids), "probs": np.shape(self.probs)}
+        for name, shape in shapes.items():
+            if shape != (width, top_k):
+                raise ValueError(f"readout {name} is {list(shape)}, not [{width}, {top_k}]")
+        if len(self.tokens) != width or any(len(t) != top_k for t in self.tokens):
+            raise ValueError(f"readout tokens are not {width} lists of {top_k}")
+        for name in ("step", "entropy", "realign_cosine"):
+            if np.shape(getattr(self, name)) != (width,):
+                raise ValueError(f"readout {name} is {list(np.shape(getattr(self, name)))}, not [{width}]")
+        if len(self.realign_token) != width:
+            raise ValueError(f"readout realign_token has {len(self.realign_token)} entries, not {width}")
+
+
+@dataclass
 class Handoff:
     """What one agent reads from the shared cache when the previous one hands over.
 
     layer_similarities: [num_layers, T] float, one row per layer, one column per cached token.
     positions: [T] int, each column's original cache position.
     tokens: T strings, `LATENT_TOKEN` for latent steps.
+    readout: the latent columns' readout (`LatentReadout`), or None when the capture kept none.
     """
 
     from_agent: str
@@ -153,6 +231,7 @@ class Handoff:
     positions: np.ndarray
     tokens: list[str]
     segments: list[Segment] = field(default_factory=list)
+    readout: LatentReadout | None = None
 
     @property
     def name(self) -> str:
@@ -301,6 +380,7 @@ class CaptureWriter(_OpenFile):
         self._durable = durable
         self._fd = os.open(file.filename, os.O_RDWR)  # for fsync and space reservations
         self._committed = [int(x) for x in file["status/committed"][:]]
+        self.readout_top_k = int(file["columns/readout_id"].shape[0]) if "readout_id" in file["columns"] else 0
         count = self._committed[0]
         self.completed_numbers: set[int] = set(int(n) for n in file["problems/number"][:count])
 
@@ -316,6 +396,7 @@ class CaptureWriter(_OpenFile):
         overwrite: bool = False,
         questions: dict[int, str] | None = None,
         durable: bool = True,
+        readout_top_k: int = 0,
     ) -> "CaptureWriter":
         """Create `path`, or resume it if it holds a capture of the same `config` (and `questions`).
 
@@ -324,6 +405,7 @@ class CaptureWriter(_OpenFile):
         questions: number -> question of the run; one a capture cannot store (NUL, lone
             surrogate) is refused here, before anything is solved, and a stored problem with
             another question refuses the resume (`check_same_problems`), before anything is copied.
+        readout_top_k: k of the latent readout the file keeps (0: none); a resume keeps the file's.
         Raises CaptureBusy when another live process writes `path`.
         """
         path = Path(path)
@@ -343,7 +425,8 @@ class CaptureWriter(_OpenFile):
             if path.exists() and not overwrite and not _half_created(path):
                 writer = cls._resume(path, config, questions, lock, durable)
             else:
-                writer = cls._create(path, path, run_attrs, config, num_layers, dtype, lock=lock, durable=durable)
+                writer = cls._create(path, path, run_attrs, config, num_layers, dtype, lock=lock, durable=durable,
+                                     readout_top_k=readout_top_k)
         except BaseException:
             lock.release()
             raise
@@ -351,7 +434,7 @@ class CaptureWriter(_OpenFile):
 
     @classmethod
     def _create(cls, path: Path, final_path: Path, run_attrs, config, num_layers, dtype, source=None,
-                lock=None, durable=True):
+                lock=None, durable=True, readout_top_k: int = 0):
         try:
             file = h5py.File(path, "w", libver=LIBVER)
         except OSError as error:
@@ -367,7 +450,7 @@ class CaptureWriter(_OpenFile):
             attrs["config"] = json.dumps(config, sort_keys=True)
             for key, value in attrs.items():
                 file.attrs[key] = "" if value is None else value
-            committed = _copy_committed(source, file, num_layers, dtype)
+            committed = _copy_committed(source, file, num_layers, dtype, readout_top_k)
             status = file.create_group("status")
             status.create_dataset("committed", data=np.asarray(committed, dtype=np.int64))
             status.create_dataset("finished_at", data=[""], dtype=_STR)
@@ -391,7 +474,7 @@ class CaptureWriter(_OpenFile):
             run_attrs = {k: v for k, v in old.attrs.items() if k not in ("schema_version", "config")}
             tmp = path.with_name(path.name + ".resume-tmp")
             writer = cls._create(tmp, path, run_attrs, config, old.num_layers, old.similarity_dtype, source=old,
-                                 lock=lock, durable=durable)
+                                 lock=lock, durable=durable, readout_top_k=old.readout_top_k)
         os.replace(tmp, path)
         if durable:
             _sync_folder(path.parent)
@@ -462,10 +545,13 @@ class CaptureWriter(_OpenFile):
         """
         for of_problem, number in zip(handoffs, list(numbers) or [None] * len(handoffs)):
             for handoff in of_problem:
-                for text in (handoff.from_agent, handoff.to_agent, *handoff.tokens,
+                readout_texts = ([t for ts in handoff.readout.tokens for t in ts] + list(handoff.readout.realign_token)
+                                 if handoff.readout is not None else [])
+                for text in (handoff.from_agent, handoff.to_agent, *handoff.tokens, *readout_texts,
                              *(s.agent for s in handoff.segments), *(s.kind for s in handoff.segments)):
                     _refuse_text(text, f"hand-off {handoff.name}" + (f" of problem {number}" if number else ""))
-        self._reserve(_MARGIN + sum(2 * h.layer_similarities.size * 4 + sum(len(t) * 4 + 48 for t in h.tokens)
+        per_column = 48 * (1 + self.readout_top_k) + 16 * self.readout_top_k
+        self._reserve(_MARGIN + sum(2 * h.layer_similarities.size * 4 + sum(len(t) * 4 + per_column for t in h.tokens)
                                     for of_problem in handoffs for h in of_problem), _problems_named(numbers))
         try:
             return self._stage(handoffs)
@@ -504,7 +590,7 @@ class CaptureWriter(_OpenFile):
                         "first_segment": [], "num_segments": []}
         segment_rows = {"agent": [], "kind": [], "start": [], "stop": []}
         column, segment = n_columns, n_segments
-        matrices, positions, tokens = [], [], []
+        matrices, positions, tokens, readouts = [], [], [], []
         for handoffs in per_problem:
             for handoff in handoffs:
                 width = handoff.num_columns
@@ -522,6 +608,12 @@ class CaptureWriter(_OpenFile):
                     segment_rows["start"].append(seg.start)
                     segment_rows["stop"].append(seg.stop)
                 matrices.append(handoff.layer_similarities)
+                if self.readout_top_k:
+                    readout = handoff.readout or LatentReadout.empty(width, self.readout_top_k)
+                    readout.check(width, self.readout_top_k)
+                    readouts.append(readout)
+                elif handoff.readout is not None and handoff.readout.has.any():
+                    raise ValueError(f"hand-off {handoff.name} has a latent readout, but {self.path} keeps none")
                 positions.append(np.asarray(handoff.positions, dtype=np.int64))
                 tokens.extend(handoff.tokens)
                 column += width
@@ -533,6 +625,8 @@ class CaptureWriter(_OpenFile):
             sims[:, n_columns:column] = block
             _append_rows(f["columns/position"], n_columns, np.concatenate(positions))
             _append_rows(f["columns/token"], n_columns, tokens)
+            if readouts:
+                _append_readout(f["columns"], n_columns, readouts)
         for name, rows in handoff_rows.items():
             _append_rows(f[f"handoffs/{name}"], n_handoffs, rows)
         for name, rows in segment_rows.items():
@@ -729,15 +823,31 @@ def _problems_named(numbers: Sequence[int]) -> str:
 
 
 def _append_rows(dataset: h5py.Dataset, start: int, rows) -> None:
-    stop = start + len(rows)
+    """Write `rows` (a list, or an array whose last axis is the rows) at `start` of the dataset's last axis."""
+    stop = start + (rows.shape[-1] if isinstance(rows, np.ndarray) else len(rows))
     if stop == start:
         return
     dataset.resize(stop, axis=dataset.ndim - 1)
-    dataset[start:stop] = rows
+    dataset[..., start:stop] = rows
 
 
-def _copy_committed(source: "CaptureReader | None", file: h5py.File, num_layers: int, dtype: str) -> list[int]:
-    """Create every table in `file`, filled with the committed rows of `source` (if any)."""
+def _append_readout(columns: h5py.Group, start: int, readouts: Sequence[LatentReadout]) -> None:
+    """Append the readouts of consecutive hand-offs (their columns in order) from column `start`."""
+    _append_rows(columns["readout_step"], start, np.concatenate([r.step for r in readouts]).astype(np.int32))
+    _append_rows(columns["readout_id"], start, np.concatenate([r.ids for r in readouts]).T.astype(np.int32))
+    _append_rows(columns["readout_token"], start,
+                 np.array([t for r in readouts for t in r.tokens], dtype=object).reshape(-1, readouts[0].top_k).T)
+    _append_rows(columns["readout_prob"], start, np.concatenate([r.probs for r in readouts]).T.astype(np.float32))
+    _append_rows(columns["readout_entropy"], start, np.concatenate([r.entropy for r in readouts]).astype(np.float32))
+    _append_rows(columns["realign_cosine"], start,
+                 np.concatenate([r.realign_cosine for r in readouts]).astype(np.float32))
+    _append_rows(columns["realign_token"], start, [t for r in readouts for t in r.realign_token])
+
+
+def _copy_committed(source: "CaptureReader | None", file: h5py.File, num_layers: int, dtype: str,
+                    readout_top_k: int = 0) -> list[int]:
+    """Create every table in `file`, filled with the committed rows of `source` (if any); the readout's
+    datasets too when `readout_top_k` > 0 (copied from `source`, which then must have them)."""
     committed = source.committed if source is not None else [0, 0, 0, 0]
     for group_name, columns in _TABLES.items():
         group = file.require_group(group_name)
@@ -754,6 +864,16 @@ def _copy_committed(source: "CaptureReader | None", file: h5py.File, num_layers:
         chunks=(num_layers, _COLUMN_CHUNK), **_COMPRESSION)
     if n_columns:
         sims[:] = source._file["columns/layer_similarities"][:, :n_columns]
+    if readout_top_k:
+        for name, (dt, rank) in _READOUT.items():
+            shape, maxshape, chunks = (n_columns,), (None,), (_ROW_CHUNK,)
+            if rank == 2:
+                shape, maxshape, chunks = (readout_top_k, n_columns), (readout_top_k, None), (readout_top_k,
+                                                                                               _COLUMN_CHUNK)
+            ds = file["columns"].create_dataset(name, shape=shape, maxshape=maxshape, dtype=dt, chunks=chunks,
+                                                **_COMPRESSION)
+            if n_columns:
+                ds[...] = source._file[f"columns/{name}"][..., :n_columns]
     return list(committed)
 
 
@@ -845,6 +965,9 @@ class CaptureReader(_OpenFile):
             "columns", "layer_similarities", _FLOAT, 2)
         lengths = {g: min(self._datasets[(g, n)].shape[0] for n, _ in columns) for g, columns in _TABLES.items()}
         lengths["columns"] = min(lengths["columns"], sims.shape[1])
+        self._readout_k = self._readout_datasets()
+        for name in _READOUT if self._readout_k else ():
+            lengths["columns"] = min(lengths["columns"], self._datasets[("columns", name)].shape[-1])
         self.committed = checks.check_committed(np.asarray(committed), lengths)
         if sims.shape[0] < 1:
             raise checks.TableError("/columns/layer_similarities has no layers")
@@ -871,6 +994,31 @@ class CaptureReader(_OpenFile):
         self._row_of = {int(n): i for i, n in enumerate(self._numbers)}
         self._strings: dict[tuple[str, str], list[str]] = {}
 
+    def _readout_datasets(self) -> int:
+        """Check and keep the latent readout's datasets; their k (0 when the file has none, as in schema 1)."""
+        columns = self._group("columns")
+        present = [name for name in _READOUT if columns.get(name, getlink=True) is not None]
+        if not present:
+            return 0
+        if len(present) != len(_READOUT):
+            missing = ", ".join(f"/columns/{n}" for n in _READOUT if n not in present)
+            raise CaptureError(f"{self.path} has part of a latent readout (missing {missing})")
+        widths = set()
+        for name, (dt, rank) in _READOUT.items():
+            allowed = "str" if dt is _STR else _INT if dt is np.int32 else _FLOAT
+            dataset = self._datasets[("columns", name)] = self._dataset("columns", name, allowed, rank)
+            if rank == 2:
+                widths.add(dataset.shape[0])
+        if len(widths) != 1 or min(widths) < 1:
+            raise CaptureError(f"{self.path}: the latent readout's top-k tables disagree on k "
+                               f"({', '.join(str(w) for w in sorted(widths))})")
+        return widths.pop()
+
+    @property
+    def readout_top_k(self) -> int:
+        """k of the latent readout the file keeps; 0 when it keeps none."""
+        return self._readout_k
+
     def _check_attrs(self) -> dict:
         """Root attributes as Python scalars; arrays, references or bad UTF-8 are refused."""
         attrs = {}
@@ -896,10 +1044,10 @@ class CaptureReader(_OpenFile):
         if isinstance(version, bool) or not isinstance(version, int):
             raise CaptureError(f"{self.path} is not a LatentMAS capture (schema_version is "
                                f"{shorten(repr(version), 40)}, not an integer)")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMAS:
             raise CaptureTooNew(
-                f"{self.path} uses capture schema {version}; this version of latentmas reads schema "
-                f"{SCHEMA_VERSION}")
+                f"{self.path} uses capture schema {version}; this version of latentmas reads schemas "
+                f"{', '.join(str(v) for v in READABLE_SCHEMAS)}")
         config = self._attrs.get("config")
         if not isinstance(config, str):
             raise CaptureError(f"{self.path} is not a LatentMAS capture (no config attribute)")
@@ -1085,6 +1233,20 @@ class CaptureReader(_OpenFile):
             positions=d[("columns", "position")][cols].astype(np.int64),
             tokens=[_decode(t, "/columns/token") for t in d[("columns", "token")][cols]],
             segments=segments,
+            readout=self._readout(cols) if self._readout_k else None,
+        )
+
+    def _readout(self, cols: slice) -> LatentReadout:
+        d = self._datasets
+        tokens = d[("columns", "readout_token")][:, cols].T
+        return LatentReadout(
+            step=d[("columns", "readout_step")][cols].astype(np.int64),
+            ids=d[("columns", "readout_id")][:, cols].T.astype(np.int64),
+            tokens=[[_decode(t, "/columns/readout_token") for t in row] for row in tokens],
+            probs=d[("columns", "readout_prob")][:, cols].T.astype(np.float32),
+            entropy=d[("columns", "readout_entropy")][cols].astype(np.float32),
+            realign_cosine=d[("columns", "realign_cosine")][cols].astype(np.float32),
+            realign_token=[_decode(t, "/columns/realign_token") for t in d[("columns", "realign_token")][cols]],
         )
 
     def __repr__(self) -> str:

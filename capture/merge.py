@@ -157,7 +157,7 @@ def _merge_locked(capture_file: Path, summarize, extra_attrs) -> MergeStats:
         stats = MergeStats(sources=len(readers))
         tmp = capture_file.with_name(capture_file.name + MERGE_TMP_SUFFIX)
         with CaptureWriter.open(tmp, attrs, config, first.num_layers, first.similarity_dtype,
-                                overwrite=True) as writer:
+                                overwrite=True, readout_top_k=first.readout_top_k) as writer:
             batch = []
             for number in sorted(owner):
                 reader = owner[number]

@@ -8,6 +8,11 @@ copy to the host without waiting. While the judger decodes (`while_decoding`, ca
 once the device has queued work) the batch's hand-offs are written to the file
 (`CaptureWriter.stage`), so the compression and I/O overlap the device; when the
 batch's results are known, `write_batch` commits them. Capture never draws.
+
+With a readout (`readout_top_k` > 0), after each agent's latent steps (`on_latent_steps`)
+the LM head, softmax and top-k run on the device over the hidden states those steps fed
+back (`capture.readout`), and the small result starts its one copy to the host; each
+hand-off's latent columns then carry their step's readout (`LatentReadout`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from latentmas.handoff import LATENT
 from latentmas.prefill import PrefillProbe
 from latentmas.similarity import get_mode
 
-from .format import LATENT_TOKEN, CaptureWriter, Handoff, ProblemRecord, Segment, handoff_name
+from .format import LATENT_TOKEN, CaptureWriter, Handoff, LatentReadout, ProblemRecord, Segment, handoff_name
+from .readout import latent_readout, unpack
 from .selection import DEFAULT_TRANSITIONS
 
 
@@ -64,6 +70,27 @@ class _Pending:
         return dict(arrays, from_agent=self.from_agent, to_agent=self.to_agent, segments=self.segments)
 
 
+@dataclass
+class _PendingReadout:
+    """One agent's latent readout during the current batch: `latent_readout`'s [batch, steps, 2k + 3] with each
+    step's cache position appended ([batch, steps, 2k + 4], float64), copying to the host (as `_Pending`)."""
+
+    packed: torch.Tensor
+    _copy: torch.Tensor | None = None
+    _copied: object = None
+
+    def to_host(self) -> None:
+        self._copy = _host_copy(self.packed)
+        if self.packed.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def host(self) -> np.ndarray:
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._copy.numpy()
+
+
 def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` on the host: on CUDA an asynchronous copy into pinned memory (valid after an event sync)."""
     if tensor.device.type != "cuda":
@@ -81,10 +108,15 @@ class CaptureRecorder:
     batch to a `CaptureWriter`."""
 
     def __init__(self, writer: CaptureWriter, lm, similarity: str = "seed", transitions=DEFAULT_TRANSITIONS):
+        """The readout's k is the writer's (`CaptureWriter.readout_top_k`: a resumed file keeps its own)."""
         self.writer = writer
+        self._readouts: dict[str, _PendingReadout] = {}  # agent -> its latent readout in the current batch
+        self._host_readouts: dict[str, np.ndarray] = {}  # the same on the host, once staged
+        self._embedding_norms = None  # [vocab] fp32, for the realign cosine
         self.lm = lm
         self.mode = get_mode(similarity)
         self.similarity = self.mode.name
+        self.readout_top_k = writer.readout_top_k
         self.transitions = transitions
         self._pending: list[_Pending] = []
         self._awaiting: list[tuple[object, _Pending]] = []  # (event, entry) whose prefill is still to come
@@ -97,29 +129,56 @@ class CaptureRecorder:
         """Forget whatever a batch that never reached `write_batch` left (its staged rows get overwritten)."""
         self._batch_cache, self._numbers = weakref.ref(shared), numbers
         self._pending, self._awaiting, self._staged = [], [], None
+        self._readouts = {}
 
     @classmethod
     def open(cls, path, lm, *, run_attributes: dict, identity: dict, similarity: str = "seed",
-             transitions=DEFAULT_TRANSITIONS, overwrite=False, dtype="float16", questions=None):
+             transitions=DEFAULT_TRANSITIONS, overwrite=False, dtype="float16", questions=None, readout_top_k=0):
         """`CaptureWriter.open` for a run.
 
         run_attributes: the run's self-description (stored as the file's attributes, with the
             similarity mode's own: its value range and colour scale, see `SimilarityMode`).
         identity: the settings a resume must match. questions (number -> question) guard a resume.
+        readout_top_k: tokens kept per latent step's readout (0: no readout).
         """
+        vocab = lm.model.get_output_embeddings().weight.shape[0]
+        if not 0 <= readout_top_k <= vocab:
+            raise ValueError(f"readout_top_k must be between 0 and the vocabulary size {vocab}, not {readout_top_k}")
         attributes = dict(run_attributes, **get_mode(similarity).file_attributes(), started_at=now())
-        writer = CaptureWriter.open(path, attributes, identity, lm.num_layers, dtype, overwrite, questions)
+        writer = CaptureWriter.open(path, attributes, identity, lm.num_layers, dtype, overwrite, questions,
+                                    readout_top_k=readout_top_k)
         return cls(writer, lm, similarity, transitions)
 
     @property
     def completed_numbers(self) -> set[int]:
         return self.writer.completed_numbers
 
-    # -- HandoffObserver -------------------------------------------------------------
-    def on_handoff(self, event) -> None:
+    def _note_batch(self, event) -> None:
         shared = event.shared
         if self._batch_cache is None or self._batch_cache() is not shared:  # a new batch: each solve has its own cache
             self._begin_batch(shared, [p.number for p in event.problems])
+
+    # -- latent steps ----------------------------------------------------------------
+    @property
+    def wants_latent_steps(self) -> bool:
+        return self.readout_top_k > 0
+
+    def on_latent_steps(self, event) -> None:
+        """Start the readout of `event.agent`'s latent steps (`latentmas.handoff.LatentStepsEvent`) on the device."""
+        self._note_batch(event)
+        if event.realigned is not None and self._embedding_norms is None:
+            self._embedding_norms = self.lm.model.get_input_embeddings().weight.detach().float().norm(dim=1)
+        packed = latent_readout(self.lm, event.hidden_states, event.realigned, self.readout_top_k,
+                                self._embedding_norms)
+        positions = event.shared.positions[:, -event.steps:]  # [batch, steps]: the latent columns just added
+        pending = _PendingReadout(torch.cat([packed, positions.double()[..., None]], dim=-1))
+        pending.to_host()
+        self._readouts[event.agent] = pending
+
+    # -- HandoffObserver -------------------------------------------------------------
+    def on_handoff(self, event) -> None:
+        shared = event.shared
+        self._note_batch(event)
         name = handoff_name(event.from_agent, event.to_agent)
         if self.transitions is not None and name not in self.transitions:
             return
@@ -168,9 +227,10 @@ class CaptureRecorder:
                                f"{handoff_name(p.from_agent, p.to_agent)}'s was never watched "
                                "(call watch_prefill(event) around it)")
         pending = [p.host() for p in self._pending]
+        self._host_readouts = {agent: r.host() for agent, r in self._readouts.items()}
         self._staged = self.writer.stage(
             [[self._handoff(p, row) for p in pending] for row in range(len(self._numbers))], self._numbers)
-        self._pending, self._awaiting = [], []
+        self._pending, self._awaiting, self._readouts = [], [], {}
 
     def write_batch(self, results) -> None:
         """Commit each problem of the batch just solved, with the hand-offs seen for it."""
@@ -195,7 +255,38 @@ class CaptureRecorder:
             positions=p["positions"][row][real],
             tokens=[self._text(int(t)) for t in p["token_ids"][row][real]],
             segments=_segments(segment_ids, p["segments"]),
+            readout=self._readout(p, row) if self.readout_top_k else None,
         )
+
+    def _readout(self, p: dict, row: int) -> LatentReadout:
+        """The readout of each real column of hand-off `p` in batch row `row`: its agent's latent step at
+        the column's cache position (positions within one agent's latent segment are distinct)."""
+        real = p["mask"][row]
+        token_ids, positions = p["token_ids"][row][real], p["positions"][row][real]
+        segment_ids = p["segment_ids"][row][real]
+        k = self.readout_top_k
+        readout = LatentReadout.empty(len(token_ids), k)
+        steps_of: dict[str, dict[int, int]] = {}
+        for column in np.flatnonzero(token_ids == LATENT):
+            agent = p["segments"][segment_ids[column]].agent
+            packed = self._host_readouts.get(agent)
+            if packed is None:
+                continue
+            if agent not in steps_of:
+                steps_of[agent] = {int(pos): step for step, pos in enumerate(packed[row, :, -1])}
+            step = steps_of[agent].get(int(positions[column]))
+            if step is None:
+                continue
+            values = unpack(packed[row, step, :-1], k)
+            readout.step[column] = step
+            readout.ids[column] = values["ids"]
+            readout.tokens[column] = [self._text(int(t)) for t in values["ids"]]
+            readout.probs[column] = values["probs"]
+            readout.entropy[column] = values["entropy"]
+            readout.realign_cosine[column] = values["cosine"]
+            if values["nearest"] >= 0:
+                readout.realign_token[column] = self._text(int(values["nearest"]))
+        return readout
 
     def _text(self, token_id: int) -> str:
         if token_id == LATENT:

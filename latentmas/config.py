@@ -113,6 +113,9 @@ class RunConfig:
     # -- capture
     similarity: str = setting("seed", "What the captured matrices hold; `latentmas modes` describes each mode.",
                               "capture", choices=_similarity_modes)
+    readout_top_k: int = setting(5, "Latent readout: for every latent step, keep the k most likely next tokens of the "
+                                 "model's own distribution (LM head on the hidden state fed back), their "
+                                 "probabilities and its entropy; 0 = off.", "capture", minimum=0)
     # -- benchmark-only
     random_weights: bool = setting(False, "Build the model from its config with seeded random weights (no "
                                    "weights needed).", "benchmark-only")

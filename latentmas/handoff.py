@@ -6,7 +6,9 @@ An observer hears of each hand-off twice: `on_handoff(event)` when the cache is 
 `watch_prefill(event)`, a context manager wrapped around the incoming agent's prompt prefill
 (for the judger, the prefill before decoding), so hooks can read that forward pass
 (`latentmas.prefill.PrefillProbe`). `while_decoding()`, if defined, is called once while the
-judger decodes.
+judger decodes. `on_latent_steps(event)`, if defined (and the observer's `wants_latent_steps`
+is not False), is called after each agent's latent steps with the hidden states they fed back
+(`LatentStepsEvent`); the system keeps those states only for such an observer.
 
 Cache columns carry token ids; latent steps carry `LATENT`, padding `PAD`.
 """
@@ -44,6 +46,28 @@ class HandoffEvent:
     problems: list
 
 
+@dataclass
+class LatentStepsEvent:
+    """`agent` has just taken its latent steps: the last `steps` columns of `shared` are its latent columns.
+
+    hidden_states: [batch, steps, hidden], the final hidden state (after the final norm) that became
+        each latent column's input, before realignment: column i's input came from hidden_states[:, i]
+        (the first one is the prompt's last hidden state).
+    realigned: [batch, steps, hidden], the input embeddings actually fed (hidden states after
+        `--latent_space_realign`'s mapping), or None when no realignment was applied.
+    """
+
+    agent: str
+    shared: SharedCache
+    hidden_states: torch.Tensor
+    realigned: torch.Tensor | None
+    problems: list
+
+    @property
+    def steps(self) -> int:
+        return int(self.hidden_states.shape[1])
+
+
 class HandoffObserver(Protocol):
     """Told of every hand-off, after any kNN trim and before `to_agent` prefills its prompt.
 
@@ -75,3 +99,11 @@ def watch_prefill(observer, event: HandoffEvent | None) -> AbstractContextManage
     if event is None or watch is None:
         return contextlib.nullcontext()
     return watch(event)
+
+
+def latent_steps_hook(observer):
+    """The observer's `on_latent_steps`, or None when it has none or its `wants_latent_steps` is False."""
+    hook = getattr(observer, "on_latent_steps", None)
+    if hook is None or not getattr(observer, "wants_latent_steps", True):
+        return None
+    return hook

@@ -125,7 +125,7 @@ def describe_json(path) -> dict:
 
 def describe_problem(path, number: int) -> str:
     """One problem: its question and answers, then each hand-off with its shape, value range,
-    NaN and ±Inf cells, and segments."""
+    NaN and ±Inf cells, and segments, then each agent's latent readout as a line (when the file has one)."""
     import numpy as np
 
     from capture.format import CaptureReader
@@ -151,6 +151,12 @@ def describe_problem(path, number: int) -> str:
                 lines.append(f"       columns {seg.start}-{seg.stop}: {safe(seg.agent, 30)} {safe(seg.kind, 10)}")
         if not p.handoff_names:
             lines.append("  (no hand-offs)")
+        from .readout import latent_steps, readout_lines
+
+        readout = readout_lines(latent_steps(reader, number)) if reader.readout_top_k else []
+        if readout:
+            lines += ["", "  latent readout (each step's most likely next token):"]
+            lines += [f"    {line}" for line in readout]
     return "\n".join(lines)
 
 

@@ -157,7 +157,7 @@ def _copy(reference: Path, path: Path, numbers, config=None) -> None:
     with CaptureReader(reference / "run.h5") as source:
         attrs = {k: v for k, v in source.attrs.items() if k not in ("schema_version", "config")}
         with CaptureWriter.open(path, attrs, config or source.config, source.num_layers, source.similarity_dtype,
-                                overwrite=True) as writer:
+                                overwrite=True, readout_top_k=source.readout_top_k) as writer:
             for n in numbers:
                 p = source.problem(n)
                 writer.append(ProblemRecord(n, p.question, p.gold, p.prediction, p.correct,

@@ -180,7 +180,7 @@ main = LazyGroup(
          "Capture on a GPU (`latentmas capture`), render anywhere (`latentmas render`).",
     lazy={"render": "render.cli:render_command", "info": "render.info:info_command",
           "view": "render.viewer.cli:view_command", "analyze": "render.analysis.cli:analyze_command",
-          "compare": "render.analysis.cli:compare_command"},
+          "compare": "render.analysis.cli:compare_command", "readout": "render.readout:readout_command"},
 )
 
 def _print_version(ctx, param, value):

@@ -51,6 +51,8 @@ def capture_identity(cfg: RunConfig, transitions: tuple[str, ...] | None, captur
     """The settings a capture file stores and a resume must match (as JSON types, like the file's copy)."""
     identity = dict(cfg.identity(), transitions="all" if transitions is None else list(transitions),
                     capture_dtype=capture_dtype)
+    if cfg.readout_top_k:  # only when on, so captures made before the readout existed resume with it off
+        identity["readout_top_k"] = cfg.readout_top_k
     return json.loads(json.dumps(identity, sort_keys=True))
 
 
@@ -63,4 +65,4 @@ def open_recorder(path, cfg: RunConfig, lm, transitions=DEFAULT_TRANSITIONS, cap
     return (recorder_class or CaptureRecorder).open(path, lm, run_attributes=run_attributes(cfg, lm, origin),
                                 identity=capture_identity(cfg, transitions, capture_dtype),
                                 similarity=cfg.similarity, transitions=transitions, overwrite=overwrite,
-                                dtype=capture_dtype, questions=questions)
+                                dtype=capture_dtype, questions=questions, readout_top_k=cfg.readout_top_k)

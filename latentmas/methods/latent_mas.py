@@ -11,7 +11,8 @@ Observers hear of each hand-off twice: `on_handoff(event)` when the cache is
 handed over (before the incoming agent reads it), and, if they define it,
 `watch_prefill(event)`, a context manager wrapped around the incoming agent's
 prompt prefill (for the judger, the prefill before decoding), so hooks can read
-that forward pass. The contract is `latentmas.handoff`.
+that forward pass. After each agent's latent steps an observer with `on_latent_steps` gets the
+hidden states those steps fed back (`LatentStepsEvent`). The contract is `latentmas.handoff`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 import torch
 
 from ..fast_decode import static_step, use_fast
-from ..handoff import HandoffEvent, HandoffObserver, watch_prefill
+from ..handoff import HandoffEvent, HandoffObserver, LatentStepsEvent, latent_steps_hook, watch_prefill
 from ..knn import KnnFilter
 from ..prefill import score_prompt
 from ..prompts import AGENTS, agent_prompt
@@ -76,22 +77,42 @@ def knn_scores(lm, shared: SharedCache, knn: KnnFilter, query, prompt_embeds, id
 
 @torch.no_grad()
 def think_latently(shared: SharedCache, latent_input: LatentInput, hidden: torch.Tensor, agent: str, steps: int,
-                   fast: bool = False) -> None:
+                   fast: bool = False, keep_states: bool = False):
     """`steps` latent steps from `hidden` [batch, hidden]; each appends one cache column.
 
     fast: step on a static KV buffer (a CUDA graph on GPUs), then hand the columns back.
+    keep_states: return `(hidden_states, realigned)`: the hidden states `[batch, steps, hidden]` that
+    became the steps' inputs (before realignment) and, with realignment, the inputs fed
+    `[batch, steps, hidden]` (else None), written into preallocated device tensors (no host sync).
+    Otherwise returns None.
     """
     segment = SegmentKey(agent, "latent")
+    states = realigned = None
+    if keep_states:
+        states = hidden.new_empty(shared.batch_size, steps, hidden.shape[-1])
+        if latent_input.matrix is not None:
+            realigned = torch.empty(shared.batch_size, steps, hidden.shape[-1], dtype=latent_input.dtype,
+                                    device=hidden.device)
+
+    def next_input(i: int, hidden: torch.Tensor) -> torch.Tensor:
+        fed = latent_input(hidden)
+        if states is not None:
+            states[:, i].copy_(hidden)
+            if realigned is not None:
+                realigned[:, i].copy_(fed)
+        return fed
+
     if fast and steps > 0:
         step = static_step(shared.lm, shared, steps, tokens=False)
-        for _ in range(steps):
-            hidden = step.run(latent_input(hidden))
+        for i in range(steps):
+            hidden = step.run(next_input(i, hidden))
         shared.adopt(step.kv, steps, LATENT, segment)
-        return
-    ones = torch.ones(shared.batch_size, 1, dtype=torch.bool, device=hidden.device)
-    latent_ids = torch.full((shared.batch_size, 1), LATENT, dtype=torch.long, device=hidden.device)
-    for _ in range(steps):
-        hidden = shared.extend(latent_input(hidden)[:, None, :], ones, latent_ids, segment)
+    else:
+        ones = torch.ones(shared.batch_size, 1, dtype=torch.bool, device=hidden.device)
+        latent_ids = torch.full((shared.batch_size, 1), LATENT, dtype=torch.long, device=hidden.device)
+        for i in range(steps):
+            hidden = shared.extend(next_input(i, hidden)[:, None, :], ones, latent_ids, segment)
+    return None if states is None else (states, realigned)
 
 
 def solve(lm, problems, task, cfg, observer: HandoffObserver | None = None):
@@ -127,7 +148,11 @@ def solve(lm, problems, task, cfg, observer: HandoffObserver | None = None):
         else:
             with prefill:
                 hidden = shared.extend(prompt_embeds, mask, ids, SegmentKey(agent, "prompt"))
-            think_latently(shared, latent_input, hidden, agent, cfg.latent_steps, fast)
+            hook = latent_steps_hook(observer) if cfg.latent_steps > 0 else None
+            kept = think_latently(shared, latent_input, hidden, agent, cfg.latent_steps, fast,
+                                  keep_states=hook is not None)
+            if hook is not None:
+                hook(LatentStepsEvent(agent, shared, *kept, problems))
             new = [AgentTurn(agent, text, "", int(m.sum()), 0, cfg.latent_steps) for text, m in zip(texts, mask)]
         for done, turn in zip(turns, new):
             done.append(turn)

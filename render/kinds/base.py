@@ -56,3 +56,13 @@ def kind_names() -> tuple[str, ...]:
 
 def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
+
+
+def column_labels(handoff) -> list[str]:
+    """The hand-off's tokens [T], each latent column's read as its top readout token in brackets
+    ("[18]") when the capture kept a readout; what `--token-labels` writes under the columns."""
+    readout = getattr(handoff, "readout", None)
+    if readout is None or not readout.top_k:
+        return list(handoff.tokens)
+    return [f"[{readout.tokens[c][0]}]" if has else token
+            for c, (token, has) in enumerate(zip(handoff.tokens, readout.has))]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import FigureKind
+from .base import FigureKind, column_labels
 
 
 class MultiLayerHeatmap(FigureKind):
@@ -14,6 +14,6 @@ class MultiLayerHeatmap(FigureKind):
         from ..figures import multi_layer_heatmap
 
         return multi_layer_heatmap(handoff.layer_similarities, title=title, segments=handoff.segments,
-                                   positions=handoff.positions, tokens=handoff.tokens, mode=mode, cmap=cmap,
+                                   positions=handoff.positions, tokens=column_labels(handoff), mode=mode, cmap=cmap,
                                    vmin=options.vmin, vmax=options.vmax, dpi=options.dpi,
                                    token_labels=options.token_labels, notes=notes)

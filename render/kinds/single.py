@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import FigureKind
+from .base import FigureKind, column_labels
 
 
 class SingleLayerStrip(FigureKind):
@@ -15,6 +15,6 @@ class SingleLayerStrip(FigureKind):
         from ..figures import single_layer_strip
 
         return single_layer_strip(handoff.layer_similarities, title=title, segments=handoff.segments,
-                                  positions=handoff.positions, tokens=handoff.tokens, mode=mode,
+                                  positions=handoff.positions, tokens=column_labels(handoff), mode=mode,
                                   cmap=cmap or self.default_cmap, dpi=options.dpi,
                                   token_labels=options.token_labels, notes=notes)

@@ -9,6 +9,8 @@ parsed only when the page shows it):
     positions  [T] ints, the original cache positions.
     tokens     [T] strings.
     segments   [[agent, kind, start, stop], ...].
+    readout    [T] of null or, for a latent column with a readout, {"tokens": [k strings], "probs": [k],
+               "entropy": nats} (present only when the capture kept a readout).
     gaps       [[column, removed], ...] where kNN filtering removed positions (render.layout.find_gaps).
     vmin, vmax the similarity mode's own scale for this hand-off (render.colormaps.scale_for).
     min, max   the finite range of the values (null when none is finite).
@@ -69,6 +71,14 @@ def _hex(rgb) -> str:
     return "#" + "".join(f"{round(c * 255):02x}" for c in rgb)
 
 
+def _readout(handoff: Handoff) -> list:
+    """Each column's latent readout for the hover (null where none); NaN entropy becomes null."""
+    r = handoff.readout
+    return [{"tokens": [str(t) for t in r.tokens[c]], "probs": [round(float(p), 4) for p in r.probs[c]],
+             "entropy": round(float(r.entropy[c]), 4) if np.isfinite(r.entropy[c]) else None}
+            if has else None for c, has in enumerate(r.has)]
+
+
 def encode_handoff(handoff: Handoff, mode: str) -> dict:
     """One hand-off as the page embeds it (see the module docstring)."""
     values = np.asarray(handoff.layer_similarities, dtype=np.float32)
@@ -85,6 +95,7 @@ def encode_handoff(handoff: Handoff, mode: str) -> dict:
         "segments": [[s.agent, s.kind, int(s.start), int(s.stop),
                       _hex(agent_color(s.agent, s.kind))] for s in handoff.segments],
         "gaps": [[int(c), int(before[c])] for c in gaps.columns],
+        **({"readout": _readout(handoff)} if handoff.readout is not None else {}),
         "vmin": scale.vmin, "vmax": scale.vmax, "label": scale.label,
         "min": float(finite.min()) if finite.size else None,
         "max": float(finite.max()) if finite.size else None,

@@ -403,6 +403,12 @@
       if (j < c.column + NEIGHBOURS) toks.appendChild(document.createTextNode(' '));
     }
     lines.push(toks);
+    const readout = h.raw.readout && h.raw.readout[c.column];
+    if (readout) {
+      const tops = readout.tokens.map((t, i) => `${displayToken(t)} ${readout.probs[i].toFixed(3)}`).join(' · ');
+      const entropy = readout.entropy === null ? '' : ` (entropy ${readout.entropy.toFixed(2)} nats)`;
+      lines.push(el('div', 'readout', `readout: ${tops}${entropy}`));
+    }
     if (c.gapBefore) lines.push(el('div', 'gap', `kNN gap: ${c.gapBefore} position${c.gapBefore === 1 ? '' : 's'} removed before this column`));
     tooltip.replaceChildren(...lines);
     tooltip.hidden = false;
