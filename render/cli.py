@@ -59,8 +59,9 @@ def _check_problems(ctx, param, value):
 
 @click.command("render")
 @click.argument("captures", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", "-o", "out_dir", default=DEFAULT_OUT, show_default=True, type=click.Path(path_type=Path),
-              help="Folder for the figures (with several captures, one sub-folder per capture).")
+@click.option("--out", "-o", "out_dir", default=None, type=click.Path(path_type=Path),
+              help=f"Folder for the figures (with several captures, one sub-folder per capture). Default: "
+                   f"{DEFAULT_OUT}/<capture file name without .h5>/, so two captures never overwrite each other.")
 @click.option("--kind", "kinds", default="both", show_default=True, callback=_kinds, metavar="KINDS",
               help="Figure kinds, comma separated: multi (all layers), single (the middle layer, min-max "
                    "normalised), any other registered kind; both = multi,single; all = every kind.")
@@ -83,9 +84,12 @@ def _check_problems(ctx, param, value):
 @click.option("--jobs", "-j", type=click.IntRange(min=0), default=1, show_default=True,
               help="Worker processes (0: one per core).")
 @click.option("--token-labels", is_flag=True, help="Write token strings as x tick labels where they fit.")
+@click.option("--x-axis", "x_axis", type=click.Choice(["column", "position"]), default="column", show_default=True,
+              help="x tick labels: the hand-off's column numbers, or the original KV cache positions at those "
+                   "columns (after kNN filtering positions have gaps, so kNN-off and kNN-on figures line up).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def render_command(captures, out_dir, kinds, cmap, single_cmap, vmin, vmax, problems, transitions, dpi, fmt, jobs,
-                   token_labels, no_progress):
+                   token_labels, x_axis, no_progress):
     """Draw heatmaps of capture files (no model needed; re-run with other options at will)."""
     if vmin is not None and vmax is not None and not vmin < vmax:
         raise click.BadParameter(f"--vmin ({vmin:g}) must be below --vmax ({vmax:g})",
@@ -103,7 +107,7 @@ def render_command(captures, out_dir, kinds, cmap, single_cmap, vmin, vmax, prob
                                    transitions=transitions, cmap=cmap, single_cmap=single_cmap,
                                    cmaps={k: cmap for k in kinds if k != "single"} if cmap else None, vmin=vmin,
                                    vmax=vmax, dpi=dpi, fmt=fmt, jobs=jobs, token_labels=token_labels,
-                                   progress=not no_progress, warn=lambda line: click.echo(line, err=True))
+                                   x_axis=x_axis, progress=not no_progress, warn=lambda line: click.echo(line, err=True))
         except RenderError as error:
             written += len(error.written)
             failures.append(str(error))
@@ -114,7 +118,7 @@ def render_command(captures, out_dir, kinds, cmap, single_cmap, vmin, vmax, prob
         except KeyboardInterrupt:
             raise click.Abort() from None
         written += len(paths)
-    where = outputs[0] if len(set(outputs)) == 1 else f"{out_dir}/<capture>/"
+    where = outputs[0] if len(set(outputs)) == 1 else f"{out_dir or DEFAULT_OUT}/<capture>/"
     if written or not failures:
         noun = "figure" if written == 1 else "figures"
         click.echo(f"Wrote {written} {noun} to {where}")
@@ -126,10 +130,12 @@ def render_command(captures, out_dir, kinds, cmap, single_cmap, vmin, vmax, prob
         raise click.ClickException(failures[-1])
 
 
-def _output_dirs(captures, out_dir: Path) -> list[Path]:
-    """One capture: `out_dir` itself; several: `out_dir/<file stem>` (made unique)."""
-    if len(captures) == 1:
+def _output_dirs(captures, out_dir: Path | None) -> list[Path]:
+    """One capture: `out_dir` itself; several: `out_dir/<file stem>` (made unique). Without `out_dir`,
+    every capture gets `charts/<file stem>` (made unique), so two runs never overwrite each other's figures."""
+    if len(captures) == 1 and out_dir is not None:
         return [out_dir]
+    out_dir = Path(DEFAULT_OUT) if out_dir is None else out_dir
     seen: dict[str, int] = {}
     folders = []
     for capture in captures:
