@@ -111,7 +111,7 @@ def top_tokens_figure(by_token: pd.DataFrame, handoff: str, layer_text: str, sho
         labels = [f"“{format_token(t, 16)}”" for t in part["token"]]
         places = np.arange(len(part))  # one bar per row, even when two tokens print alike
         ax.barh(places, part["count"].to_numpy(), color=colour)
-        ax.set_yticks(places, labels)
+        ax.set_yticks(places, labels, parse_math=False)  # token text is text, never mathtext
         ax.invert_yaxis()
         for y, (count, mean) in enumerate(zip(part["count"], part["mean_value"])):
             ax.text(count, y, f" {mean:.2f}", va="center", fontsize=6)
