@@ -107,7 +107,8 @@ def render_command(captures, out_dir, kinds, cmap, single_cmap, vmin, vmax, prob
                                    transitions=transitions, cmap=cmap, single_cmap=single_cmap,
                                    cmaps={k: cmap for k in kinds if k != "single"} if cmap else None, vmin=vmin,
                                    vmax=vmax, dpi=dpi, fmt=fmt, jobs=jobs, token_labels=token_labels,
-                                   x_axis=x_axis, progress=not no_progress, warn=lambda line: click.echo(line, err=True))
+                                   x_axis=x_axis, progress=not no_progress,
+                                   warn=lambda line: click.echo(line, err=True))
         except RenderError as error:
             written += len(error.written)
             failures.append(str(error))
