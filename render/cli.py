@@ -133,10 +133,14 @@ def render_command(captures, out_dir, kinds, cmap, single_cmap, vmin, vmax, prob
 
 def _output_dirs(captures, out_dir: Path | None) -> list[Path]:
     """One capture: `out_dir` itself; several: `out_dir/<file stem>` (made unique). Without `out_dir`,
-    every capture gets `charts/<file stem>` (made unique), so two runs never overwrite each other's figures."""
-    if len(captures) == 1 and out_dir is not None:
+    every capture gets its own folder `charts/<file stem>/` (see `default_folder`)."""
+    if out_dir is None:
+        folders: list[Path] = []
+        for capture in captures:
+            folders.append(default_folder(Path(capture), taken=folders))
+        return folders
+    if len(captures) == 1:
         return [out_dir]
-    out_dir = Path(DEFAULT_OUT) if out_dir is None else out_dir
     seen: dict[str, int] = {}
     folders = []
     for capture in captures:
@@ -144,6 +148,38 @@ def _output_dirs(captures, out_dir: Path | None) -> list[Path]:
         seen[stem] = seen.get(stem, 0) + 1
         folders.append(out_dir / (stem if seen[stem] == 1 else f"{stem}_{seen[stem]}"))
     return folders
+
+
+RENDER_MARKER = "rendered_from.json"  # {"capture": "/abs/path.h5"}: whose figures a default folder holds
+
+
+def default_folder(capture: Path, charts: Path = Path(DEFAULT_OUT), taken=()) -> Path:
+    """`charts/<capture stem>/`, or `charts/<stem>_2/` and so on when that folder holds another capture
+    file's figures or viewer page (same name, other folder), so two runs never overwrite each other.
+    The folder is claimed by writing RENDER_MARKER into it (figures of the same capture are rewritten)."""
+    import json
+
+    from .viewer.page import page_source
+
+    stem = capture.stem or "capture"
+    source = str(capture.resolve())
+    for n in range(1, 1000):
+        folder = charts / (stem if n == 1 else f"{stem}_{n}")
+        if folder in taken:
+            continue
+        try:
+            owner = json.loads((folder / RENDER_MARKER).read_text(encoding="utf-8")).get("capture")
+        except (OSError, ValueError, AttributeError):
+            owner = page_source(folder / "viewer.html")
+        if owner is None or owner == source:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / RENDER_MARKER).write_text(json.dumps({"capture": source}) + "\n", encoding="utf-8")
+            except OSError as error:
+                raise click.ClickException(f"cannot create output folder {folder}: {error.strerror or error}") \
+                    from None
+            return folder
+    raise click.ClickException(f"too many figure folders for {stem} under {charts}; pass --out")
 
 
 from .info import info_command  # noqa: E402
