@@ -415,7 +415,7 @@ def t_interval(values) -> tuple[float, float]:
 def layer_shift_figure(layers: pd.DataFrame, label: str, name_a: str, name_b: str):
     """Seaborn lines over problems (mean and 95 % t interval, as in the profile) by layer: mean |B - A| on
     common columns, and the Wasserstein distance between the two captures' value distributions. The
-    interval is computed, not bootstrapped: seaborn's bootstrap took 7.8 s for 256 problems (2 cores)
+    interval is computed, not bootstrapped: seaborn's bootstrap took 7.8 s under cProfile for 256 problems
     and grows with the problems."""
     import seaborn as sns
 
