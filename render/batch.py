@@ -24,7 +24,7 @@ from capture.selection import parse_problem_spec, parse_transitions
 from capture.text import one_line
 
 from .colormaps import DEFAULT_SINGLE_CMAP, ModeScale, UnknownColormap, as_mode_scale, check_cmap
-from .figures import DEFAULT_DPI, pretty_handoff, save_figure
+from .figures import DEFAULT_DPI, X_AXES, pretty_handoff, save_figure
 from .kinds import get_kind, kind_names
 from .layout import max_labelled_tokens
 
@@ -73,6 +73,7 @@ class RenderOptions:
     dpi: float = DEFAULT_DPI
     fmt: str = "png"
     token_labels: bool = False
+    x_axis: str = "column"  # x tick labels: "column" numbers or original cache "position"s
 
     def cmap(self, kind: str) -> str | None:
         return dict(self.cmaps).get(kind)
@@ -229,7 +230,7 @@ def _stderr(message: str) -> None:
 
 
 def check_options(kinds: Sequence[str], cmaps: dict[str, str], vmin: float | None,
-                  vmax: float | None, dpi: float, fmt: str, jobs: int) -> None:
+                  vmax: float | None, dpi: float, fmt: str, jobs: int, x_axis: str = "column") -> None:
     """Raise RenderError (one line) for options that cannot work."""
     bad_kinds = [k for k in kinds if k not in kind_names()]
     if bad_kinds or not kinds:
@@ -250,6 +251,8 @@ def check_options(kinds: Sequence[str], cmaps: dict[str, str], vmin: float | Non
         raise RenderError(f"dpi {dpi:g} is out of range (10 to 600)")
     if jobs < 0:
         raise RenderError("jobs must be 0 (all cores) or more")
+    if x_axis not in X_AXES:
+        raise RenderError(f"unknown x axis {x_axis!r}; use one of {', '.join(X_AXES)}")
 
 
 def render_capture(
@@ -269,6 +272,7 @@ def render_capture(
     progress: bool = True,
     warn: Callable[[str], None] | None = None,
     cmaps: dict[str, str] | None = None,
+    x_axis: str = "column",
 ) -> list[Path]:
     """Render the figures of one capture file into `out_dir`; returns the paths written.
 
@@ -280,6 +284,8 @@ def render_capture(
     transitions: hand-off names like 'planner_to_critic' (None: all present).
     jobs: worker processes (1: in this process; 0: one per core).
     warn: called with one-line warnings (default: printed to stderr).
+    x_axis: "column" (x ticks count the hand-off's columns) or "position" (labelled with the original
+            cache positions at those columns, which after kNN filtering have gaps).
 
     Raises CaptureError (unreadable capture) or RenderError (bad options, or some figures
     failed; `.written` lists those that did not), each with a one-line message.
@@ -287,13 +293,13 @@ def render_capture(
     warn = warn or _stderr
     kinds = tuple(kinds)
     chosen = {"single": single_cmap} | ({"multi": cmap} if cmap else {}) | dict(cmaps or {})
-    check_options(kinds, chosen, vmin, vmax, dpi, fmt, jobs)
+    check_options(kinds, chosen, vmin, vmax, dpi, fmt, jobs, x_axis)
     try:
         wanted_problems = parse_problem_spec(problems)
         wanted_transitions = parse_transitions(transitions)
     except ValueError as error:
         raise RenderError(str(error)) from None
-    options = RenderOptions(kinds, tuple(sorted(chosen.items())), vmin, vmax, dpi, fmt, token_labels)
+    options = RenderOptions(kinds, tuple(sorted(chosen.items())), vmin, vmax, dpi, fmt, token_labels, x_axis)
     out_dir = Path(out_dir)
     with CaptureReader(path) as reader:
         try:

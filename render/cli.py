@@ -42,8 +42,9 @@ def _finite(ctx, param, value):
 
 @click.command("render")
 @click.argument("captures", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", "-o", "out_dir", default=DEFAULT_OUT, show_default=True, type=click.Path(path_type=Path),
-              help="Folder for the figures (with several captures, one sub-folder per capture).")
+@click.option("--out", "-o", "out_dir", default=None, type=click.Path(path_type=Path),
+              help=f"Folder for the figures (with several captures, one sub-folder per capture). Default: "
+                   f"{DEFAULT_OUT}/<capture file name without .h5>/, so two captures never overwrite each other.")
 @click.option("--kind", "kinds", default="both", show_default=True, callback=_kinds, metavar="KINDS",
               help="Figure kinds, comma separated: multi (all layers), single (the middle layer, min-max "
                    "normalised), any other registered kind; both = multi,single; all = every kind.")
@@ -66,9 +67,12 @@ def _finite(ctx, param, value):
 @click.option("--jobs", "-j", type=click.IntRange(min=0), default=1, show_default=True,
               help="Worker processes (0: one per core).")
 @click.option("--token-labels", is_flag=True, help="Write token strings as x tick labels where they fit.")
+@click.option("--x-axis", "x_axis", type=click.Choice(["column", "position"]), default="column", show_default=True,
+              help="x tick labels: the hand-off's column numbers, or the original KV cache positions at those "
+                   "columns (after kNN filtering positions have gaps, so kNN-off and kNN-on figures line up).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def render_command(captures, out_dir, kinds, cmap, single_cmap, vmin, vmax, problems, transitions, dpi, fmt, jobs,
-                   token_labels, no_progress):
+                   token_labels, x_axis, no_progress):
     """Draw heatmaps of capture files (no model needed; re-run with other options at will)."""
     if vmin is not None and vmax is not None and not vmin < vmax:
         raise click.BadParameter(f"--vmin ({vmin:g}) must be below --vmax ({vmax:g})",
@@ -86,7 +90,8 @@ def render_command(captures, out_dir, kinds, cmap, single_cmap, vmin, vmax, prob
                                    transitions=transitions, cmap=cmap, single_cmap=single_cmap,
                                    cmaps={k: cmap for k in kinds if k != "single"} if cmap else None, vmin=vmin,
                                    vmax=vmax, dpi=dpi, fmt=fmt, jobs=jobs, token_labels=token_labels,
-                                   progress=not no_progress, warn=lambda line: click.echo(line, err=True))
+                                   x_axis=x_axis, progress=not no_progress,
+                                   warn=lambda line: click.echo(line, err=True))
         except RenderError as error:
             written += len(error.written)
             failures.append(str(error))
@@ -97,7 +102,7 @@ def render_command(captures, out_dir, kinds, cmap, single_cmap, vmin, vmax, prob
         except KeyboardInterrupt:
             raise click.Abort() from None
         written += len(paths)
-    where = outputs[0] if len(set(outputs)) == 1 else f"{out_dir}/<capture>/"
+    where = outputs[0] if len(set(outputs)) == 1 else f"{out_dir or DEFAULT_OUT}/<capture>/"
     if written or not failures:
         noun = "figure" if written == 1 else "figures"
         click.echo(f"Wrote {written} {noun} to {where}")
@@ -109,8 +114,14 @@ def render_command(captures, out_dir, kinds, cmap, single_cmap, vmin, vmax, prob
         raise click.ClickException(failures[-1])
 
 
-def _output_dirs(captures, out_dir: Path) -> list[Path]:
-    """One capture: `out_dir` itself; several: `out_dir/<file stem>` (made unique)."""
+def _output_dirs(captures, out_dir: Path | None) -> list[Path]:
+    """One capture: `out_dir` itself; several: `out_dir/<file stem>` (made unique). Without `out_dir`,
+    every capture gets its own folder `charts/<file stem>/` (see `default_folder`)."""
+    if out_dir is None:
+        folders: list[Path] = []
+        for capture in captures:
+            folders.append(default_folder(Path(capture), taken=folders))
+        return folders
     if len(captures) == 1:
         return [out_dir]
     seen: dict[str, int] = {}
@@ -120,6 +131,38 @@ def _output_dirs(captures, out_dir: Path) -> list[Path]:
         seen[stem] = seen.get(stem, 0) + 1
         folders.append(out_dir / (stem if seen[stem] == 1 else f"{stem}_{seen[stem]}"))
     return folders
+
+
+RENDER_MARKER = "rendered_from.json"  # {"capture": "/abs/path.h5"}: whose figures a default folder holds
+
+
+def default_folder(capture: Path, charts: Path = Path(DEFAULT_OUT), taken=()) -> Path:
+    """`charts/<capture stem>/`, or `charts/<stem>_2/` and so on when that folder holds another capture
+    file's figures or viewer page (same name, other folder), so two runs never overwrite each other.
+    The folder is claimed by writing RENDER_MARKER into it (figures of the same capture are rewritten)."""
+    import json
+
+    from .viewer.page import page_source
+
+    stem = capture.stem or "capture"
+    source = str(capture.resolve())
+    for n in range(1, 1000):
+        folder = charts / (stem if n == 1 else f"{stem}_{n}")
+        if folder in taken:
+            continue
+        try:
+            owner = json.loads((folder / RENDER_MARKER).read_text(encoding="utf-8")).get("capture")
+        except (OSError, ValueError, AttributeError):
+            owner = page_source(folder / "viewer.html")
+        if owner is None or owner == source:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / RENDER_MARKER).write_text(json.dumps({"capture": source}) + "\n", encoding="utf-8")
+            except OSError as error:
+                raise click.ClickException(f"cannot create output folder {folder}: {error.strerror or error}") \
+                    from None
+            return folder
+    raise click.ClickException(f"too many figure folders for {stem} under {charts}; pass --out")
 
 
 from .info import info_command  # noqa: E402

@@ -270,18 +270,36 @@ def _draw_rug(ax, lay: L.Layout, gaps: L.Gaps) -> None:
             fontsize=7, color="0.3", clip_on=False)
 
 
-def _x_axis(ax, lay: L.Layout, window: _Window, tokens: Sequence[str] | None) -> None:
-    """Ticks and label of the x axis: true column numbers, or the token strings when they fit."""
+X_AXES = ("column", "position")  # what the x tick labels count: columns of the hand-off, or original cache positions
+
+
+def _x_axis(ax, lay: L.Layout, window: _Window, tokens: Sequence[str] | None, positions=None,
+            x_axis: str = "column") -> None:
+    """Ticks and label of the x axis: true column numbers, the original cache positions at those columns
+    (`x_axis="position"`; after kNN the positions have gaps, so the ticks stay at the chosen columns and
+    their labels are the positions there), or the token strings when they fit."""
     first, num_columns = window.offset, window.num_columns
     ax.tick_params(axis="x", pad=lay.tick_pad_pt)
     if lay.token_labels and tokens is not None:
         ax.set_xticks(first + np.arange(num_columns))
         ax.set_xticklabels([L.format_token(t) for t in tokens], rotation=90, fontsize=L.TOKEN_LABEL_PT, **LITERAL)
         ax.set_xlabel("KV cache token (column; tick labels are the cached tokens)", fontsize=9)
+        return
+    ticks = L.column_ticks(num_columns, lay.plot_width_in, first)
+    ax.tick_params(axis="x", labelsize=L.TICK_PT)
+    if x_axis == "position" and positions is not None and len(positions) == num_columns:
+        at = np.asarray(positions, dtype=np.int64)
+        ax.set_xticks(ticks, [str(int(at[t - first])) for t in ticks])
+        gaps = " (kNN gaps: positions jump where ▲)" if len(window.gaps) else ""
+        ax.set_xlabel(f"original KV cache position {int(at[0])} … {int(at[-1])}{gaps}", fontsize=9)
     else:
-        ax.set_xticks(L.column_ticks(num_columns, lay.plot_width_in, first))
-        ax.tick_params(axis="x", labelsize=L.TICK_PT)
+        ax.set_xticks(ticks)
         ax.set_xlabel(f"KV cache token (column {first} … {first + num_columns - 1})", fontsize=9)
+
+
+def _check_x_axis(x_axis: str) -> None:
+    if x_axis not in X_AXES:
+        raise ValueError(f"unknown x axis {x_axis!r}; use one of {', '.join(X_AXES)}")
 
 
 def _colour_cells(data: np.ndarray, raw: np.ndarray, mappable: ScalarMappable) -> np.ndarray:
@@ -295,7 +313,7 @@ def _colour_cells(data: np.ndarray, raw: np.ndarray, mappable: ScalarMappable) -
 
 
 def _heatmap(ax, lay: L.Layout, data: np.ndarray, raw: np.ndarray, cmap_name: str, vmin: float, vmax: float,
-             window: _Window, placed: Sequence, tokens) -> ScalarMappable:
+             window: _Window, placed: Sequence, tokens, positions=None, x_axis: str = "column") -> ScalarMappable:
     """Heatmap, segment band, boundaries, gap marks and x axis in `ax`; returns the mappable for the colour bar."""
     rows, num_columns = data.shape
     first = window.offset
@@ -314,7 +332,7 @@ def _heatmap(ax, lay: L.Layout, data: np.ndarray, raw: np.ndarray, cmap_name: st
         _draw_band(ax, lay, window, placed)
     if lay.rug is not None:
         _draw_rug(ax, lay, window.gaps)
-    _x_axis(ax, lay, window, tokens)
+    _x_axis(ax, lay, window, tokens, positions, x_axis)
     return mappable
 
 
@@ -361,11 +379,12 @@ def _empty(title: str, mode: str, rows: int, num_columns: int, dpi: float, ax) -
 
 def _framed(data: np.ndarray, raw: np.ndarray, cmap_name: str, vmin: float, vmax: float, *,
             title_parts: Sequence[str], notes: Sequence[str], window: _Window, tokens, token_labels: bool,
-            dpi: float, ax=None, strip: bool = False):
+            dpi: float, ax=None, strip: bool = False, positions=None, x_axis: str = "column"):
     """What both figures share: layout, title, heatmap, segment band, gap marks and x axis.
 
     data: `[rows, T]` values to draw; raw: `[rows, T]` the values whose ±Inf cells get their own colours;
-    title_parts: the title's lines before the gap note and `notes`; ax: the caller's axes or None.
+    title_parts: the title's lines before the gap note and `notes`; ax: the caller's axes or None;
+    positions: [T] the drawn columns' original cache positions (or None), the tick labels when x_axis="position".
     Returns (figure, heat axes, mappable for the colour bar, layout).
     """
     rows, num_columns = data.shape
@@ -396,7 +415,7 @@ def _framed(data: np.ndarray, raw: np.ndarray, cmap_name: str, vmin: float, vmax
         pad = L.band_height_pt(label_rows) if segments else 6
         ax.set_title("\n".join(_title_lines(parts, axes_w)), fontsize=L.TITLE_PT, loc="left", pad=pad,
                      linespacing=1.3, **LITERAL)
-    mappable = _heatmap(ax, lay, data, raw, cmap_name, vmin, vmax, window, placed, tokens)
+    mappable = _heatmap(ax, lay, data, raw, cmap_name, vmin, vmax, window, placed, tokens, positions, x_axis)
     info = RenderInfo(values=data, cmap=cmap_name, vmin=vmin, vmax=vmax, layout=lay, column_offset=window.offset)
     ax.render_info = info
     fig.render_info = info
@@ -445,6 +464,7 @@ def multi_layer_heatmap(
     ax: Axes | SubplotSpec | None = None,
     columns: tuple[int, int] | None = None,
     column_offset: int = 0,
+    x_axis: str = "column",
 ) -> Figure:
     """Every layer's similarity to every cached token, layer 0 at the bottom.
 
@@ -463,7 +483,10 @@ def multi_layer_heatmap(
         (all arguments are then the whole hand-off's). column_offset: the true number of the
         first column when `layer_similarities` (and positions, tokens) are already a window;
         segments stay in the hand-off's column numbers either way.
+    x_axis: "column" labels x ticks with column numbers; "position" with the original cache positions
+        at those columns (`positions` needed; after kNN filtering they have gaps).
     """
+    _check_x_axis(x_axis)
     data = _as_matrix(layer_similarities)
     ax = _target_axes(ax)
     full_columns = data.shape[1]
@@ -477,7 +500,8 @@ def multi_layer_heatmap(
         data, data, scale.cmap, scale.vmin, scale.vmax, title_parts=[
             title, f"{num_layers} layers × {num_columns} tokens", _window_note(window, full_columns),
             f"similarity: {mode}", *_bad_notes(data)],
-        notes=notes, window=window, tokens=tokens, token_labels=token_labels, dpi=dpi, ax=ax)
+        notes=notes, window=window, tokens=tokens, token_labels=token_labels, dpi=dpi, ax=ax, positions=positions,
+        x_axis=x_axis)
     plot_h_in = _axes_inches(ax)[1]
     ax.set_yticks(L.layer_ticks(num_layers, plot_h_in))
     ax.tick_params(axis="y", labelsize=L.TICK_PT)
@@ -511,6 +535,7 @@ def single_layer_strip(
     ax: Axes | SubplotSpec | None = None,
     columns: tuple[int, int] | None = None,
     column_offset: int = 0,
+    x_axis: str = "column",
 ) -> Figure:
     """One layer (the middle one, num_layers // 2, by default) as a min-max normalised strip.
 
@@ -518,8 +543,9 @@ def single_layer_strip(
     The row is normalised to [0, 1] (dark red = highest with YlOrRd); the title states the
     original range as 'Range: [lo, hi]' (of the drawn columns). A constant row draws as zeros,
     never NaN; ±Inf cells are drawn black / white and left out of the range.
-    ax, columns, column_offset: as for `multi_layer_heatmap`.
+    ax, columns, column_offset, x_axis: as for `multi_layer_heatmap`.
     """
+    _check_x_axis(x_axis)
     data = np.asarray(layer_similarities, dtype=np.float32)
     ax = _target_axes(ax)
     if data.ndim == 1:
@@ -547,7 +573,8 @@ def single_layer_strip(
         normalised[np.newaxis, :], row[np.newaxis, :], cmap, 0.0, 1.0, title_parts=[
             title, of_layers, f"{num_columns} tokens", _window_note(window, full_columns), range_text,
             f"similarity: {mode}", *_bad_notes(row)],
-        notes=notes, window=window, tokens=tokens, token_labels=token_labels, dpi=dpi, ax=ax, strip=True)
+        notes=notes, window=window, tokens=tokens, token_labels=token_labels, dpi=dpi, ax=ax, strip=True,
+        positions=positions, x_axis=x_axis)
     ax.set_yticks([0])
     ax.set_yticklabels([f"layer {layer}"], fontsize=L.TICK_PT)
     if lay.cbar is not None:

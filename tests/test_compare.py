@@ -216,3 +216,24 @@ def test_tiny_qwen3_knn_off_and_on(workdir):
     assert result.exit_code == 0 and "identical" in result.output, result.output
     same = pd.read_csv(workdir / "charts" / "compare_off_vs_again" / "compare.csv")
     assert (same[["only_a", "only_b", "max_abs_diff", "mean_abs_diff", "wasserstein_max"]] == 0).all().all()
+
+
+def test_layer_shift_interval_is_the_t_interval_of_the_mean():
+    from scipy import stats
+
+    from render.analysis.compare import t_interval
+
+    values = np.array([0.1, 0.4, 0.35, 0.2, 0.9])
+    expected = stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=stats.sem(values))
+    np.testing.assert_allclose(t_interval(values), expected)
+    assert t_interval(np.array([0.3])) == (0.3, 0.3)
+
+
+def test_wasserstein_by_layer_with_many_ties_matches_scipy():
+    from scipy.stats import wasserstein_distance
+
+    rng = np.random.default_rng(2)
+    a, b = rng.integers(0, 4, (5, 40)).astype(float), rng.integers(1, 5, (5, 23)).astype(float)
+    want = [wasserstein_distance(a[l], b[l]) for l in range(5)]
+    np.testing.assert_allclose(wasserstein_by_layer(a, b), want, rtol=1e-12)
+    assert (wasserstein_by_layer(a, a) == 0).all()

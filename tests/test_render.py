@@ -448,3 +448,47 @@ def test_importing_render_leaves_the_backend_and_pyplot_alone(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["svg", "False"]
+
+
+# -- x axis: columns or original cache positions ---------------------------------------------
+
+@pytest.mark.parametrize("draw_figure", [multi_layer_heatmap, single_layer_strip])
+def test_position_axis_labels_ticks_with_the_positions_at_those_columns(draw_figure):
+    values = np.tile(np.linspace(-1, 1, 120), (6, 1))
+    positions = np.arange(120) * 2 + np.arange(120) // 30 * 7  # every other position, and kNN gaps of 7
+    fig = draw_figure(values, positions=positions, x_axis="position")
+    ax = fig.axes[0]
+    ticks = ax.get_xticks().astype(int)
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert len(ticks) >= 2 and labels == [str(positions[t]) for t in ticks]
+    assert labels != [str(t) for t in ticks]
+    assert "original KV cache position 0 … " + str(positions[-1]) in ax.get_xlabel()
+    columns = draw_figure(values, positions=positions)  # the default: column numbers
+    assert [t.get_text() for t in columns.axes[0].get_xticklabels()] == [str(t) for t in columns.axes[0].get_xticks().astype(int)]
+
+
+def test_position_axis_in_a_window_uses_the_window_positions():
+    values = np.tile(np.arange(100, dtype=float), (4, 1)) / 100
+    positions = np.arange(100) * 3 + 1000
+    fig = multi_layer_heatmap(values, positions=positions, columns=(30, 60), x_axis="position")
+    ax = fig.axes[0]
+    ticks = ax.get_xticks().astype(int)
+    assert all(30 <= t < 60 for t in ticks)
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(positions[t]) for t in ticks]
+
+
+def test_unknown_x_axis_is_refused():
+    with pytest.raises(ValueError, match="unknown x axis 'layer'"):
+        multi_layer_heatmap(np.zeros((2, 3)), x_axis="layer")
+
+
+@pytest.mark.parametrize("kind", ["multi", "single"])
+def test_render_options_x_axis_reaches_the_figure_kinds(tmp_path, kind):
+    path = write_capture(tmp_path / "knn.h5", numbers=(1,), widths=(60,), gap_every=10)
+    with CaptureReader(path) as reader:
+        handoff = next(reader.handoffs(1))
+    fig = build_figure(kind, handoff, 1, RenderOptions(x_axis="position"), "seed")
+    ax = fig.axes[0]
+    ticks = ax.get_xticks().astype(int)
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(handoff.positions[t]) for t in ticks]
+    assert handoff.positions[-1] > 59  # the gaps make positions differ from columns

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -250,3 +251,48 @@ def test_render_runs_with_torch_and_transformers_unimportable(capture, tmp_path)
     info = subprocess.run([sys.executable, "-m", "render", "info", str(capture)], env=env, capture_output=True,
                           text=True, timeout=120, cwd=tmp_path)
     assert info.returncode == 0 and "hand-offs (T)" in info.stdout, info.stderr
+
+
+# -- output folders and the x axis ----------------------------------------------------------------
+
+def test_without_out_figures_go_to_a_folder_named_after_the_capture(tmp_path, monkeypatch):
+    knn_off = write_capture(tmp_path / "knn_off.h5", numbers=(1,))
+    knn_on = write_capture(tmp_path / "knn_on.h5", numbers=(1,), gap_every=5)
+    monkeypatch.chdir(tmp_path)
+    for capture in (knn_off, knn_on):
+        result = run(render_command, capture, "--kind", "multi", "--no-progress")
+        assert result.exit_code == 0, result.output
+        assert f"to {Path('charts') / capture.stem}" in result.output
+    for stem in ("knn_off", "knn_on"):  # same file names, two folders: nothing overwritten
+        assert sorted(p.name for p in (tmp_path / "charts" / stem).glob("*.png")) == [
+            "heatmap_critic_to_refiner_problem1.png", "heatmap_planner_to_critic_problem1.png",
+            "heatmap_refiner_to_judger_problem1.png"]
+    assert not list((tmp_path / "charts").glob("*.png"))
+    assert json.loads((tmp_path / "charts" / "knn_on" / "rendered_from.json").read_text()) == {
+        "capture": str(knn_on.resolve())}
+
+
+def test_explicit_out_is_used_as_given(capture, tmp_path):
+    result = run(render_command, capture, "--out", tmp_path / "mine", "--kind", "single", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "mine").glob("heatmap_singlelayer_*.png"))) == 9
+
+
+def test_x_axis_option(capture, tmp_path):
+    result = run(render_command, capture, "--out", tmp_path / "pos", "--x-axis", "position", "--problems", "1",
+                 "--no-progress")
+    assert result.exit_code == 0 and "Wrote 6 figures" in result.output, result.output
+    result = run(render_command, capture, "--out", tmp_path / "bad", "--x-axis", "layer")
+    assert result.exit_code == 2 and "'layer' is not one of 'column', 'position'" in result.output, result.output
+
+
+def test_same_file_name_from_another_folder_gets_its_own_default_folder(tmp_path, monkeypatch):
+    first = write_capture(tmp_path / "a" / "run.h5", numbers=(1,))
+    second = write_capture(tmp_path / "b" / "run.h5", numbers=(1,), seed=1)
+    monkeypatch.chdir(tmp_path)
+    for capture, folder in ((first, "run"), (second, "run_2"), (first, "run"), (second, "run_2")):
+        result = run(render_command, capture, "--kind", "single", "--no-progress")
+        assert result.exit_code == 0 and f"to {Path('charts') / folder}" in result.output, result.output
+    assert not (tmp_path / "charts" / "run_3").exists()
+    result = run(render_command, first, second, "--kind", "single", "--no-progress")
+    assert result.exit_code == 0 and "Wrote 6 figures to charts/<capture>/" in result.output, result.output

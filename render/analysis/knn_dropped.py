@@ -86,7 +86,7 @@ class KnnDropReport:
         self.settings = settings
         self.layer = layer
         self.scores_match = settings.score == unfiltered_mode
-        self._dropped: dict[str, list] = {c: [] for c in DROPPED_COLUMNS}
+        self._dropped: dict[str, list[np.ndarray]] = {c: [] for c in DROPPED_COLUMNS}  # one array per add
         self._summary: list[dict] = []
         self._segments: dict[tuple[str, str, str], _Segment] = {}
         self._absent = np.zeros(0, dtype=np.int64)
@@ -122,19 +122,23 @@ class KnnDropReport:
         kept_are_top, overlap = self._check(order, kept, kept_scores, dropped_scores)
         segments = column_segments(unfiltered)
         dropped_columns = np.flatnonzero(dropped)
-        rows = self._dropped
-        for column in dropped_columns:
-            agent, kind = segments.label_of(column)
-            rows["problem"].append(problem)
-            rows["handoff"].append(label)
-            rows["position"].append(int(pu[column]))
-            rows["column"].append(int(column))
-            rows["token"].append(unfiltered.tokens[column])
-            rows["agent"].append(agent)
-            rows["kind"].append(kind)
-            rows["value"].append(float(scores[column]))
-            rows["rank"].append(int(rank[column]) if older[column] else 0)
-            rows["protected"].append(bool(protected[column]))
+        agents = np.array([agent for agent, _ in segments.labels], dtype=object)
+        kinds = np.array([kind for _, kind in segments.labels], dtype=object)
+        places = segments.index[dropped_columns]
+        count = len(dropped_columns)
+        tokens = unfiltered.tokens
+        for column, values in (
+                ("problem", np.full(count, problem, dtype=np.int64)),
+                ("handoff", np.full(count, label, dtype=object)),
+                ("position", pu[dropped_columns]),
+                ("column", dropped_columns.astype(np.int64)),
+                ("token", np.array([tokens[c] for c in dropped_columns.tolist()], dtype=object)),
+                ("agent", agents[places]),
+                ("kind", kinds[places]),
+                ("value", scores[dropped_columns]),
+                ("rank", np.where(older[dropped_columns], rank[dropped_columns], 0)),
+                ("protected", protected[dropped_columns])):
+            self._dropped[column].append(values)
         for place, (agent, kind) in enumerate(segments.labels):
             mine = segments.index == place
             acc = self._segments.setdefault((label, agent, kind), _Segment())
@@ -182,7 +186,9 @@ class KnnDropReport:
         return bool(_finite_max(kept_scores) <= _finite_min(dropped_scores)), overlap
 
     def dropped(self) -> pd.DataFrame:
-        return pd.DataFrame(self._dropped, columns=DROPPED_COLUMNS)
+        if not self._dropped["problem"]:
+            return pd.DataFrame(columns=DROPPED_COLUMNS)
+        return pd.DataFrame({c: np.concatenate(parts) for c, parts in self._dropped.items()}, columns=DROPPED_COLUMNS)
 
     def summary(self) -> pd.DataFrame:
         return pd.DataFrame(self._summary, columns=SUMMARY_COLUMNS)

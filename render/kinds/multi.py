@@ -16,4 +16,5 @@ class MultiLayerHeatmap(FigureKind):
         return multi_layer_heatmap(handoff.layer_similarities, title=title, segments=handoff.segments,
                                    positions=handoff.positions, tokens=column_labels(handoff), mode=mode, cmap=cmap,
                                    vmin=options.vmin, vmax=options.vmax, dpi=options.dpi,
-                                   token_labels=options.token_labels, notes=notes)
+                                   token_labels=options.token_labels, notes=notes,
+                                   x_axis=options.x_axis)

@@ -17,4 +17,5 @@ class SingleLayerStrip(FigureKind):
         return single_layer_strip(handoff.layer_similarities, title=title, segments=handoff.segments,
                                   positions=handoff.positions, tokens=column_labels(handoff), mode=mode,
                                   cmap=cmap or self.default_cmap, dpi=options.dpi,
-                                  token_labels=options.token_labels, notes=notes)
+                                  token_labels=options.token_labels, notes=notes,
+                                  x_axis=options.x_axis)
