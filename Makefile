@@ -15,11 +15,15 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-install: $(PY)  ## create .venv and install the project with its test tools
+install: $(VENV)/.installed  ## create .venv and install the project with its test tools
+
+# Installed once, and again when the project's declared dependencies change.
+$(VENV)/.installed: $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet $(TORCH)
 	@# the build backend in .venv too: tests/test_install.py builds the package offline with it
 	$(PIP) install --quiet "setuptools>=77,<85"
 	$(PIP) install --quiet -e ".[capture,test]"
+	@touch $@
 
 test: install  ## run the test suite (CPU, offline)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

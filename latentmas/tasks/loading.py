@@ -188,7 +188,7 @@ def hub_records(task: Task) -> tuple[list[Located] | None, str]:
 # --------------------------------------------------------------------------- problems
 
 
-SAMPLE_PACKAGE = "latentmas.sample_data"  # the repo's `data/`, shipped under this name (see setup.py)
+SAMPLE_PACKAGE = "latentmas.sample_data"  # a link to the repo's `data/`, shipped inside the package
 
 
 def _shipped_data_dir() -> Path | None:
