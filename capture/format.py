@@ -60,7 +60,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -319,9 +318,10 @@ def text_problem(text: str) -> str | None:
     """Why `text` cannot be stored in a capture (a NUL, a lone surrogate), or None when it can."""
     if "\x00" in text:
         return "contains a NUL character (U+0000)"
-    for ch in text:
-        if unicodedata.category(ch) == "Cs":
-            return f"contains a lone surrogate (U+{ord(ch):04X}), which is not valid UTF-8"
+    try:
+        text.encode("utf-8")  # in C: only a lone surrogate fails
+    except UnicodeEncodeError as error:
+        return f"contains a lone surrogate (U+{ord(text[error.start]):04X}), which is not valid UTF-8"
     return None
 
 
@@ -556,9 +556,11 @@ class CaptureWriter(_OpenFile):
             for handoff in of_problem:
                 readout_texts = ([t for ts in handoff.readout.tokens for t in ts] + list(handoff.readout.realign_token)
                                  if handoff.readout is not None else [])
-                for text in (handoff.from_agent, handoff.to_agent, *handoff.tokens, *readout_texts,
-                             *(s.agent for s in handoff.segments), *(s.kind for s in handoff.segments)):
-                    _refuse_text(text, f"hand-off {handoff.name}" + (f" of problem {number}" if number else ""))
+                texts = (handoff.from_agent, handoff.to_agent, *handoff.tokens, *readout_texts,
+                         *(s.agent for s in handoff.segments), *(s.kind for s in handoff.segments))
+                # one check of all the hand-off's text at once (a NUL or a lone surrogate anywhere is refused)
+                _refuse_text("".join(map(str, texts)),
+                             f"hand-off {handoff.name}" + (f" of problem {number}" if number else ""))
         per_column = 48 * (1 + self.readout_top_k) + 16 * self.readout_top_k
         self._reserve(_MARGIN + sum(2 * h.layer_similarities.size * 4 + sum(len(t) * 4 + per_column for t in h.tokens)
                                     for of_problem in handoffs for h in of_problem), _problems_named(numbers))
