@@ -266,26 +266,27 @@ class CaptureRecorder:
         segment_ids = p["segment_ids"][row][real]
         k = self.readout_top_k
         readout = LatentReadout.empty(len(token_ids), k)
-        steps_of: dict[str, dict[int, int]] = {}
-        for column in np.flatnonzero(token_ids == LATENT):
-            agent = p["segments"][segment_ids[column]].agent
-            packed = self._host_readouts.get(agent)
-            if packed is None:
+        latent = token_ids == LATENT
+        for index, segment in enumerate(p["segments"]):
+            packed = self._host_readouts.get(segment.agent)
+            columns = np.flatnonzero(latent & (segment_ids == index))
+            if packed is None or not columns.size:
                 continue
-            if agent not in steps_of:
-                steps_of[agent] = {int(pos): step for step, pos in enumerate(packed[row, :, -1])}
-            step = steps_of[agent].get(int(positions[column]))
-            if step is None:
-                continue
-            values = unpack(packed[row, step, :-1], k)
-            readout.step[column] = step
-            readout.ids[column] = values["ids"]
-            readout.tokens[column] = [self._text(int(t)) for t in values["ids"]]
-            readout.probs[column] = values["probs"]
-            readout.entropy[column] = values["entropy"]
-            readout.realign_cosine[column] = values["cosine"]
-            if values["nearest"] >= 0:
-                readout.realign_token[column] = self._text(int(values["nearest"]))
+            step_positions = packed[row, :, -1]  # [steps]: each step's cache position
+            order = np.argsort(step_positions)
+            found = np.minimum(np.searchsorted(step_positions[order], positions[columns]), len(order) - 1)
+            match = step_positions[order][found] == positions[columns]
+            columns, steps = columns[match], order[found[match]]
+            values = unpack(packed[row, steps, :-1], k)  # [columns, ...]
+            readout.step[columns] = steps
+            readout.ids[columns] = values["ids"]
+            readout.probs[columns] = values["probs"]
+            readout.entropy[columns] = values["entropy"]
+            readout.realign_cosine[columns] = values["cosine"]
+            for column, ids, nearest in zip(columns, values["ids"], values["nearest"]):
+                readout.tokens[column] = [self._text(int(t)) for t in ids]
+                if nearest >= 0:
+                    readout.realign_token[column] = self._text(int(nearest))
         return readout
 
     def _text(self, token_id: int) -> str:
