@@ -15,7 +15,7 @@ from common import machine, sync
 
 from latentmas.config import RunConfig
 from latentmas.decoding import Sampler, Sampling, problem_generators
-from latentmas.fast_decode import StaticStep, capacity_for
+from latentmas.fast_decode import StaticStep
 from latentmas.methods import get_method
 from latentmas.methods.common import encode
 from latentmas.prompts import agent_prompt
@@ -38,11 +38,12 @@ def _timed(fn, n, device):
 @click.option("--model_name", default="tiny-qwen3")
 @click.option("--random_weights", is_flag=True)
 @click.option("--data_file", default=None)
-@click.option("--passes", default=5)
-@click.option("--batch", default=1, show_default=True, help="batch size of the single-step timings")
-@click.option("--capacities", default="", help="extra buffer sizes to time the graph step at, comma-separated")
+@click.option("--passes", default=3, help="whole problems solved first (time and memory left allocated)")
+@click.option("--batch_sizes", default="1", show_default=True, help="batch sizes of the single-step timings")
+@click.option("--capacity", default=2048, show_default=True, help="buffer size of the single-step timings")
+@click.option("--profile/--no-profile", default=True, help="profile the fastest step at the first batch size")
 @click.option("--device", default="cuda")
-def main(model_name, random_weights, data_file, passes, batch, capacities, device):
+def main(model_name, random_weights, data_file, passes, batch_sizes, capacity, profile, device):
     task = get_task("gsm8k")
     problems = load_problems(task, data_file, 1)
     from latentmas.models import load_model
@@ -51,44 +52,49 @@ def main(model_name, random_weights, data_file, passes, batch, capacities, devic
     device = lm.device
     print(f"machine: {machine(lm)}")
     cfg = RunConfig(model_name=model_name, max_new_tokens=256, ignore_eos=True, latent_steps=10)
-    for i in range(passes):  # whole problems: time and memory left allocated
+    for i in range(passes):
         start = time.perf_counter()
         get_method("latent_mas")(lm, problems, task, cfg)
         sync(device)
         gc.collect()
         memory = (f"allocated after {torch.cuda.memory_allocated(device) / 2**20:.0f} MiB, reserved "
                   f"{torch.cuda.memory_reserved(device) / 2**20:.0f} MiB" if device.type == "cuda" else "")
-        print(f"pass {i + 1}: {time.perf_counter() - start:.3f} s {memory}")
-    # one decode step, piece by piece
+        print(f"pass {i + 1}: {time.perf_counter() - start:.3f} s {memory}", flush=True)
+    lm.static_steps.clear()
     prompt = agent_prompt("judger", problems[0].question, task.answer_instruction)
-    _, ids, mask = encode(lm, [prompt] * batch, think=False)
-    shared = SharedCache(lm, batch)
-    logits = shared.extend(lm.model.get_input_embeddings()(ids), mask, ids, SegmentKey("judger", "prompt"),
-                           logits=True)
-    token = logits.argmax(-1)
-    sizes = [capacity_for(shared.length + 300)] + [int(c) for c in capacities.split(",") if c]
-    print(f"batch {batch}, {shared.length} cached columns")
-    for use_graph in ((True, False) if device.type == "cuda" else (False,)):
-        for capacity in sizes if use_graph else sizes[:1]:
-            start = time.perf_counter()
-            step = StaticStep(lm, batch, capacity, use_graph=use_graph).start(shared)
-            sync(device)
-            print(f"capacity {capacity}, graph={use_graph}: set-up {(time.perf_counter() - start) * 1000:.1f} ms, "
-                  f"run {_timed(lambda: step.run(token), 50, device):.2f} ms")
-            del step
-    sampler = Sampler(Sampling(256, 0.6, 0.95), problem_generators(list(range(1, batch + 1)), 0, device))
-    print(f"sampler: {_timed(lambda: sampler(logits), 50, device):.2f} ms")
-    ones = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    variants = [("graph, compiled", True, True), ("graph, eager", True, False)] if device.type == "cuda" else [
+        ("eager", False, False)]
     embed = lm.model.get_input_embeddings()
-    print(f"plain extend step: {_timed(lambda: shared.extend(embed(token[:, None]), ones, token[:, None], SegmentKey('judger', 'output'), logits=True), 20, device):.2f} ms")
-    if device.type == "cuda":
+    fastest = None
+    for batch in [int(b) for b in batch_sizes.split(",")]:
+        _, ids, mask = encode(lm, [prompt] * batch, think=False)
+        shared = SharedCache(lm, batch)
+        logits = shared.extend(embed(ids), mask, ids, SegmentKey("judger", "prompt"), logits=True)
+        token = logits.argmax(-1)
+        print(f"batch {batch}, {shared.length} cached columns, capacity {capacity}")
+        for name, use_graph, compiled in variants:
+            start = time.perf_counter()
+            step = StaticStep(lm, batch, capacity, use_graph=use_graph, compiled=compiled).start(shared)
+            sync(device)
+            setup = time.perf_counter() - start
+            print(f"  step {name:16s}: set-up {setup:7.2f} s, run {_timed(lambda: step.run(token), 100, device):.3f} "
+                  f"ms/step", flush=True)
+            if fastest is None:
+                fastest = step
+            else:
+                del step
+        sampler = Sampler(Sampling(256, 0.6, 0.95), problem_generators(list(range(1, batch + 1)), 0, device))
+        print(f"  sampler (t 0.6, top-p 0.95): {_timed(lambda: sampler(logits), 50, device):.3f} ms", flush=True)
+    if device.type == "cuda" and profile and fastest is not None:
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        step = StaticStep(lm, batch, sizes[0], use_graph=True).start(shared)
+        batch = fastest.kv.mask.shape[0]
+        sampler = Sampler(Sampling(256, 0.6, 0.95), problem_generators(list(range(1, batch + 1)), 0, device))
+        logits = fastest.run(token[:batch])
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(10):
-                logits = step.run(sampler(logits))
+                logits = fastest.run(sampler(logits))
             sync(device)
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
 
 
 if __name__ == "__main__":

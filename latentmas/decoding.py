@@ -25,7 +25,7 @@ class Sampling:
     top_k > 0 keeps the k most likely tokens before top-p, as transformers' `generate` does.
 
     fast: decode with a static KV buffer (`fast_decode.StaticStep`, a CUDA graph on
-    GPUs); None = on for CUDA, off on the CPU.
+    GPUs); None = on for CUDA, off on the CPU. compiled: compile that step (None: on CUDA).
     """
 
     max_new_tokens: int = 2048
@@ -34,6 +34,7 @@ class Sampling:
     ignore_eos: bool = False
     fast: bool | None = None
     top_k: int = 0  # 0 = no top-k cut
+    compiled: bool | None = None
 
 
 def problem_generators(numbers: list[int], seed: int, device: torch.device) -> list[torch.Generator]:
@@ -117,7 +118,7 @@ def generate(
         logits = shared.extend(prompt_embeds, prompt_mask, prompt_ids, SegmentKey(agent, "prompt"), logits=True)
     step_fn = None
     if use_fast(lm.device, sampling.fast) and sampling.max_new_tokens > 1:
-        step_fn = static_step(lm, shared, sampling.max_new_tokens).run
+        step_fn = static_step(lm, shared, sampling.max_new_tokens, compiled=sampling.compiled).run
     batch = prompt_ids.shape[0]
     finished = torch.zeros(batch, dtype=torch.bool, device=lm.device)
     ones = torch.ones(batch, 1, dtype=torch.bool, device=lm.device)

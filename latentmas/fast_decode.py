@@ -9,8 +9,12 @@ device-side index, attention sees all slots through a mask, and nothing talks to
 the host. Attention reads the unrepeated GQA keys (`step_attention`). On CUDA the
 step (embedding -> model -> last logits) is captured once as a CUDA graph and
 replayed; on the CPU the same step runs eagerly, which is how tests check that it
-decodes exactly what the plain loop decodes. Buffers come in a few sizes and each
-size's step is kept on the model and reused by later problems (`static_step`).
+decodes exactly what the plain loop decodes. With `compiled` (by default on CUDA) the
+step is first compiled by torch.compile (inductor fuses the norms, RoPE, SiLU-mul and
+residual adds that otherwise run as ~50 small kernels per layer), once per model and
+kind of step, with the buffers' length dynamic, and the compiled step is what the CUDA
+graph records. Buffers come in a few sizes and each size's step is kept on the model
+and reused by later problems (`static_step`).
 Decoding and latent steps both use it; latent steps hand their columns back to the
 shared cache (`SharedCache.adopt`).
 """
@@ -40,6 +44,16 @@ class StaticKV:
         self.write_index = torch.zeros(1, dtype=torch.long, device=device)
         self.mask = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
 
+    def mark_dynamic(self) -> None:
+        """Tell torch.compile that the buffers' length (and a batch of more than one) varies, so one
+        compiled step serves every buffer size and batch size (batch size 1 compiles apart)."""
+        for tensor in (*self.keys, *self.values):
+            torch._dynamo.mark_dynamic(tensor, 2)
+        torch._dynamo.mark_dynamic(self.mask, 1)
+        if self.mask.shape[0] > 1:
+            for tensor in (*self.keys, *self.values, self.mask):
+                torch._dynamo.mark_dynamic(tensor, 0)
+
     @torch.no_grad()
     def load(self, shared: SharedCache) -> None:
         """Start from `shared`'s columns; whatever an earlier problem left here is cleared."""
@@ -59,7 +73,7 @@ class StaticKV:
         return self.keys[layer_idx], self.values[layer_idx]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.capacity
+        return self.keys[layer_idx].shape[2]
 
 
 def capacity_for(needed: int) -> int:
@@ -70,6 +84,39 @@ def capacity_for(needed: int) -> int:
 def use_fast(device: torch.device, setting: bool | None) -> bool:
     """Whether to step on a static buffer: `setting`, or by default only on CUDA."""
     return device.type == "cuda" if setting is None else setting
+
+
+def use_compiled(device: torch.device, setting: bool | None) -> bool:
+    """Whether to compile the static step: `setting`, or by default only on CUDA."""
+    return device.type == "cuda" if setting is None else setting
+
+
+def model_step(model, kv: StaticKV, inputs: torch.Tensor, position: torch.Tensor, tokens: bool,
+               cache_name: str) -> torch.Tensor:
+    """One token per row on `kv` at its write index: ids `[batch, 1]` -> logits `[batch, vocab]`, or
+    embeddings `[batch, 1, hidden]` -> final hidden state `[batch, hidden]`."""
+    kv.mask.index_fill_(1, kv.write_index, True)
+    common = {"attention_mask": {"full_attention": kv.mask[:, None, None, :]}, "position_ids": position,
+              "use_cache": True, cache_name: kv}
+    with grouped_step(model):
+        if tokens:
+            return model(input_ids=inputs, logits_to_keep=1, **common).logits[:, -1, :]
+        return model.base_model(inputs_embeds=inputs, **common).last_hidden_state[:, -1, :]
+
+
+_COMPILED: list = []  # torch.compile(model_step), made on first use
+
+
+RECOMPILE_LIMIT = 32  # compiled entries kept per process (models x kinds x batch size 1 or more)
+
+
+def compiled_model_step():
+    """`model_step` compiled once per process (inductor, whole graph; dynamo keeps one entry per
+    model, kind of step and batch size 1 or more, sizes left dynamic by `StaticKV.mark_dynamic`)."""
+    if not _COMPILED:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        _COMPILED.append(torch.compile(model_step, fullgraph=True, dynamic=False))
+    return _COMPILED[0]
 
 
 _CAPTURE: dict = {}  # device -> (side stream, graph memory pool), shared by every capture
@@ -94,10 +141,12 @@ class StaticStep:
     final hidden state `[batch, hidden]` out.
     Static inputs (`input`, `position`, the buffers' `write_index` and `mask`) are updated
     in place; `start()` loads a shared cache, `run()` replays the CUDA graph when there is
-    one (`use_graph`: by default on CUDA only). Get one with `static_step()`.
+    one (`use_graph`: by default on CUDA only). `compiled` runs the step through
+    `compiled_model_step()` (by default on CUDA only). Get one with `static_step()`.
     """
 
-    def __init__(self, lm, batch: int, capacity: int, tokens: bool = True, use_graph: bool | None = None):
+    def __init__(self, lm, batch: int, capacity: int, tokens: bool = True, use_graph: bool | None = None,
+                 compiled: bool | None = None):
         self.lm = lm
         self.tokens = tokens
         device = lm.device
@@ -112,6 +161,14 @@ class StaticStep:
         self._cache_kwarg = cache_kwarg(lm.model.base_model)
         self.output = None
         self.graph = None
+        self.compiled = use_compiled(device, compiled)
+        self._step = model_step
+        if self.compiled:
+            self.kv.mark_dynamic()
+            if batch > 1:
+                torch._dynamo.mark_dynamic(self.input, 0)
+                torch._dynamo.mark_dynamic(self.position, 0)
+            self._step = compiled_model_step()
         if use_fast(device, use_graph):
             self._capture()
 
@@ -128,13 +185,7 @@ class StaticStep:
         return self
 
     def _forward(self) -> torch.Tensor:
-        self.kv.mask.index_fill_(1, self.kv.write_index, True)
-        common = {"attention_mask": {"full_attention": self.kv.mask[:, None, None, :]}, "position_ids": self.position,
-                  "use_cache": True, self._cache_kwarg: self.kv}
-        with grouped_step(self.lm.model):
-            if self.tokens:
-                return self.lm.model(input_ids=self.input, logits_to_keep=1, **common).logits[:, -1, :]
-            return self.lm.model.base_model(inputs_embeds=self.input, **common).last_hidden_state[:, -1, :]
+        return self._step(self.lm.model, self.kv, self.input, self.position, self.tokens, self._cache_kwarg)
 
     @torch.no_grad()
     def _capture(self) -> None:
@@ -187,17 +238,18 @@ def memory_budget(device: torch.device) -> float:
     return torch.cuda.get_device_properties(device).total_memory * KEEP_MEMORY_FRACTION
 
 
-def static_step(lm, shared: SharedCache, extra: int, tokens: bool = True, use_graph: bool | None = None) -> StaticStep:
+def static_step(lm, shared: SharedCache, extra: int, tokens: bool = True, use_graph: bool | None = None,
+                compiled: bool | None = None) -> StaticStep:
     """A step started on `shared` with room for `extra` more columns, reused when one of its shape exists.
 
-    Steps live on the model (`lm.static_steps`), keyed by (tokens, batch, capacity, graph, dtype).
+    Steps live on the model (`lm.static_steps`), keyed by (tokens, batch, capacity, graph, dtype, compiled).
     Before a new one is built, all of another batch size or dtype go (a run's batch size changes
     only for its last, smaller batch; the dtype when the model is cast), then the least recently
     used while there are KEEP_STEPS or their buffers would pass KEEP_MEMORY_FRACTION of the GPU;
     out of GPU memory, all go and the build is tried once more.
     """
-    graph = use_fast(lm.device, use_graph)
-    key = (tokens, shared.batch_size, capacity_for(shared.length + extra), graph, lm.dtype)
+    graph, compiled = use_fast(lm.device, use_graph), use_compiled(lm.device, compiled)
+    key = (tokens, shared.batch_size, capacity_for(shared.length + extra), graph, lm.dtype, compiled)
     steps = lm.static_steps
     if key in steps:
         steps.move_to_end(key)
@@ -209,10 +261,10 @@ def static_step(lm, shared: SharedCache, extra: int, tokens: bool = True, use_gr
                      sum(buffer_bytes(lm, k[1], k[2]) for k in steps) + needed > budget):
         steps.popitem(last=False)
     try:
-        step = StaticStep(lm, key[1], key[2], tokens=tokens, use_graph=graph)
+        step = StaticStep(lm, key[1], key[2], tokens=tokens, use_graph=graph, compiled=compiled)
     except torch.cuda.OutOfMemoryError:
         steps.clear()
         torch.cuda.empty_cache()
-        step = StaticStep(lm, key[1], key[2], tokens=tokens, use_graph=graph)
+        step = StaticStep(lm, key[1], key[2], tokens=tokens, use_graph=graph, compiled=compiled)
     steps[key] = step
     return step.start(shared)

@@ -190,3 +190,36 @@ def test_kept_steps_stay_within_the_memory_budget(tiny_lm, monkeypatch):
     assert sum(s.kv.keys[0].nbytes * 2 * tiny_lm.num_layers for s in tiny_lm.static_steps.values()) == \
         3 * fast_decode.buffer_bytes(tiny_lm, 1, 256)
     tiny_lm.static_steps.clear()
+
+
+def test_compiled_step_matches_eager_and_serves_every_size(tiny_lm):
+    """The torch.compile'd step (inductor on the CPU here) computes what the eager step computes,
+    for decoding at two buffer sizes, without compiling again for the second size."""
+    from latentmas.fast_decode import StaticStep
+    from latentmas.methods.common import encode
+    from latentmas.prompts import agent_prompt
+    from latentmas.shared_cache import SegmentKey, SharedCache
+
+    task = get_task("gsm8k")
+    prompts = [agent_prompt("judger", q, task.answer_instruction) for q in ("What is 2 + 3?", "Add 17 and 25.")]
+    _, ids, mask = encode(tiny_lm, prompts, False)
+    shared = SharedCache(tiny_lm, 2)
+    logits = shared.extend(tiny_lm.model.get_input_embeddings()(ids), mask, ids, SegmentKey("judger", "prompt"),
+                           logits=True)
+    token = logits.argmax(-1)
+
+    def steps(step, n=4):
+        step.start(shared)
+        out, ids = [], token
+        for _ in range(n):
+            out.append(step.run(ids).clone())
+            ids = out[-1].argmax(-1)
+        return torch.stack(out)
+
+    eager = steps(StaticStep(tiny_lm, 2, 256, use_graph=False, compiled=False))
+    compiled = steps(StaticStep(tiny_lm, 2, 256, use_graph=False, compiled=True))
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(eager[0], eager[1])  # the steps differ: a check that could fail
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        larger = steps(StaticStep(tiny_lm, 2, 512, use_graph=False, compiled=True))
+    torch.testing.assert_close(larger, eager, atol=1e-4, rtol=1e-4)

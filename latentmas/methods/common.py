@@ -92,7 +92,8 @@ def top_k_of(lm, cfg) -> int:
 def sampling_of(cfg, lm=None) -> Sampling:
     """Decoding settings; lm resolves `top_k -1` (without it, -1 means no top-k cut)."""
     top_k = top_k_of(lm, cfg) if lm is not None else max(cfg.top_k, 0)
-    return Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.ignore_eos, cfg.fast_decode, top_k)
+    return Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.ignore_eos, cfg.fast_decode, top_k,
+                    cfg.compile_step)
 
 
 def write_turn(lm, shared: SharedCache, agent: str, prompts: list[Prompt], cfg, generators) -> list[AgentTurn]:

@@ -77,10 +77,11 @@ def knn_scores(lm, shared: SharedCache, knn: KnnFilter, query, prompt_embeds, id
 
 @torch.no_grad()
 def think_latently(shared: SharedCache, latent_input: LatentInput, hidden: torch.Tensor, agent: str, steps: int,
-                   fast: bool = False, keep_states: bool = False):
+                   fast: bool = False, keep_states: bool = False, compiled: bool | None = None):
     """`steps` latent steps from `hidden` [batch, hidden]; each appends one cache column.
 
-    fast: step on a static KV buffer (a CUDA graph on GPUs), then hand the columns back.
+    fast: step on a static KV buffer (a CUDA graph on GPUs), then hand the columns back;
+    compiled: compile that step (None: on CUDA).
     keep_states: return `(hidden_states, realigned)`: the hidden states `[batch, steps, hidden]` that
     became the steps' inputs (before realignment) and, with realignment, the inputs fed
     `[batch, steps, hidden]` (else None), written into preallocated device tensors (no host sync).
@@ -103,7 +104,7 @@ def think_latently(shared: SharedCache, latent_input: LatentInput, hidden: torch
         return fed
 
     if fast and steps > 0:
-        step = static_step(shared.lm, shared, steps, tokens=False)
+        step = static_step(shared.lm, shared, steps, tokens=False, compiled=compiled)
         for i in range(steps):
             hidden = step.run(next_input(i, hidden))
         shared.adopt(step.kv, steps, LATENT, segment)
@@ -150,7 +151,7 @@ def solve(lm, problems, task, cfg, observer: HandoffObserver | None = None):
                 hidden = shared.extend(prompt_embeds, mask, ids, SegmentKey(agent, "prompt"))
             hook = latent_steps_hook(observer) if cfg.latent_steps > 0 else None
             kept = think_latently(shared, latent_input, hidden, agent, cfg.latent_steps, fast,
-                                  keep_states=hook is not None)
+                                  keep_states=hook is not None, compiled=cfg.compile_step)
             if hook is not None:
                 hook(LatentStepsEvent(agent, shared, *kept, problems))
             new = [AgentTurn(agent, text, "", int(m.sum()), 0, cfg.latent_steps) for text, m in zip(texts, mask)]
