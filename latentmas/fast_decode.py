@@ -92,13 +92,14 @@ def use_compiled(device: torch.device, setting: bool | None) -> bool:
 
 
 def model_step(model, kv: StaticKV, inputs: torch.Tensor, position: torch.Tensor, tokens: bool,
-               cache_name: str) -> torch.Tensor:
+               cache_name: str, attention: str = "sdpa") -> torch.Tensor:
     """One token per row on `kv` at its write index: ids `[batch, 1]` -> logits `[batch, vocab]`, or
-    embeddings `[batch, 1, hidden]` -> final hidden state `[batch, hidden]`."""
+    embeddings `[batch, 1, hidden]` -> final hidden state `[batch, hidden]`. attention: the kernel
+    (`step_attention.KERNELS`)."""
     kv.mask.index_fill_(1, kv.write_index, True)
     common = {"attention_mask": {"full_attention": kv.mask[:, None, None, :]}, "position_ids": position,
               "use_cache": True, cache_name: kv}
-    with grouped_step(model):
+    with grouped_step(model, attention):
         if tokens:
             return model(input_ids=inputs, logits_to_keep=1, **common).logits[:, -1, :]
         return model.base_model(inputs_embeds=inputs, **common).last_hidden_state[:, -1, :]
@@ -142,15 +143,17 @@ class StaticStep:
     Static inputs (`input`, `position`, the buffers' `write_index` and `mask`) are updated
     in place; `start()` loads a shared cache, `run()` replays the CUDA graph when there is
     one (`use_graph`: by default on CUDA only). `compiled` runs the step through
-    `compiled_model_step()` (by default on CUDA only). Get one with `static_step()`.
+    `compiled_model_step()` (by default on CUDA only). `attention`: the step's attention kernel
+    (`step_attention.KERNELS`; by default "flex" when compiled, else "sdpa"). `kv`: buffers to step on
+    (another step's, of this batch and capacity; by default new ones). Get one with `static_step()`.
     """
 
     def __init__(self, lm, batch: int, capacity: int, tokens: bool = True, use_graph: bool | None = None,
-                 compiled: bool | None = None):
+                 compiled: bool | None = None, attention: str | None = None, kv: StaticKV | None = None):
         self.lm = lm
         self.tokens = tokens
         device = lm.device
-        self.kv = StaticKV(lm, batch, capacity)
+        self.kv = kv if kv is not None else StaticKV(lm, batch, capacity)
         if tokens:
             self.input = torch.zeros(batch, 1, dtype=torch.long, device=device)
         else:
@@ -162,6 +165,7 @@ class StaticStep:
         self.output = None
         self.graph = None
         self.compiled = use_compiled(device, compiled)
+        self.attention = attention or ("flex" if self.compiled else "sdpa")
         self._step = model_step
         if self.compiled:
             self.kv.mark_dynamic()
@@ -185,7 +189,8 @@ class StaticStep:
         return self
 
     def _forward(self) -> torch.Tensor:
-        return self._step(self.lm.model, self.kv, self.input, self.position, self.tokens, self._cache_kwarg)
+        return self._step(self.lm.model, self.kv, self.input, self.position, self.tokens, self._cache_kwarg,
+                          self.attention)
 
     @torch.no_grad()
     def _capture(self) -> None:
@@ -221,50 +226,36 @@ class StaticStep:
         return output
 
 
-KEEP_STEPS = 6  # captured steps kept per model (a few buffer sizes x decode/latent)
-KEEP_MEMORY_FRACTION = 0.25  # at most this share of the GPU's memory held by kept steps' buffers
-
-
 def buffer_bytes(lm, batch: int, capacity: int) -> int:
     """Bytes of a step's key and value buffers."""
     itemsize = torch.empty((), dtype=lm.dtype).element_size()
     return 2 * lm.num_layers * batch * lm.num_kv_heads * capacity * lm.head_dim * itemsize
 
 
-def memory_budget(device: torch.device) -> float:
-    """Bytes the kept steps' buffers may hold: KEEP_MEMORY_FRACTION of a GPU, no limit on the CPU."""
-    if device.type != "cuda":
-        return float("inf")
-    return torch.cuda.get_device_properties(device).total_memory * KEEP_MEMORY_FRACTION
-
-
 def static_step(lm, shared: SharedCache, extra: int, tokens: bool = True, use_graph: bool | None = None,
                 compiled: bool | None = None) -> StaticStep:
-    """A step started on `shared` with room for `extra` more columns, reused when one of its shape exists.
+    """A step started on `shared` with room for `extra` more columns, on the model's one static buffer.
 
-    Steps live on the model (`lm.static_steps`), keyed by (tokens, batch, capacity, graph, dtype, compiled).
-    Before a new one is built, all of another batch size or dtype go (a run's batch size changes
-    only for its last, smaller batch; the dtype when the model is cast), then the least recently
-    used while there are KEEP_STEPS or their buffers would pass KEEP_MEMORY_FRACTION of the GPU;
-    out of GPU memory, all go and the build is tried once more.
+    Steps live on the model (`lm.static_steps`), keyed by (tokens, batch, capacity, graph, dtype,
+    compiled), and all of them share one `StaticKV`: the latent steps and the decoding of a problem
+    take turns on it, so a batch holds one buffer beside its shared cache, not one per size. A step
+    that fits the buffer reuses it (and its recorded graph); one that needs more room, another batch
+    size or another dtype (the model was cast) replaces the buffer and every step on it. Out of GPU
+    memory, the cached allocator is emptied and the build tried once more.
     """
     graph, compiled = use_fast(lm.device, use_graph), use_compiled(lm.device, compiled)
-    key = (tokens, shared.batch_size, capacity_for(shared.length + extra), graph, lm.dtype, compiled)
     steps = lm.static_steps
-    if key in steps:
-        steps.move_to_end(key)
-        return steps[key].start(shared)
-    for other in [k for k in steps if k[1] != key[1] or k[4] != key[4]]:
-        del steps[other]
-    needed, budget = buffer_bytes(lm, key[1], key[2]), memory_budget(lm.device)
-    while steps and (len(steps) >= KEEP_STEPS or
-                     sum(buffer_bytes(lm, k[1], k[2]) for k in steps) + needed > budget):
-        steps.popitem(last=False)
-    try:
-        step = StaticStep(lm, key[1], key[2], tokens=tokens, use_graph=graph, compiled=compiled)
-    except torch.cuda.OutOfMemoryError:
+    kv = next(iter(steps.values())).kv if steps else None
+    needed = shared.length + extra
+    if kv is None or kv.mask.shape[0] != shared.batch_size or kv.keys[0].dtype != lm.dtype or kv.capacity < needed:
         steps.clear()
-        torch.cuda.empty_cache()
-        step = StaticStep(lm, key[1], key[2], tokens=tokens, use_graph=graph, compiled=compiled)
-    steps[key] = step
-    return step.start(shared)
+        kv = None
+    key = (tokens, shared.batch_size, capacity_for(needed) if kv is None else kv.capacity, graph, lm.dtype, compiled)
+    if key not in steps:
+        try:
+            steps[key] = StaticStep(lm, key[1], key[2], tokens=tokens, use_graph=graph, compiled=compiled, kv=kv)
+        except torch.cuda.OutOfMemoryError:
+            steps.clear()
+            torch.cuda.empty_cache()
+            steps[key] = StaticStep(lm, key[1], key[2], tokens=tokens, use_graph=graph, compiled=compiled)
+    return steps[key].start(shared)
