@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from capture.format import SCHEMA_VERSION, CaptureWriter, Handoff, LatentReadout, ProblemRecord, Segment  # noqa: E402
+from capture.format import SCHEMA_VERSION, CaptureWriter, Handoff, LatentReadout, ProblemRecord, Segment
 
 AGENTS = ("planner", "critic", "refiner", "judger")
 

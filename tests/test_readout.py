@@ -180,7 +180,7 @@ def test_readout_round_trip_and_refusals(tmp_path):
     with CaptureWriter.open(path, {}, {"a": 1}, num_layers=2, readout_top_k=2) as writer:
         writer.append(ProblemRecord(1, "q", "1", "1", True, [_handoff(readout=_readout()), _handoff(width=3)]))
     with CaptureReader(path) as capture:
-        assert capture.attrs["schema_version"] == 2
+        assert capture.attrs["schema_version"] == 3
         first, second = capture.handoffs(1)
         np.testing.assert_array_equal(first.readout.ids, _readout().ids)
         assert first.readout.tokens[1] == ["x", "y"] and first.readout.tokens[0] == ["", ""]
@@ -194,12 +194,12 @@ def test_readout_round_trip_and_refusals(tmp_path):
         with pytest.raises(CaptureError, match="keeps none"):
             writer.append(ProblemRecord(1, "q", "1", "1", True, [_handoff(readout=_readout())]))
     with h5py.File(path, "r+") as f:
-        del f["columns/readout_prob"]
+        del f["readout/prob"]
     with pytest.raises(CaptureError, match="part of a latent readout"):
         CaptureReader(path)
     with h5py.File(path, "r+") as f:
-        f["columns"].create_dataset("readout_prob", data=np.zeros((2, 4), dtype="S3"))
-    with pytest.raises(CaptureError, match="readout_prob holds"):
+        f["readout"].create_dataset("prob", data=np.zeros((2, 1), dtype="S3"))
+    with pytest.raises(CaptureError, match="/readout/prob holds"):
         CaptureReader(path)
 
 
