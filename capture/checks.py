@@ -81,3 +81,28 @@ def check_segments(first_segment: np.ndarray, num_segments: np.ndarray, num_colu
         i = int(bad[0])
         raise TableError(f"/segments row {int(rows[i])} covers columns {int(s[i])}..{int(e[i])} of hand-off "
                          f"{int(owners[i])}, which has {int(width[i])}")
+
+
+def check_readout_rows(first_readout: np.ndarray, num_readouts: np.ndarray, num_columns: np.ndarray,
+                       column: np.ndarray, step: np.ndarray) -> None:
+    """Every hand-off's readout rows name columns of that hand-off, each at most once and in increasing order,
+    with a latent step >= 0. first_readout, num_readouts, num_columns: [H]; column, step: [R], the rows covered."""
+    counts = num_readouts.astype(np.int64)
+    owners = np.repeat(np.arange(len(counts)), counts)
+    offsets = np.arange(len(owners)) - np.repeat(np.cumsum(counts) - counts, counts)
+    rows = first_readout.astype(np.int64)[owners] + offsets
+    c, width = column[rows].astype(np.int64), num_columns.astype(np.int64)[owners]
+    bad = np.flatnonzero((c < 0) | (c >= width))
+    if bad.size:
+        i = int(bad[0])
+        raise TableError(f"/readout row {int(rows[i])} names column {int(c[i])} of hand-off {int(owners[i])}, "
+                         f"which has {int(width[i])}")
+    repeated = np.flatnonzero((offsets[1:] > 0) & (c[1:] <= c[:-1])) + 1
+    if repeated.size:
+        i = int(repeated[0])
+        raise TableError(f"/readout row {int(rows[i])} names column {int(c[i])} of hand-off {int(owners[i])} "
+                         f"after column {int(c[i - 1])} (a hand-off's rows go by increasing column)")
+    negative = np.flatnonzero(step[rows] < 0)
+    if negative.size:
+        i = int(negative[0])
+        raise TableError(f"/readout row {int(rows[i])} has latent step {int(step[rows[i]])}")

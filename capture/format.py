@@ -4,9 +4,9 @@ This is the only module that knows the layout (documented for humans in
 `docs/capture-format.md`). It needs h5py and numpy only, never torch, so the
 renderer can read captures on a laptop.
 
-Layout (schema 2). Every dataset is one-dimensional, chunked and resizable
-along its row axis, except the similarity matrix and the readout's top-k tables,
-which grow along columns::
+Layout (schema 3). Every dataset is chunked and resizable along its last axis, the
+one that grows: one row per entry, except the similarity matrix and the readout's
+top-k tables, which are [rows, entries]::
 
     /                          attrs: schema_version, run metadata, config (JSON)
     /problems/number           int32 [P]   1-based problem number in the run
@@ -22,23 +22,26 @@ which grow along columns::
     /handoffs/num_columns      int64 [H]   T, the cache length the agent reads
     /handoffs/first_segment    int64 [H]   row in /segments
     /handoffs/num_segments     int32 [H]
+    /handoffs/first_readout    int64 [H]   row in /readout      } with a readout only
+    /handoffs/num_readouts     int32 [H]   its latent columns    }
     /columns/layer_similarities  float16|float32 [num_layers, C]
     /columns/position          int64 [C]   original cache position (kNN leaves gaps)
     /columns/token             str   [C]   token text; latent steps read "<latent>"
-    /columns/readout_step      int32   [C]     a latent column's step (0-based, per agent), -1 elsewhere
-    /columns/readout_id        int32   [k, C]  top-k token ids of a latent column's readout, -1 elsewhere
-    /columns/readout_token     str     [k, C]  their text, "" elsewhere
-    /columns/readout_prob      float32 [k, C]  their probabilities, NaN elsewhere
-    /columns/readout_entropy   float32 [C]     entropy (nats) of the step's distribution, NaN elsewhere
-    /columns/realign_cosine    float32 [C]     cosine of the realigned input and its nearest input
-                                               embedding (NaN without --latent_space_realign)
-    /columns/realign_token     str     [C]     that embedding's token, "" when none
-                                               (the seven readout datasets exist only when the run kept
-                                               a readout, k = --readout_top_k > 0; schema 1 has none)
     /segments/agent            str   [G]
     /segments/kind             str   [G]   "prompt" or "latent"
     /segments/start            int64 [G]   first column, relative to its hand-off
     /segments/stop             int64 [G]   one past the last column
+    /readout/column            int64   [R]     column of its hand-off (0-based), increasing within it
+    /readout/step              int32   [R]     the column's latent step (0-based, per agent)
+    /readout/id                int32   [k, R]  top-k token ids of the step's readout, most likely first
+    /readout/token             str     [k, R]  their text
+    /readout/prob              float32 [k, R]  their probabilities
+    /readout/entropy           float32 [R]     entropy (nats) of the step's distribution
+    /readout/realign_cosine    float32 [R]     cosine of the realigned input and its nearest input
+                                               embedding (NaN without --latent_space_realign)
+    /readout/realign_token     str     [R]     that embedding's token, "" when none
+                                               (/readout and the two /handoffs readout datasets exist only
+                                               when the run kept a readout, k = --readout_top_k > 0)
     /status/committed          int64 [4]   rows of problems, handoffs, columns, segments
                                            that are complete; readers ignore the rest
     /status/finished_at        str   [1]   "" while the run is going
@@ -50,9 +53,16 @@ killed at any point (even `kill -9`) stays readable and a half-written capture
 can be rendered while it grows. SWMR forbids creating groups or datasets once it
 is on, so everything is created up front and problems are appended as rows.
 A problem becomes visible only when `/status/committed` is advanced, after its
-rows are flushed: a problem in flight at a crash is simply not there. Problems
+rows are flushed: a problem in flight at a crash is simply not there. The latent
+readout is a table of its own with one row per latent column (a few percent of the
+columns), reached from each hand-off by its row range like the segments; its
+committed rows are those the committed hand-offs' ranges cover. Problems
 solved together in one batch are committed together; their hand-offs may be
 written (`stage`) before their results are known and the batch committed after.
+
+Older schemas still read: schema 1 has no readout; schema 2 kept it per column of
+`/columns` (`/columns/readout_step`, `readout_id [k, C]`, ... filled with -1, "" and
+NaN where a column had none) and reads into the same `LatentReadout`.
 """
 
 from __future__ import annotations
@@ -81,8 +91,8 @@ from .hdf5_open import (
 from .lock import CaptureLockedError, WriterLock
 from .text import shorten
 
-SCHEMA_VERSION = 2
-READABLE_SCHEMAS = (1, 2)  # schema 1: no latent readout
+SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (1, 2, 3)  # schema 1: no latent readout; schema 2: the readout per column of /columns
 LATENT_TOKEN = "<latent>"
 SEGMENT_KINDS = ("prompt", "latent")
 
@@ -117,8 +127,21 @@ _TABLES: dict[str, tuple[tuple[str, object], ...]] = {
     "segments": (("agent", _STR), ("kind", _STR), ("start", np.int64), ("stop", np.int64)),
 }
 _COMMIT_ORDER = ("problems", "handoffs", "columns", "segments")
-# The latent readout, in /columns, all or none: name -> (dtype, rank); rank 2 is [k, C].
+# The latent readout (schema 3), all or none: its row table /readout, name -> (dtype, rank), rank 2 being [k, R],
+# and each hand-off's range of rows in it.
 _READOUT: dict[str, tuple[object, int]] = {
+    "column": (np.int64, 1),
+    "step": (np.int32, 1),
+    "id": (np.int32, 2),
+    "token": (_STR, 2),
+    "prob": (np.float32, 2),
+    "entropy": (np.float32, 1),
+    "realign_cosine": (np.float32, 1),
+    "realign_token": (_STR, 1),
+}
+_READOUT_RANGE = (("first_readout", np.int64), ("num_readouts", np.int32))  # in /handoffs
+# Schema 2's readout, in /columns, one entry per column (read only): name -> (dtype, rank); rank 2 is [k, C].
+_READOUT_V2: dict[str, tuple[object, int]] = {
     "readout_step": (np.int32, 1),
     "readout_id": (np.int32, 2),
     "readout_token": (_STR, 2),
@@ -199,19 +222,68 @@ class LatentReadout:
                    entropy=np.full(width, np.nan, dtype=np.float32),
                    realign_cosine=np.full(width, np.nan, dtype=np.float32), realign_token=[""] * width)
 
+    @classmethod
+    def from_rows(cls, width: int, top_k: int, rows: "ReadoutRows") -> "LatentReadout":
+        """The readout of `width` columns of which `rows.column` have one (the others none)."""
+        readout = cls.empty(width, top_k)
+        c = rows.column
+        readout.step[c], readout.ids[c], readout.probs[c] = rows.step, rows.ids, rows.probs
+        readout.entropy[c], readout.realign_cosine[c] = rows.entropy, rows.realign_cosine
+        for column, tokens, nearest in zip(c.tolist(), rows.tokens, rows.realign_token):
+            readout.tokens[column], readout.realign_token[column] = tokens, nearest
+        return readout
+
+    def rows(self) -> "ReadoutRows":
+        """The columns that have a readout, as rows (what the file stores)."""
+        c = np.flatnonzero(self.has)
+        return ReadoutRows(column=c, step=np.asarray(self.step)[c], ids=np.asarray(self.ids)[c],
+                           tokens=[list(self.tokens[i]) for i in c.tolist()], probs=np.asarray(self.probs)[c],
+                           entropy=np.asarray(self.entropy)[c], realign_cosine=np.asarray(self.realign_cosine)[c],
+                           realign_token=[self.realign_token[i] for i in c.tolist()])
+
     def check(self, width: int, top_k: int) -> None:
-        """ValueError unless every array has `width` columns and `top_k` entries each."""
+        """ValueError unless every array has `width` columns and `top_k` entries each (the token lists:
+        each column that has a readout)."""
         shapes = {"ids": np.shape(self.ids), "probs": np.shape(self.probs)}
         for name, shape in shapes.items():
             if shape != (width, top_k):
                 raise ValueError(f"readout {name} is {list(shape)}, not [{width}, {top_k}]")
-        if len(self.tokens) != width or any(len(t) != top_k for t in self.tokens):
+        if len(self.tokens) != width or any(len(self.tokens[c]) != top_k for c in np.flatnonzero(self.has).tolist()):
             raise ValueError(f"readout tokens are not {width} lists of {top_k}")
         for name in ("step", "entropy", "realign_cosine"):
             if np.shape(getattr(self, name)) != (width,):
                 raise ValueError(f"readout {name} is {list(np.shape(getattr(self, name)))}, not [{width}]")
         if len(self.realign_token) != width:
             raise ValueError(f"readout realign_token has {len(self.realign_token)} entries, not {width}")
+
+
+@dataclass
+class ReadoutRows:
+    """A hand-off's readout as the file keeps it: one row per column that has one, R rows.
+
+    column: [R] int, the column in its hand-off, increasing; step: [R] int, its latent step;
+    ids: [R, k] int; tokens: R lists of k strings; probs: [R, k] float32; entropy, realign_cosine:
+    [R] float32; realign_token: R strings ("" where none).
+    """
+
+    column: np.ndarray
+    step: np.ndarray
+    ids: np.ndarray
+    tokens: list[list[str]]
+    probs: np.ndarray
+    entropy: np.ndarray
+    realign_cosine: np.ndarray
+    realign_token: list[str]
+
+    def problem(self) -> str | None:
+        """Why these rows cannot be stored (a negative token id or step), or None."""
+        if self.ids.size and int(self.ids.min()) < 0:
+            row = int(np.flatnonzero((self.ids < 0).any(axis=1))[0])
+            return f"the readout of column {int(self.column[row])} has a negative token id"
+        if self.step.size and int(self.step.min()) < 0:
+            row = int(np.flatnonzero(self.step < 0)[0])
+            return f"the readout of column {int(self.column[row])} has no latent step (step {int(self.step[row])})"
+        return None
 
 
 @dataclass
@@ -266,12 +338,14 @@ class StagedHandoffs:
     """Hand-offs written past the committed rows by `CaptureWriter.stage`, awaiting their problems.
 
     base: the committed counts `[problems, handoffs, columns, segments]` they were staged on;
-    num_handoffs: hand-offs per problem, in order; end: `[handoffs, columns, segments]` after them.
+    num_handoffs: hand-offs per problem, in order; end: `[handoffs, columns, segments]` after them;
+    readout_end: the rows of /readout after them.
     """
 
     base: list[int]
     num_handoffs: list[int]
     end: list[int]
+    readout_end: int = 0
 
 
 @dataclass
@@ -389,7 +463,8 @@ class CaptureWriter(_OpenFile):
         self._durable = durable
         self._fd = os.open(file.filename, os.O_RDWR)  # for fsync and space reservations
         self._committed = [int(x) for x in file["status/committed"][:]]
-        self.readout_top_k = int(file["columns/readout_id"].shape[0]) if "readout_id" in file["columns"] else 0
+        self.readout_top_k = int(file["readout/id"].shape[0]) if "readout" in file else 0
+        self._readout_rows = _readout_end(file, self._committed[1]) if self.readout_top_k else 0
         count = self._committed[0]
         self.completed_numbers: set[int] = set(int(n) for n in file["problems/number"][:count])
 
@@ -554,15 +629,20 @@ class CaptureWriter(_OpenFile):
         """
         for of_problem, number in zip(handoffs, list(numbers) or [None] * len(handoffs)):
             for handoff in of_problem:
-                readout_texts = ([t for ts in handoff.readout.tokens for t in ts] + list(handoff.readout.realign_token)
-                                 if handoff.readout is not None else [])
+                readout = handoff.readout
+                readout_texts = ([t for c in np.flatnonzero(readout.has).tolist()
+                                  for t in (*readout.tokens[c], readout.realign_token[c])]
+                                 if readout is not None
+                                 and len(readout.tokens) == len(readout.realign_token) == np.shape(readout.ids)[0]
+                                 else [])
                 texts = (handoff.from_agent, handoff.to_agent, *handoff.tokens, *readout_texts,
                          *(s.agent for s in handoff.segments), *(s.kind for s in handoff.segments))
                 # one check of all the hand-off's text at once (a NUL or a lone surrogate anywhere is refused)
                 _refuse_text("".join(map(str, texts)),
                              f"hand-off {handoff.name}" + (f" of problem {number}" if number else ""))
-        per_column = 48 * (1 + self.readout_top_k) + 16 * self.readout_top_k
-        self._reserve(_MARGIN + sum(2 * h.layer_similarities.size * 4 + sum(len(t) * 4 + per_column for t in h.tokens)
+        per_readout = 48 * (1 + self.readout_top_k) + 16 * self.readout_top_k + 32  # a row: k + 1 strings, numbers
+        self._reserve(_MARGIN + sum(2 * h.layer_similarities.size * 4 + sum(len(t) * 4 + 48 for t in h.tokens)
+                                    + (per_readout * int(h.readout.has.sum()) if h.readout is not None else 0)
                                     for of_problem in handoffs for h in of_problem), _problems_named(numbers))
         try:
             return self._stage(handoffs)
@@ -599,8 +679,10 @@ class CaptureWriter(_OpenFile):
         f = self._file
         handoff_rows = {"from_agent": [], "to_agent": [], "first_column": [], "num_columns": [],
                         "first_segment": [], "num_segments": []}
+        if self.readout_top_k:
+            handoff_rows.update(first_readout=[], num_readouts=[])
         segment_rows = {"agent": [], "kind": [], "start": [], "stop": []}
-        column, segment = n_columns, n_segments
+        column, segment, readout_row = n_columns, n_segments, self._readout_rows
         matrices, positions, tokens, readouts = [], [], [], []
         for handoffs in per_problem:
             for handoff in handoffs:
@@ -620,9 +702,11 @@ class CaptureWriter(_OpenFile):
                     segment_rows["stop"].append(seg.stop)
                 matrices.append(handoff.layer_similarities)
                 if self.readout_top_k:
-                    readout = handoff.readout or LatentReadout.empty(width, self.readout_top_k)
-                    readout.check(width, self.readout_top_k)
-                    readouts.append(readout)
+                    rows = _readout_rows(handoff, width, self.readout_top_k)
+                    handoff_rows["first_readout"].append(readout_row)
+                    handoff_rows["num_readouts"].append(len(rows.column))
+                    readouts.append(rows)
+                    readout_row += len(rows.column)
                 elif handoff.readout is not None and handoff.readout.has.any():
                     raise ValueError(f"hand-off {handoff.name} has a latent readout, but {self.path} keeps none")
                 positions.append(np.asarray(handoff.positions, dtype=np.int64))
@@ -636,15 +720,16 @@ class CaptureWriter(_OpenFile):
             sims[:, n_columns:column] = block
             _append_rows(f["columns/position"], n_columns, np.concatenate(positions))
             _append_rows(f["columns/token"], n_columns, tokens)
-            if readouts:
-                _append_readout(f["columns"], n_columns, readouts)
+        if readout_row > self._readout_rows:
+            _append_readout(f["readout"], self._readout_rows, readouts)
         for name, rows in handoff_rows.items():
             _append_rows(f[f"handoffs/{name}"], n_handoffs, rows)
         for name, rows in segment_rows.items():
             _append_rows(f[f"segments/{name}"], n_segments, rows)
         f.flush()  # rows reach the disk before the commit marker that makes them visible
         return StagedHandoffs(base=list(self._committed), num_handoffs=[len(h) for h in per_problem],
-                              end=[n_handoffs + len(handoff_rows["from_agent"]), column, segment])
+                              end=[n_handoffs + len(handoff_rows["from_agent"]), column, segment],
+                              readout_end=readout_row)
 
     def _commit(self, staged: StagedHandoffs, problems: Sequence[ProblemRecord]) -> None:
         n_problems, first = staged.base[0], staged.base[1]
@@ -666,6 +751,7 @@ class CaptureWriter(_OpenFile):
         self._file["status/committed"][:] = committed
         self._sync()
         self._committed = committed
+        self._readout_rows = staged.readout_end
 
     def finish(self, finished_at: str, summary: dict) -> None:
         """Mark the run finished and store its summary (JSON)."""
@@ -813,7 +899,7 @@ def _half_created(path: Path) -> bool:
         head = superblock(path)  # the file's size includes the space its writer reserved
         return (head[2] if head is not None and head[2] > 0 else path.stat().st_size) <= _HALF_CREATED_MAX_BYTES
     try:
-        if not set(file.keys()) <= {*_TABLES, "status"}:
+        if not set(file.keys()) <= {*_TABLES, "readout", "status"}:
             return False
         if "status" not in file or "committed" not in file["status"] or "config" not in file.attrs:
             return True
@@ -842,33 +928,56 @@ def _append_rows(dataset: h5py.Dataset, start: int, rows) -> None:
     dataset[..., start:stop] = rows
 
 
-def _append_readout(columns: h5py.Group, start: int, readouts: Sequence[LatentReadout]) -> None:
-    """Append the readouts of consecutive hand-offs (their columns in order) from column `start`."""
-    _append_rows(columns["readout_step"], start, np.concatenate([r.step for r in readouts]).astype(np.int32))
-    _append_rows(columns["readout_id"], start, np.concatenate([r.ids for r in readouts]).T.astype(np.int32))
-    _append_rows(columns["readout_token"], start,
-                 np.array([t for r in readouts for t in r.tokens], dtype=object).reshape(-1, readouts[0].top_k).T)
-    _append_rows(columns["readout_prob"], start, np.concatenate([r.probs for r in readouts]).T.astype(np.float32))
-    _append_rows(columns["readout_entropy"], start, np.concatenate([r.entropy for r in readouts]).astype(np.float32))
-    _append_rows(columns["realign_cosine"], start,
-                 np.concatenate([r.realign_cosine for r in readouts]).astype(np.float32))
-    _append_rows(columns["realign_token"], start, [t for r in readouts for t in r.realign_token])
+def _readout_rows(handoff: Handoff, width: int, top_k: int) -> ReadoutRows:
+    """The rows `handoff` (of `width` columns) adds to /readout; ValueError when its readout does not fit."""
+    if handoff.readout is None:
+        return LatentReadout.empty(0, top_k).rows()
+    handoff.readout.check(width, top_k)
+    rows = handoff.readout.rows()
+    problem = rows.problem()
+    if problem:
+        raise ValueError(f"hand-off {handoff.name}: {problem}")
+    return rows
+
+
+def _stack_rows(readouts: Sequence[ReadoutRows], top_k: int) -> dict[str, object]:
+    """Consecutive hand-offs' readout rows as /readout's datasets hold them: name -> [R] or [k, R] values."""
+    def joined(name, dtype):
+        parts = [getattr(r, name) for r in readouts]
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros((0, top_k) if name in ("ids", "probs")
+                                                                          else 0, dtype)
+    tokens = np.array([t for r in readouts for ts in r.tokens for t in ts], dtype=object).reshape(-1, top_k).T
+    return {"column": joined("column", np.int64), "step": joined("step", np.int32),
+            "id": joined("ids", np.int32).reshape(-1, top_k).T, "token": tokens,
+            "prob": joined("probs", np.float32).reshape(-1, top_k).T, "entropy": joined("entropy", np.float32),
+            "realign_cosine": joined("realign_cosine", np.float32),
+            "realign_token": [t for r in readouts for t in r.realign_token]}
+
+
+def _append_readout(group: h5py.Group, start: int, readouts: Sequence[ReadoutRows]) -> None:
+    """Append the readout rows of consecutive hand-offs (in order) at row `start` of /readout."""
+    for name, values in _stack_rows(readouts, group["id"].shape[0]).items():
+        _append_rows(group[name], start, values)
+
+
+def _readout_end(file: h5py.File, handoffs: int) -> int:
+    """Rows of /readout that the first `handoffs` hand-offs' ranges cover (the committed ones)."""
+    if not handoffs:
+        return 0
+    first = file["handoffs/first_readout"][:handoffs].astype(np.int64)
+    return int((first + file["handoffs/num_readouts"][:handoffs]).max())
 
 
 def _copy_committed(source: "CaptureReader | None", file: h5py.File, num_layers: int, dtype: str,
                     readout_top_k: int = 0) -> list[int]:
     """Create every table in `file`, filled with the committed rows of `source` (if any); the readout's
-    datasets too when `readout_top_k` > 0 (copied from `source`, which then must have them)."""
+    datasets too when `readout_top_k` > 0 (copied from `source`, which then must have one, of any schema)."""
     committed = source.committed if source is not None else [0, 0, 0, 0]
     for group_name, columns in _TABLES.items():
-        group = file.require_group(group_name)
         rows = committed[_COMMIT_ORDER.index(group_name)]
         for name, dt in columns:
-            data = source._file[f"{group_name}/{name}"][:rows] if source is not None else np.zeros(0, dtype=dt)
-            ds = group.create_dataset(name, shape=(rows,), maxshape=(None,), dtype=dt,
-                                      chunks=(_ROW_CHUNK,), **_COMPRESSION)
-            if rows:
-                ds[:] = data
+            data = source._file[f"{group_name}/{name}"][:rows] if source is not None else None
+            _create_rows(file.require_group(group_name), name, dt, data, rows)
     n_columns = committed[2]
     sims = file["columns"].create_dataset(
         "layer_similarities", shape=(num_layers, n_columns), maxshape=(num_layers, None), dtype=dtype,
@@ -876,18 +985,26 @@ def _copy_committed(source: "CaptureReader | None", file: h5py.File, num_layers:
     if n_columns:
         sims[:] = source._file["columns/layer_similarities"][:, :n_columns]
     if readout_top_k:
+        ranges, rows = source._committed_readout() if source is not None else (None, None)
+        for name, dt in _READOUT_RANGE:
+            _create_rows(file["handoffs"], name, dt, None if ranges is None else ranges[name], committed[1])
+        group = file.create_group("readout")
+        count = 0 if rows is None else len(rows["column"])
         for name, (dt, rank) in _READOUT.items():
-            shape, maxshape, chunks = (n_columns,), (None,), (_ROW_CHUNK,)
-            if rank == 2:
-                shape, maxshape, chunks = (readout_top_k, n_columns), (readout_top_k, None), (readout_top_k,
-                                                                                               _COLUMN_CHUNK)
-            ds = file["columns"].create_dataset(name, shape=shape, maxshape=maxshape, dtype=dt, chunks=chunks,
-                                                **_COMPRESSION)
-            if n_columns:
-                ds[...] = source._file[f"columns/{name}"][..., :n_columns]
+            _create_rows(group, name, dt, None if rows is None else rows[name], count,
+                         top_k=readout_top_k if rank == 2 else 0)
     return list(committed)
 
 
+def _create_rows(group: h5py.Group, name: str, dtype, data, rows: int, top_k: int = 0) -> None:
+    """A resizable, chunked, compressed dataset of `rows` entries ([top_k, rows] when `top_k`), holding `data`."""
+    if top_k:
+        shape, maxshape, chunks = (top_k, rows), (top_k, None), (top_k, _COLUMN_CHUNK)
+    else:
+        shape, maxshape, chunks = (rows,), (None,), (_ROW_CHUNK,)
+    ds = group.create_dataset(name, shape=shape, maxshape=maxshape, dtype=dtype, chunks=chunks, **_COMPRESSION)
+    if rows:
+        ds[...] = data
 
 
 @dataclass
@@ -977,8 +1094,12 @@ class CaptureReader(_OpenFile):
         lengths = {g: min(self._datasets[(g, n)].shape[0] for n, _ in columns) for g, columns in _TABLES.items()}
         lengths["columns"] = min(lengths["columns"], sims.shape[1])
         self._readout_k = self._readout_datasets()
-        for name in _READOUT if self._readout_k else ():
-            lengths["columns"] = min(lengths["columns"], self._datasets[("columns", name)].shape[-1])
+        if self._readout_k and self._schema >= 3:
+            lengths["handoffs"] = min(lengths["handoffs"],
+                                      *(self._datasets[("handoffs", n)].shape[0] for n, _ in _READOUT_RANGE))
+        elif self._readout_k:
+            lengths["columns"] = min(lengths["columns"],
+                                     *(self._datasets[("columns", n)].shape[-1] for n in _READOUT_V2))
         self.committed = checks.check_committed(np.asarray(committed), lengths)
         if sims.shape[0] < 1:
             raise checks.TableError("/columns/layer_similarities has no layers")
@@ -987,8 +1108,9 @@ class CaptureReader(_OpenFile):
             checks.check_read_size(f"/{group}", count, 8)
         self._problem_table = {name: self._datasets[("problems", name)][:problems]
                                for name in ("number", "correct", "first_handoff", "num_handoffs")}
+        ranged = ("first_readout", "num_readouts") if self._readout_k and self._schema >= 3 else ()
         self._handoff_table = {name: self._datasets[("handoffs", name)][:handoffs]
-                               for name in ("first_column", "num_columns", "first_segment", "num_segments")}
+                               for name in ("first_column", "num_columns", "first_segment", "num_segments", *ranged)}
         p, h = self._problem_table, self._handoff_table
         checks.check_problem_numbers(p["number"])
         checks.check_correct(p["correct"])
@@ -998,6 +1120,7 @@ class CaptureReader(_OpenFile):
         checks.check_segments(h["first_segment"], h["num_segments"], h["num_columns"],
                               self._datasets[("segments", "start")][:segments],
                               self._datasets[("segments", "stop")][:segments])
+        self._readout_committed = self._check_readout_rows() if ranged else 0
         widest = int(h["num_columns"].max()) if handoffs else 0
         checks.check_read_size("a hand-off's /columns/layer_similarities", widest,
                                sims.shape[0] * sims.dtype.itemsize)
@@ -1007,23 +1130,44 @@ class CaptureReader(_OpenFile):
 
     def _readout_datasets(self) -> int:
         """Check and keep the latent readout's datasets; their k (0 when the file has none, as in schema 1)."""
-        columns = self._group("columns")
-        present = [name for name in _READOUT if columns.get(name, getlink=True) is not None]
-        if not present:
+        if self._schema >= 3:
+            wanted = [("readout", name, spec) for name, spec in _READOUT.items()]
+            wanted += [("handoffs", name, (dt, 1)) for name, dt in _READOUT_RANGE]
+            root = self._file.get("readout", getlink=True) is not None
+        else:
+            wanted = [("columns", name, spec) for name, spec in _READOUT_V2.items()]
+            root = False
+        present = [(g, n) for g, n, _ in wanted
+                   if (g != "readout" or root) and self._group(g).get(n, getlink=True) is not None]
+        if not present and not root:
             return 0
-        if len(present) != len(_READOUT):
-            missing = ", ".join(f"/columns/{n}" for n in _READOUT if n not in present)
-            raise CaptureError(f"{self.path} has part of a latent readout (missing {missing})")
+        if len(present) != len(wanted):
+            missing = ", ".join(f"/{g}/{n}" for g, n, _ in wanted if (g, n) not in present)
+            raise CaptureError(f"{self.path} has part of a latent readout (missing {shorten(missing, 120)})")
         widths = set()
-        for name, (dt, rank) in _READOUT.items():
-            allowed = "str" if dt is _STR else _INT if dt is np.int32 else _FLOAT
-            dataset = self._datasets[("columns", name)] = self._dataset("columns", name, allowed, rank)
+        for group, name, (dt, rank) in wanted:
+            allowed = "str" if dt is _STR else _INT if np.dtype(dt).kind in "iu" else _FLOAT
+            dataset = self._datasets[(group, name)] = self._dataset(group, name, allowed, rank)
             if rank == 2:
                 widths.add(dataset.shape[0])
         if len(widths) != 1 or min(widths) < 1:
-            raise CaptureError(f"{self.path}: the latent readout's top-k tables disagree on k "
+            where = "/readout" if self._schema >= 3 else "/columns"
+            raise CaptureError(f"{self.path}: the latent readout's top-k tables in {where} disagree on k "
                                f"({', '.join(str(w) for w in sorted(widths))})")
         return widths.pop()
+
+    def _check_readout_rows(self) -> int:
+        """Check the committed hand-offs' rows of /readout (schema 3) against them; the rows they cover."""
+        h = self._handoff_table
+        available = min(self._datasets[("readout", name)].shape[-1] for name in _READOUT)
+        checks.check_ranges("/handoffs", h["first_readout"], h["num_readouts"], available, "/readout")
+        ends = h["first_readout"].astype(np.int64) + h["num_readouts"]
+        count = int(ends.max()) if ends.size else 0
+        checks.check_read_size("/readout", count, 8 * (2 + 2 * self._readout_k))
+        checks.check_readout_rows(h["first_readout"], h["num_readouts"], h["num_columns"],
+                                  self._datasets[("readout", "column")][:count],
+                                  self._datasets[("readout", "step")][:count])
+        return count
 
     @property
     def readout_top_k(self) -> int:
@@ -1069,6 +1213,7 @@ class CaptureReader(_OpenFile):
         if not isinstance(parsed, dict):
             raise CaptureError(f"{self.path}: the config attribute is not a JSON object")
         self._config = parsed
+        self._schema = version
 
     def _dataset(self, group: str, name: str, allowed, rank: int) -> h5py.Dataset:
         """`/group/name`, reached through hard links only, its data in this file, its dtype and rank the schema's."""
@@ -1244,10 +1389,51 @@ class CaptureReader(_OpenFile):
             positions=d[("columns", "position")][cols].astype(np.int64),
             tokens=_decode_all(d[("columns", "token")][cols], "/columns/token"),
             segments=segments,
-            readout=self._readout(cols) if self._readout_k else None,
+            readout=self._readout_of(index) if self._readout_k else None,
         )
 
+    def _readout_of(self, index: int) -> LatentReadout:
+        """Hand-off `index`'s readout, from /readout (schema 3) or from /columns (schema 2)."""
+        h = self._handoff_table
+        first, width = int(h["first_column"][index]), int(h["num_columns"][index])
+        if self._schema < 3:
+            return self._readout(slice(first, first + width))
+        return LatentReadout.from_rows(width, self._readout_k, self._readout_rows(index))
+
+    def _readout_rows(self, index: int) -> ReadoutRows:
+        """Hand-off `index`'s rows of /readout; a negative token id is refused (the range was checked at open)."""
+        h, d = self._handoff_table, self._datasets
+        start = int(h["first_readout"][index])
+        rows = slice(start, start + int(h["num_readouts"][index]))
+        ids = d[("readout", "id")][:, rows].T.astype(np.int64)
+        if ids.size and ids.min() < 0:
+            row = start + int(np.flatnonzero((ids < 0).any(axis=1))[0])
+            raise checks.TableError(f"/readout/id row {row} holds {int(ids[row - start].min())}, not a token id")
+        return ReadoutRows(
+            column=d[("readout", "column")][rows].astype(np.int64),
+            step=d[("readout", "step")][rows].astype(np.int64), ids=ids,
+            tokens=[_decode_all(row, "/readout/token") for row in d[("readout", "token")][:, rows].T],
+            probs=d[("readout", "prob")][:, rows].T.astype(np.float32),
+            entropy=d[("readout", "entropy")][rows].astype(np.float32),
+            realign_cosine=d[("readout", "realign_cosine")][rows].astype(np.float32),
+            realign_token=_decode_all(d[("readout", "realign_token")][rows], "/readout/realign_token"))
+
+    def _committed_readout(self) -> tuple[dict, dict]:
+        """The committed hand-offs' readout as schema 3 stores it, for a resume to copy: ({first_readout,
+        num_readouts} of each hand-off, /readout's datasets' committed values), whatever this file's schema."""
+        h = self._handoff_table
+        if self._schema >= 3:
+            count = self._readout_committed
+            return ({name: h[name] for name, _ in _READOUT_RANGE},
+                    {name: self._datasets[("readout", name)][..., :count] for name in _READOUT})
+        readouts = [self._readout(slice(int(f), int(f) + int(w))).rows()
+                    for f, w in zip(h["first_column"], h["num_columns"])]
+        counts = np.array([len(r.column) for r in readouts], dtype=np.int64)
+        return ({"first_readout": np.cumsum(counts) - counts, "num_readouts": counts},
+                _stack_rows(readouts, self._readout_k))
+
     def _readout(self, cols: slice) -> LatentReadout:
+        """Schema 2: the readout of columns `cols`, one entry per column in /columns."""
         d = self._datasets
         tokens = d[("columns", "readout_token")][:, cols].T
         return LatentReadout(

@@ -62,6 +62,7 @@ class RenderInfo:
     values: [rows, T] the values as coloured (for a strip: the normalised row, shape [1, T]).
     layout: the geometry (`layout.Layout`), e.g. `layout.heat_pixels(dpi)` finds the map in a PNG.
     column_offset: true index of the first drawn column (a window's start; 0 for a whole hand-off).
+    readout_strip: the texts the segment band carries over latent segments (their top readout tokens).
     """
 
     values: np.ndarray
@@ -70,6 +71,7 @@ class RenderInfo:
     vmax: float
     layout: L.Layout
     column_offset: int = 0
+    readout_strip: tuple[str, ...] = ()
 
 
 class NotebookFigure(Figure):
@@ -234,6 +236,13 @@ def _window(data: np.ndarray, segments, positions, tokens, columns, column_offse
     return data, positions, tokens, _Window(start, data.shape[1], clipped, gaps)
 
 
+def _cut(values: Sequence[str] | None, columns: tuple[int, int] | None) -> list[str] | None:
+    """`values` [T] cut to the window `columns` (already checked by `_window`), or as given."""
+    if values is None:
+        return None
+    return list(values) if columns is None else list(values)[int(columns[0]):int(columns[1])]
+
+
 def _removed_in(positions: np.ndarray, columns: np.ndarray, keep: np.ndarray) -> int:
     """Positions removed just before the kept gap `columns` (indices into `positions`)."""
     positions = np.asarray(positions, dtype=np.int64)
@@ -260,6 +269,58 @@ def _draw_band(ax, lay: L.Layout, window: _Window, placed: Sequence) -> None:
                 transform=over, ha="center", va="bottom", fontsize=L.SEGMENT_LABEL_PT, clip_on=False, **LITERAL)
     ax.text(-0.006, (y0 + y1) / 2, "segments", transform=_above(ax, x_in_data=False), ha="right", va="center",
             fontsize=7, color="0.3", clip_on=False)
+
+
+READOUT_STRIP_PT = 6
+READOUT_SEPARATOR = "·"
+
+
+def readout_strip_texts(segments: Sequence, readout_tokens: Sequence[str], plot_w_in: float,
+                        points: float = READOUT_STRIP_PT) -> list[tuple[float, str]]:
+    """(centre column, text) of the readout strip over each latent segment: its columns' top readout tokens,
+    in order, joined by "·", as many as fit in its room, halfway to the neighbouring strips and inside the
+    plot ("…" after the last that fits; a segment where not even one fits gets none). A text is centred on
+    its segment, or moved inwards as far as it must to stay in its room.
+
+    segments: with columns counted from the window's start; readout_tokens: [T] of the window, "" where none.
+    """
+    num_columns = len(readout_tokens)
+    if not num_columns:
+        return []
+    in_per_column = plot_w_in / num_columns
+    wanted = []
+    for seg in segments:
+        tops = [L.format_token(t, 8) for t in readout_tokens[max(seg.start, 0):seg.stop] if t]
+        if seg.kind == "latent" and tops:
+            wanted.append(((seg.start + seg.stop) / 2 * in_per_column, tops))
+    wanted.sort(key=lambda w: w[0])
+    placed = []
+    for i, (centre, tops) in enumerate(wanted):  # each gets the room halfway to its neighbours
+        lo = 0.0 if i == 0 else (centre + wanted[i - 1][0]) / 2
+        hi = plot_w_in if i == len(wanted) - 1 else (centre + wanted[i + 1][0]) / 2
+        room = hi - lo - 0.06
+        for n in range(len(tops), 0, -1):
+            text = READOUT_SEPARATOR.join(tops[:n]) + ("" if n == len(tops) else "…")
+            half = L.text_width_in(text, points) / 2
+            if 2 * half <= room:
+                at = min(max(centre, lo + 0.03 + half), hi - 0.03 - half)  # kept inside its room
+                placed.append((at / in_per_column - 0.5, text))
+                break
+    return placed
+
+
+def _draw_readout_strip(ax, lay: L.Layout, window: _Window, readout_tokens: Sequence[str]) -> tuple[str, ...]:
+    """The top readout tokens of each latent segment, written across the segment band (as text, never
+    mathtext) on a light box; returns the texts drawn."""
+    y0, y1 = lay.band
+    over = _above(ax)
+    placed = readout_strip_texts(window.relative(), readout_tokens, lay.plot_width_in)
+    for x, text in placed:
+        ax.text(window.offset + x, (y0 + y1) / 2, text, transform=over, ha="center", va="center",
+                fontsize=READOUT_STRIP_PT, clip_on=False, zorder=5,
+                bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.85},
+                **LITERAL)
+    return tuple(text for _, text in placed)
 
 
 def _draw_rug(ax, lay: L.Layout, gaps: L.Gaps) -> None:
@@ -379,15 +440,18 @@ def _empty(title: str, mode: str, rows: int, num_columns: int, dpi: float, ax) -
 
 def _framed(data: np.ndarray, raw: np.ndarray, cmap_name: str, vmin: float, vmax: float, *,
             title_parts: Sequence[str], notes: Sequence[str], window: _Window, tokens, token_labels: bool,
-            dpi: float, ax=None, strip: bool = False, positions=None, x_axis: str = "column"):
+            dpi: float, ax=None, strip: bool = False, positions=None, x_axis: str = "column", readout_tokens=None):
     """What both figures share: layout, title, heatmap, segment band, gap marks and x axis.
 
     data: `[rows, T]` values to draw; raw: `[rows, T]` the values whose ±Inf cells get their own colours;
     title_parts: the title's lines before the gap note and `notes`; ax: the caller's axes or None;
     positions: [T] the drawn columns' original cache positions (or None), the tick labels when x_axis="position".
+    readout_tokens: [T] the drawn columns' top readout tokens ("" where none) or None: the segment band carries
+    them when token labels were asked for but do not fit.
     Returns (figure, heat axes, mappable for the colour bar, layout).
     """
     rows, num_columns = data.shape
+    wants_labels = token_labels
     gaps = window.gaps
     segments = window.relative()
     parts = [*title_parts, _gap_note(gaps), *notes]
@@ -416,7 +480,12 @@ def _framed(data: np.ndarray, raw: np.ndarray, cmap_name: str, vmin: float, vmax
         ax.set_title("\n".join(_title_lines(parts, axes_w)), fontsize=L.TITLE_PT, loc="left", pad=pad,
                      linespacing=1.3, **LITERAL)
     mappable = _heatmap(ax, lay, data, raw, cmap_name, vmin, vmax, window, placed, tokens, positions, x_axis)
-    info = RenderInfo(values=data, cmap=cmap_name, vmin=vmin, vmax=vmax, layout=lay, column_offset=window.offset)
+    strip_texts = ()
+    if (wants_labels and not lay.token_labels and lay.band is not None and readout_tokens is not None
+            and len(readout_tokens) == num_columns):
+        strip_texts = _draw_readout_strip(ax, lay, window, readout_tokens)
+    info = RenderInfo(values=data, cmap=cmap_name, vmin=vmin, vmax=vmax, layout=lay, column_offset=window.offset,
+                      readout_strip=strip_texts)
     ax.render_info = info
     fig.render_info = info
     return fig, ax, mappable, lay
@@ -465,6 +534,7 @@ def multi_layer_heatmap(
     columns: tuple[int, int] | None = None,
     column_offset: int = 0,
     x_axis: str = "column",
+    readout_tokens: Sequence[str] | None = None,
 ) -> Figure:
     """Every layer's similarity to every cached token, layer 0 at the bottom.
 
@@ -485,12 +555,16 @@ def multi_layer_heatmap(
         segments stay in the hand-off's column numbers either way.
     x_axis: "column" labels x ticks with column numbers; "position" with the original cache positions
         at those columns (`positions` needed; after kNN filtering they have gaps).
+    readout_tokens: T strings, each latent column's top readout token ("" where none; cut like `tokens`):
+        with `token_labels` asked for but too many columns for them, the segment band carries them, a strip
+        over each latent segment (`render_info.readout_strip` lists the texts drawn).
     """
     _check_x_axis(x_axis)
     data = _as_matrix(layer_similarities)
     ax = _target_axes(ax)
     full_columns = data.shape[1]
     data, positions, tokens, window = _window(data, segments, positions, tokens, columns, column_offset)
+    readout_tokens = _cut(readout_tokens, columns)
     num_layers, num_columns = data.shape
     empty = _empty(title, mode, num_layers, num_columns, dpi, ax)
     if empty is not None:
@@ -501,7 +575,7 @@ def multi_layer_heatmap(
             title, f"{num_layers} layers × {num_columns} tokens", _window_note(window, full_columns),
             f"similarity: {mode}", *_bad_notes(data)],
         notes=notes, window=window, tokens=tokens, token_labels=token_labels, dpi=dpi, ax=ax, positions=positions,
-        x_axis=x_axis)
+        x_axis=x_axis, readout_tokens=readout_tokens)
     plot_h_in = _axes_inches(ax)[1]
     ax.set_yticks(L.layer_ticks(num_layers, plot_h_in))
     ax.tick_params(axis="y", labelsize=L.TICK_PT)
@@ -536,6 +610,7 @@ def single_layer_strip(
     columns: tuple[int, int] | None = None,
     column_offset: int = 0,
     x_axis: str = "column",
+    readout_tokens: Sequence[str] | None = None,
 ) -> Figure:
     """One layer (the middle one, num_layers // 2, by default) as a min-max normalised strip.
 
@@ -543,7 +618,7 @@ def single_layer_strip(
     The row is normalised to [0, 1] (dark red = highest with YlOrRd); the title states the
     original range as 'Range: [lo, hi]' (of the drawn columns). A constant row draws as zeros,
     never NaN; ±Inf cells are drawn black / white and left out of the range.
-    ax, columns, column_offset, x_axis: as for `multi_layer_heatmap`.
+    ax, columns, column_offset, x_axis, readout_tokens: as for `multi_layer_heatmap`.
     """
     _check_x_axis(x_axis)
     data = np.asarray(layer_similarities, dtype=np.float32)
@@ -559,6 +634,7 @@ def single_layer_strip(
         layer = data.shape[0] // 2
     full_columns = data.shape[1]
     data, positions, tokens, window = _window(data, segments, positions, tokens, columns, column_offset)
+    readout_tokens = _cut(readout_tokens, columns)
     num_columns = data.shape[1]
     empty = _empty(title, mode, data.shape[0], num_columns, dpi, ax)
     if empty is not None:
@@ -574,7 +650,7 @@ def single_layer_strip(
             title, of_layers, f"{num_columns} tokens", _window_note(window, full_columns), range_text,
             f"similarity: {mode}", *_bad_notes(row)],
         notes=notes, window=window, tokens=tokens, token_labels=token_labels, dpi=dpi, ax=ax, strip=True,
-        positions=positions, x_axis=x_axis)
+        positions=positions, x_axis=x_axis, readout_tokens=readout_tokens)
     ax.set_yticks([0])
     ax.set_yticklabels([f"layer {layer}"], fontsize=L.TICK_PT)
     if lay.cbar is not None:

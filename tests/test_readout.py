@@ -180,7 +180,7 @@ def test_readout_round_trip_and_refusals(tmp_path):
     with CaptureWriter.open(path, {}, {"a": 1}, num_layers=2, readout_top_k=2) as writer:
         writer.append(ProblemRecord(1, "q", "1", "1", True, [_handoff(readout=_readout()), _handoff(width=3)]))
     with CaptureReader(path) as capture:
-        assert capture.attrs["schema_version"] == 2
+        assert capture.attrs["schema_version"] == 3
         first, second = capture.handoffs(1)
         np.testing.assert_array_equal(first.readout.ids, _readout().ids)
         assert first.readout.tokens[1] == ["x", "y"] and first.readout.tokens[0] == ["", ""]
@@ -194,12 +194,12 @@ def test_readout_round_trip_and_refusals(tmp_path):
         with pytest.raises(CaptureError, match="keeps none"):
             writer.append(ProblemRecord(1, "q", "1", "1", True, [_handoff(readout=_readout())]))
     with h5py.File(path, "r+") as f:
-        del f["columns/readout_prob"]
+        del f["readout/prob"]
     with pytest.raises(CaptureError, match="part of a latent readout"):
         CaptureReader(path)
     with h5py.File(path, "r+") as f:
-        f["columns"].create_dataset("readout_prob", data=np.zeros((2, 4), dtype="S3"))
-    with pytest.raises(CaptureError, match="readout_prob holds"):
+        f["readout"].create_dataset("prob", data=np.zeros((2, 1), dtype="S3"))
+    with pytest.raises(CaptureError, match="/readout/prob holds"):
         CaptureReader(path)
 
 
@@ -249,3 +249,66 @@ def test_figure_labels_and_viewer_show_the_readout():
     encoded = encode_handoff(handoff, "seed")["readout"]
     assert encoded[0] is None and encoded[1] == {"tokens": ["x", "y"], "probs": [0.5, 0.25], "entropy": 1.5}
     assert "readout" not in encode_handoff(_handoff(), "seed")
+
+
+def _wide_handoff(steps=10, prompt=290, tops=None):
+    """Two agents' prompt and latent columns (600 with the defaults: too many for token labels), the latent
+    columns read as `tops` (one per step, the same for both agents)."""
+    from capture.format import Segment
+
+    tops = tops or [f"t{i}" for i in range(steps)]
+    width = 2 * (prompt + steps)
+    readout = LatentReadout.empty(width, 2)
+    segments = []
+    for i, agent in enumerate(("planner", "critic")):
+        start = i * (prompt + steps)
+        segments += [Segment(agent, "prompt", start, start + prompt),
+                     Segment(agent, "latent", start + prompt, start + prompt + steps)]
+        for step, column in enumerate(range(start + prompt, start + prompt + steps)):
+            readout.step[column], readout.ids[column] = step, [step, 0]
+            readout.tokens[column] = [tops[step], "other"]
+    return Handoff("planner", "critic", np.zeros((3, width), np.float32), np.arange(width), ["a"] * width,
+                   segments, readout)
+
+
+def test_segment_band_carries_the_readout_where_token_labels_do_not_fit():
+    from render.batch import RenderOptions
+    from render.colormaps import ModeScale
+    from render.kinds import get_kind
+
+    hostile = ["$x^2$", "\\undefinedcmd", "$\\qq$", " the", "\n", "+", "7", "8", "9", "10"]
+    handoff = _wide_handoff(tops=hostile)
+    mode = ModeScale.of({})
+    for kind in ("multi", "single"):
+        fig = get_kind(kind).draw(handoff, title="t", mode=mode, cmap=None, options=RenderOptions(token_labels=True))
+        strip = fig.render_info.readout_strip
+        assert len(strip) == 2 and strip[0] == strip[1], strip  # one per latent segment
+        assert strip[0] == "$x^2$·\\undefi…·$\\qq$· the·↵·+·7·8·9·10", strip  # each token cut to 8 characters
+        drawn = [t for t in fig.axes[0].texts if t.get_text() in strip]
+        assert len(drawn) == 2 and not any(t.get_usetex() for t in drawn)
+        fig.canvas.draw()  # mathtext would fail on $\qq$ (an unknown command); drawn as text it does not
+        plain = get_kind(kind).draw(handoff, title="t", mode=mode, cmap=None, options=RenderOptions())
+        assert plain.render_info.readout_strip == ()  # only when --token-labels was asked for
+    narrow = _wide_handoff(prompt=20)  # 60 columns: the labels fit and carry the readout themselves
+    fig = get_kind("multi").draw(narrow, title="t", mode=mode, cmap=None, options=RenderOptions(token_labels=True))
+    assert fig.render_info.readout_strip == () and fig.render_info.layout.token_labels
+    assert "[t0]" in [t.get_text() for t in fig.axes[0].get_xticklabels()]
+
+
+def test_readout_strip_keeps_to_its_room():
+    from render.figures import readout_strip_texts
+    from render.layout import text_width_in
+
+    handoff = _wide_handoff(tops=[f"token{i}" for i in range(10)])
+    tokens = [r[0] if has else "" for r, has in zip(handoff.readout.tokens, handoff.readout.has)]
+    roomy = readout_strip_texts(handoff.segments, tokens, plot_w_in=20.0)
+    assert [text for _, text in roomy] == ["·".join(f"token{i}" for i in range(10))] * 2
+    assert roomy[0][0] == 294.5  # centred on the first latent segment (columns 290..299)
+    for plot_w_in, texts in ((20.0, roomy), (3.0, readout_strip_texts(handoff.segments, tokens, plot_w_in=3.0))):
+        per_column = plot_w_in / 600
+        extents = [((x + 0.5) * per_column - text_width_in(t, 6) / 2, (x + 0.5) * per_column + text_width_in(t, 6) / 2)
+                   for x, t in texts]
+        assert len(extents) == 2 and 0 <= extents[0][0] and extents[0][1] < extents[1][0] and extents[1][1] <= plot_w_in
+    tight = readout_strip_texts(handoff.segments, tokens, plot_w_in=3.0)
+    assert all(text.endswith("…") for _, text in tight)
+    assert readout_strip_texts(handoff.segments, tokens, plot_w_in=0.1) == []  # no room: none

@@ -66,3 +66,12 @@ def column_labels(handoff) -> list[str]:
         return list(handoff.tokens)
     return [f"[{readout.tokens[c][0]}]" if has else token
             for c, (token, has) in enumerate(zip(handoff.tokens, readout.has))]
+
+
+def readout_tokens(handoff) -> list[str] | None:
+    """Each column's top readout token [T] ("" where none), or None when the capture kept no readout:
+    what the segment band carries when `--token-labels` do not fit."""
+    readout = getattr(handoff, "readout", None)
+    if readout is None or not readout.top_k:
+        return None
+    return [readout.tokens[c][0] if has else "" for c, has in enumerate(readout.has)]

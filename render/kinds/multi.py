@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import FigureKind, column_labels
+from .base import FigureKind, column_labels, readout_tokens
 
 
 class MultiLayerHeatmap(FigureKind):
@@ -17,4 +17,4 @@ class MultiLayerHeatmap(FigureKind):
                                    positions=handoff.positions, tokens=column_labels(handoff), mode=mode, cmap=cmap,
                                    vmin=options.vmin, vmax=options.vmax, dpi=options.dpi,
                                    token_labels=options.token_labels, notes=notes,
-                                   x_axis=options.x_axis)
+                                   x_axis=options.x_axis, readout_tokens=readout_tokens(handoff))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import FigureKind, column_labels
+from .base import FigureKind, column_labels, readout_tokens
 
 
 class SingleLayerStrip(FigureKind):
@@ -18,4 +18,4 @@ class SingleLayerStrip(FigureKind):
                                   positions=handoff.positions, tokens=column_labels(handoff), mode=mode,
                                   cmap=cmap or self.default_cmap, dpi=options.dpi,
                                   token_labels=options.token_labels, notes=notes,
-                                  x_axis=options.x_axis)
+                                  x_axis=options.x_axis, readout_tokens=readout_tokens(handoff))
