@@ -62,8 +62,8 @@ def main(model_name, random_weights, data_file, passes, batch_sizes, capacity, p
         print(f"pass {i + 1}: {time.perf_counter() - start:.3f} s {memory}", flush=True)
     lm.static_steps.clear()
     prompt = agent_prompt("judger", problems[0].question, task.answer_instruction)
-    variants = [("compiled, flex", True, True, "flex"), ("compiled, sdpa", True, True, "sdpa"),
-                ("eager", True, False, "sdpa")] if device.type == "cuda" else [("eager", False, False, "sdpa")]
+    variants = [("compiled", True, True), ("eager", True, False)] if device.type == "cuda" else [
+        ("eager", False, False)]
     embed = lm.model.get_input_embeddings()
     fastest = None
     for batch in [int(b) for b in batch_sizes.split(",")]:
@@ -72,10 +72,9 @@ def main(model_name, random_weights, data_file, passes, batch_sizes, capacity, p
         logits = shared.extend(embed(ids), mask, ids, SegmentKey("judger", "prompt"), logits=True)
         token = logits.argmax(-1)
         print(f"batch {batch}, {shared.length} cached columns, capacity {capacity}")
-        for name, use_graph, compiled, attention in variants:
+        for name, use_graph, compiled in variants:
             start = time.perf_counter()
-            step = StaticStep(lm, batch, capacity, use_graph=use_graph, compiled=compiled,
-                              attention=attention).start(shared)
+            step = StaticStep(lm, batch, capacity, use_graph=use_graph, compiled=compiled).start(shared)
             sync(device)
             setup = time.perf_counter() - start
             print(f"  graph step {name:15s}: set-up {setup:7.2f} s, run {_timed(lambda: step.run(token), 100, device):.3f} "

@@ -25,7 +25,7 @@ class Sampling:
     top_k > 0 keeps the k most likely tokens before top-p, as transformers' `generate` does.
 
     fast: decode with a static KV buffer (`fast_decode.StaticStep`, a CUDA graph on
-    GPUs); None = on for CUDA, off on the CPU. compiled: compile that step (None: on CUDA).
+    GPUs); None = on for CUDA, off on the CPU. compiled: compile that step (`--compile_step`).
     """
 
     max_new_tokens: int = 2048
@@ -34,7 +34,7 @@ class Sampling:
     ignore_eos: bool = False
     fast: bool | None = None
     top_k: int = 0  # 0 = no top-k cut
-    compiled: bool | None = None
+    compiled: bool = False
 
 
 def problem_generators(numbers: list[int], seed: int, device: torch.device) -> list[torch.Generator]:

@@ -9,7 +9,7 @@ device-side index, attention sees all slots through a mask, and nothing talks to
 the host. Attention reads the unrepeated GQA keys (`step_attention`). On CUDA the
 step (embedding -> model -> last logits) is captured once as a CUDA graph and
 replayed; on the CPU the same step runs eagerly, which is how tests check that it
-decodes exactly what the plain loop decodes. With `compiled` (by default on CUDA) the
+decodes exactly what the plain loop decodes. With `compiled` (`--compile_step`) the
 step is first compiled by torch.compile (inductor fuses the norms, RoPE, SiLU-mul and
 residual adds that otherwise run as ~50 small kernels per layer), once per model and
 kind of step, with the buffers' length dynamic, and the compiled step is what the CUDA
@@ -87,19 +87,23 @@ def use_fast(device: torch.device, setting: bool | None) -> bool:
 
 
 def use_compiled(device: torch.device, setting: bool | None) -> bool:
-    """Whether to compile the static step: `setting`, or by default only on CUDA."""
-    return device.type == "cuda" if setting is None else setting
+    """Whether to compile the static step: `setting`, by default no.
+
+    On an H200 (Qwen3-4B shapes) compiling took 60-85 s for each kind of step and batch size 1 or
+    more, and saved about 3-4 ms per step (docs/performance.md): it pays off over long runs only,
+    so it is asked for (`--compile_step`), not the default.
+    """
+    return bool(setting)
 
 
 def model_step(model, kv: StaticKV, inputs: torch.Tensor, position: torch.Tensor, tokens: bool,
-               cache_name: str, attention: str = "sdpa") -> torch.Tensor:
+               cache_name: str) -> torch.Tensor:
     """One token per row on `kv` at its write index: ids `[batch, 1]` -> logits `[batch, vocab]`, or
-    embeddings `[batch, 1, hidden]` -> final hidden state `[batch, hidden]`. attention: the kernel
-    (`step_attention.KERNELS`)."""
+    embeddings `[batch, 1, hidden]` -> final hidden state `[batch, hidden]`."""
     kv.mask.index_fill_(1, kv.write_index, True)
     common = {"attention_mask": {"full_attention": kv.mask[:, None, None, :]}, "position_ids": position,
               "use_cache": True, cache_name: kv}
-    with grouped_step(model, attention):
+    with grouped_step(model):
         if tokens:
             return model(input_ids=inputs, logits_to_keep=1, **common).logits[:, -1, :]
         return model.base_model(inputs_embeds=inputs, **common).last_hidden_state[:, -1, :]
@@ -143,13 +147,12 @@ class StaticStep:
     Static inputs (`input`, `position`, the buffers' `write_index` and `mask`) are updated
     in place; `start()` loads a shared cache, `run()` replays the CUDA graph when there is
     one (`use_graph`: by default on CUDA only). `compiled` runs the step through
-    `compiled_model_step()` (by default on CUDA only). `attention`: the step's attention kernel
-    (`step_attention.KERNELS`; by default "flex" when compiled, else "sdpa"). `kv`: buffers to step on
+    `compiled_model_step()` (off by default: see `use_compiled`). `kv`: buffers to step on
     (another step's, of this batch and capacity; by default new ones). Get one with `static_step()`.
     """
 
     def __init__(self, lm, batch: int, capacity: int, tokens: bool = True, use_graph: bool | None = None,
-                 compiled: bool | None = None, attention: str | None = None, kv: StaticKV | None = None):
+                 compiled: bool = False, kv: StaticKV | None = None):
         self.lm = lm
         self.tokens = tokens
         device = lm.device
@@ -165,7 +168,6 @@ class StaticStep:
         self.output = None
         self.graph = None
         self.compiled = use_compiled(device, compiled)
-        self.attention = attention or ("flex" if self.compiled else "sdpa")
         self._step = model_step
         if self.compiled:
             self.kv.mark_dynamic()
@@ -189,8 +191,7 @@ class StaticStep:
         return self
 
     def _forward(self) -> torch.Tensor:
-        return self._step(self.lm.model, self.kv, self.input, self.position, self.tokens, self._cache_kwarg,
-                          self.attention)
+        return self._step(self.lm.model, self.kv, self.input, self.position, self.tokens, self._cache_kwarg)
 
     @torch.no_grad()
     def _capture(self) -> None:
@@ -233,7 +234,7 @@ def buffer_bytes(lm, batch: int, capacity: int) -> int:
 
 
 def static_step(lm, shared: SharedCache, extra: int, tokens: bool = True, use_graph: bool | None = None,
-                compiled: bool | None = None) -> StaticStep:
+                compiled: bool = False) -> StaticStep:
     """A step started on `shared` with room for `extra` more columns, on the model's one static buffer.
 
     Steps live on the model (`lm.static_steps`), keyed by (tokens, batch, capacity, graph, dtype,

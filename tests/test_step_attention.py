@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from latentmas.step_attention import flex_step_attention, grouped_step, grouped_step_attention
+from latentmas.step_attention import grouped_step, grouped_step_attention
 
 
 class _Module(torch.nn.Module):
@@ -32,10 +32,6 @@ def test_matches_sdpa_with_repeated_keys(heads, kv_heads, dtype):
     assert weights is None and got.shape == expected.shape == (batch, 1, heads, dim)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
-    if dtype == torch.float32:  # flex_attention's eager reference path runs in float32 on the CPU
-        flex, weights = flex_step_attention(module, query, key, value, mask, scaling=dim**-0.5)
-        assert weights is None
-        torch.testing.assert_close(flex, expected, atol=tolerance, rtol=tolerance)
 
 
 def test_refuses_more_than_one_token():
@@ -43,11 +39,6 @@ def test_refuses_more_than_one_token():
     kv = torch.zeros(1, 2, 5, 8)
     with pytest.raises(ValueError, match="one token"):
         grouped_step_attention(None, query, kv, kv, None)
-
-
-def test_refuses_an_unknown_kernel(tiny_lm):
-    with pytest.raises(ValueError, match="unknown step attention kernel 'fast'"), grouped_step(tiny_lm.model, "fast"):
-        pass
 
 
 def test_switches_the_model_back(tiny_lm):

@@ -77,11 +77,11 @@ def knn_scores(lm, shared: SharedCache, knn: KnnFilter, query, prompt_embeds, id
 
 @torch.no_grad()
 def think_latently(shared: SharedCache, latent_input: LatentInput, hidden: torch.Tensor, agent: str, steps: int,
-                   fast: bool = False, keep_states: bool = False, compiled: bool | None = None):
+                   fast: bool = False, keep_states: bool = False, compiled: bool = False):
     """`steps` latent steps from `hidden` [batch, hidden]; each appends one cache column.
 
     fast: step on a static KV buffer (a CUDA graph on GPUs), then hand the columns back;
-    compiled: compile that step (None: on CUDA).
+    compiled: compile that step (`--compile_step`).
     keep_states: return `(hidden_states, realigned)`: the hidden states `[batch, steps, hidden]` that
     became the steps' inputs (before realignment) and, with realignment, the inputs fed
     `[batch, steps, hidden]` (else None), written into preallocated device tensors (no host sync).
