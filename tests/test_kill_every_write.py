@@ -159,10 +159,11 @@ def _kills(probe_counts: dict) -> list[list[tuple[str, str]]]:
     """The kill chains, as (files, syscall:N) pairs; the first of each chain kills a fresh run."""
     pwrite = probe_counts["capture", "pwrite64"]
     return [
-        # problem 2's line written but problem 2 not committed; the resume killed at that line again, then
-        # mid-way through its capture writes, then at results.jsonl's rename
-        [("results", "write:2"), ("results", "write:1"), ("capture", f"pwrite64:{pwrite // 3}"),
-         ("results", "rename:1")],
+        # problem 2's results line written, its capture commit not begun (so the rerun solves it again and
+        # its part holds problem 2 twice); the resume killed before writing that line, then mid-way through
+        # its capture writes, then at results.jsonl's rename
+        [("capture", f"pwrite64:{probe_counts['capture', 'pwrite64 after line 2']}"), ("results", "write:1"),
+         ("capture", f"pwrite64:{pwrite // 3}"), ("results", "rename:1")],
         # results.jsonl.tmp about to be written (all committed); then reruns with nothing left to solve,
         # killed at summary.json's rename (results.jsonl in, parts gone), at opening the results part,
         # at the capture's first fsync
@@ -212,10 +213,13 @@ def _probe(folder: Path, env: dict) -> tuple[str, list[dict], dict]:
     assert traced.returncode == 0, traced.stderr[-2000:]
     assert [p.name for p in (folder / "runs").iterdir()] == [run_name]
     per_thread: dict[tuple[str, str, str], int] = {}
+    counts: dict[tuple[str, str], int] = {}
     for tid, name, *paths in FIRST_PATH.findall(trace.read_text()):
         which = "capture" if "".join(paths) == str(folder / "run.h5") else "results"
         per_thread[tid, which, name] = per_thread.get((tid, which, name), 0) + 1
-    counts: dict[tuple[str, str], int] = {}
+        # the first capture write after problem 2's results line (the line is written, its commit not begun)
+        if (which, name) == ("capture", "pwrite64") and per_thread.get((tid, "results", "write")) == 2:
+            counts.setdefault(("capture", "pwrite64 after line 2"), per_thread[tid, which, name])
     for (_, which, name), n in per_thread.items():
         counts[which, name] = max(counts.get((which, name), 0), n)
     return run_name, _results(folder / "runs" / run_name / "results.jsonl"), counts
