@@ -113,6 +113,7 @@ class _Run:
                     batch_results = solve(lm, batch, task, cfg, observer=recorder)
                     out.write("".join(results.jsonl(r) for r in batch_results))
                     out.flush()  # results first: a kill before the capture commit re-solves the batch
+                    os.fsync(out.fileno())  # and on the disk before the commit, so a power loss cannot lose it
                     if recorder is not None:
                         recorder.write_batch(batch_results)
                     solved += len(batch_results)
