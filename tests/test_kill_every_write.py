@@ -3,8 +3,8 @@ ftruncate/rename/openat by `strace -e inject=...:signal=KILL:when=N` stays reada
 it had committed, and a rerun completes with problems 1..N exactly once.
 
 The writes come from a small script that drives CaptureWriter directly (about 160 pwrite64 calls for
-two problems), so the many kill points cost seconds, not a model load each. results.jsonl is the
-runner's and is not checked here.
+two problems), so the many kill points cost seconds, not a model load each. The real runner and its
+results.jsonl are killed at a designed sample of points in the second half of this file.
 """
 
 from __future__ import annotations
