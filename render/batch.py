@@ -9,11 +9,13 @@ with the 'spawn' method (safe with h5py, and the same on every OS).
 from __future__ import annotations
 
 import difflib
+import hashlib
 import math
 import multiprocessing
 import os
 import re
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,15 +51,49 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "unnamed"
 
 
-def figure_filename(kind: str, handoff: str, problem: int, fmt: str = "png", occurrence: int = 1) -> str:
+def figure_filename(kind: str, handoff: str, problem: int, fmt: str = "png", occurrence: int = 1,
+                    tag: str = "") -> str:
     """File name of one figure, as in the reference: 'heatmap_planner_to_critic_problem3.png'.
 
     The kind's prefix starts it (kind 'single': 'heatmap_singlelayer_planner_to_critic_problem3.png').
     A hand-off that occurs again in the same problem gets '_2', '_3', ... after the problem number.
+    `tag` (if any) follows the hand-off's name, '-' first (`problem_filenames` uses it for names that clash).
     """
     prefix = get_kind(kind).prefix
     suffix = f"_{occurrence}" if occurrence > 1 else ""
-    return f"{prefix}{_safe(handoff)}_problem{int(problem)}{suffix}.{fmt}"
+    label = _safe(handoff) + (f"-{tag}" if tag else "")
+    return f"{prefix}{label}_problem{int(problem)}{suffix}.{fmt}"
+
+
+def problem_filenames(names: Sequence[str], problem: int, fmt: str) -> dict[tuple[int, str], str]:
+    """(hand-off index, kind) -> file name, for every hand-off `names` of one problem and every registered
+    kind, no two the same even on a file system that ignores case.
+
+    Agent names are sanitised for file names ('a/b' and 'a b' both become 'a-b'), and a kind's prefix can
+    meet an agent's name ('heatmap_' + 'singlelayer_x' = 'heatmap_singlelayer_' + 'x'). A name the
+    sanitiser leaves alone keeps the reference name (`figure_filename`); a clashing one gets its hand-off
+    name's digest as a tag. Only the problem's own hand-offs are looked at, never which are selected, so a
+    figure's name does not change with --transitions or --kind (names of other problems cannot clash:
+    each ends in its problem number).
+    """
+    occurrences: dict[str, int] = {}
+    entries = []
+    for index, name in enumerate(names):
+        occurrences[name] = occurrences.get(name, 0) + 1
+        entries += [(index, name, occurrences[name], kind) for kind in kind_names()]
+    taken: set[str] = set()
+    files: dict[tuple[int, str], str] = {}
+    for index, name, occurrence, kind in sorted(entries, key=lambda e: _safe(e[1]) != e[1]):  # stable sort
+        file = figure_filename(kind, name, problem, fmt, occurrence)
+        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        attempt = 1
+        while file.casefold() in taken:
+            attempt += 1
+            tag = digest if attempt == 2 else f"{digest}-{attempt}"
+            file = figure_filename(kind, name, problem, fmt, occurrence, tag)
+        taken.add(file.casefold())
+        files[index, kind] = file
+    return files
 
 
 # -- tasks -------------------------------------------------------------------------------
@@ -81,7 +117,8 @@ class RenderOptions:
 
 @dataclass(frozen=True)
 class Task:
-    """One problem of one capture: hand-offs (index within the problem, name, occurrence) to draw."""
+    """One problem of one capture: hand-offs (index within the problem, name, occurrence) to draw, and
+    for each its file names (one per kind of `options.kinds`)."""
 
     capture: Path
     problem: int
@@ -90,6 +127,7 @@ class Task:
     options: RenderOptions
     mode: ModeScale
     notes: tuple[str, ...] = ()
+    files: tuple[tuple[str, ...], ...] = ()
 
     @property
     def num_figures(self) -> int:
@@ -131,7 +169,9 @@ def plan_tasks(reader: CaptureReader, out_dir: Path, options: RenderOptions, pro
             if wanted is None or name in wanted:
                 chosen.append((index, name, counts[name]))
         if chosen:
-            tasks.append(Task(reader.path, number, tuple(chosen), out_dir, options, mode, notes))
+            named = problem_filenames(names, number, options.fmt)
+            files = tuple(tuple(named[index, kind] for kind in options.kinds) for index, _, _ in chosen)
+            tasks.append(Task(reader.path, number, tuple(chosen), out_dir, options, mode, notes, files))
     if wanted is not None and numbers:
         absent = sorted(wanted - seen_names)
         if absent and len(absent) == len(wanted):
@@ -146,9 +186,21 @@ def plan_tasks(reader: CaptureReader, out_dir: Path, options: RenderOptions, pro
 
 # -- drawing one hand-off ---------------------------------------------------------------------
 
+def _file_mode() -> int:
+    """The mode a newly created file gets here (0o666 less the umask)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _write(fig, path: Path, options: RenderOptions) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    """Write the figure to a temporary file of its own in the target folder (two renders into one folder
+    never share one), then swap it in with `os.replace`."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
     try:
+        os.fchmod(fd, _file_mode())  # mkstemp makes it 0o600; a figure gets the usual mode
+        os.close(fd)
         save_figure(fig, tmp, options.fmt, options.dpi)
         os.replace(tmp, path)
     except BaseException:
@@ -169,14 +221,16 @@ def build_figure(kind: str, handoff: Handoff, problem: int, options: RenderOptio
 def render_handoff(handoff: Handoff, problem: int, out_dir: Path, options: RenderOptions,
                    mode: ModeScale | str | None = None,
                    occurrence: int = 1, notes: Sequence[str] = (),
-                   on_figure: Callable[[], None] | None = None) -> TaskResult:
-    """Draw and write the figures of one hand-off (the kinds in `options`)."""
+                   on_figure: Callable[[], None] | None = None, files: Sequence[str] = ()) -> TaskResult:
+    """Draw and write the figures of one hand-off (the kinds in `options`; `files`: their file names,
+    default `figure_filename`'s)."""
     result = TaskResult()
     width = handoff.num_columns
     if options.token_labels and width > max_labelled_tokens():
         result.notices.append(f"token labels: T = {width} > {max_labelled_tokens()}")
-    for kind in options.kinds:
-        path = out_dir / figure_filename(kind, handoff.name, problem, options.fmt, occurrence)
+    for i, kind in enumerate(options.kinds):
+        file = files[i] if files else figure_filename(kind, handoff.name, problem, options.fmt, occurrence)
+        path = out_dir / file
         fig = build_figure(kind, handoff, problem, options, mode, occurrence, notes)
         _write(fig, path, options)
         result.written.append(path)
@@ -202,7 +256,7 @@ def render_task(task: Task, reader: CaptureReader | None = None,
     try:
         # only the wanted matrices are read, in the task's (run) order
         handoffs = reader.handoffs(task.problem, [index for index, _, _ in task.handoffs])
-        for _, name, occurrence in task.handoffs:
+        for position, (_, name, occurrence) in enumerate(task.handoffs):
             try:
                 handoff = next(handoffs)
             except (OSError, KeyError, ValueError, CaptureError) as error:
@@ -210,7 +264,7 @@ def render_task(task: Task, reader: CaptureReader | None = None,
                 break
             try:
                 part = render_handoff(handoff, task.problem, task.out_dir, task.options, task.mode, occurrence,
-                                      task.notes, on_figure)
+                                      task.notes, on_figure, task.files[position] if task.files else ())
             except Exception as error:  # noqa: BLE001 - one bad figure must not stop the others
                 result.errors.append(f"problem {task.problem} {name}: {type(error).__name__}: {one_line(error)}")
                 continue
@@ -253,6 +307,19 @@ def check_options(kinds: Sequence[str], cmaps: dict[str, str], vmin: float | Non
         raise RenderError("jobs must be 0 (all cores) or more")
     if x_axis not in X_AXES:
         raise RenderError(f"unknown x axis {x_axis!r}; use one of {', '.join(X_AXES)}")
+
+
+def _check_writable(out_dir: Path) -> None:
+    """Make `out_dir` and create (and drop) a file in it, or raise RenderError (one line): before any
+    figure is drawn, not once per figure."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as error:
+        blocker = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker is not None else error.strerror or str(error)
+        raise RenderError(f"cannot write to output folder {out_dir}: {reason}") from None
 
 
 def render_capture(
@@ -314,10 +381,7 @@ def render_capture(
                 return []
             raise RenderError(f"nothing to render in {path}: no problem matches --problems "
                               f"(it holds {number_ranges(reader.problem_numbers)})")
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise RenderError(f"cannot create output folder {out_dir}: {error.strerror or error}") from None
+        _check_writable(out_dir)
         total = sum(t.num_figures for t in tasks)
         workers = min(jobs or os.cpu_count() or 1, len(tasks))
         results = _run(tasks, reader if workers <= 1 else None, workers, total, progress, Path(path).name)
@@ -328,8 +392,9 @@ def render_capture(
              f"{len(skipped)} hand-offs have more tokens and show column numbers instead")
     errors = [e for r in results for e in r.errors]
     if errors:
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise RenderError(f"{len(errors)} of {len(tasks)} problems could not be fully rendered: {errors[0]}{more}",
+        failed = sum(1 for r in results if r.errors)
+        more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        raise RenderError(f"{failed} of {len(tasks)} problems could not be fully rendered: {errors[0]}{more}",
                           written)
     return written
 

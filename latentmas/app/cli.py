@@ -98,10 +98,14 @@ def _execute(cfg: RunConfig, capture: bool, params: dict, render_kinds: tuple[st
     from ..prompts import AGENTS
     from ..tasks import TaskDataError
     from .distributed import is_main_process
+    from .folders import writable_folder
     from .run import default_capture_file, run
 
     known = [f"{a}_to_{b}" for a, b in zip(AGENTS, AGENTS[1:])]
+    out = Path(params.get("out") or "charts")
     try:
+        if render_kinds and is_main_process():
+            writable_folder(out, "--out")  # before the model loads, not after solving
         transitions = parse_transitions(params.get("transitions"), DEFAULT_TRANSITIONS, known)
         capture_file = Path(params.get("capture_file") or default_capture_file(cfg)) if capture else None
         summary = run(cfg, capture_file=capture_file, transitions=transitions,
@@ -116,8 +120,10 @@ def _execute(cfg: RunConfig, capture: bool, params: dict, render_kinds: tuple[st
     if render_kinds:
         from render import render_capture
 
-        out = Path(params.get("out") or "charts")
-        written = render_capture(capture_file, out_dir=out, kinds=render_kinds)
+        try:
+            written = render_capture(capture_file, out_dir=out, kinds=render_kinds)
+        except CaptureError as error:  # render's errors (RenderError is one) are one line
+            raise click.ClickException(str(error)) from None
         click.echo(f"{len(written)} heatmaps written to {out.resolve()}/", err=True)
     return summary
 

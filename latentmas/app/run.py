@@ -32,6 +32,7 @@ from capture.selection import DEFAULT_TRANSITIONS
 from ..config import RunConfig
 from ..tasks.loading import problem_origin
 from . import distributed, results
+from .folders import writable_folder
 from .recording import capture_identity, open_recorder
 from .summary import read_summary, run_summary
 
@@ -78,10 +79,10 @@ class _Run:
 
     def go(self) -> dict:
         group = self.group
-        task, problems, lm = group.agree(self._load)
-        self.origin = problem_origin(problems)
-        results_lock = group.agree(lambda: self._lock_results() if group.is_main else None)
+        results_lock = group.agree(lambda: self._claim_outputs() if group.is_main else None)
         try:
+            task, problems, lm = group.agree(self._load)
+            self.origin = problem_origin(problems)
             return self._solve(task, problems, lm)
         finally:
             if results_lock is not None:
@@ -112,6 +113,7 @@ class _Run:
                     batch_results = solve(lm, batch, task, cfg, observer=recorder)
                     out.write("".join(results.jsonl(r) for r in batch_results))
                     out.flush()  # results first: a kill before the capture commit re-solves the batch
+                    os.fsync(out.fileno())  # and on the disk before the commit, so a power loss cannot lose it
                     if recorder is not None:
                         recorder.write_batch(batch_results)
                     solved += len(batch_results)
@@ -139,12 +141,15 @@ class _Run:
                 recorder.close()
 
     # -- steps ----------------------------------------------------------------------------
-    def _lock_results(self):
-        """Rank 0: the run folder's results are this run's alone until it ends (a second run of the same
-        command, started while this one lives, is refused before it touches them)."""
+    def _claim_outputs(self):
+        """Rank 0, before the model loads: the output folders can be written (else one line), and the
+        run folder's results are this run's alone until it ends (a second run of the same command,
+        started while this one lives, is refused before it touches them). Returns the results lock."""
         from capture.lock import CaptureLockedError, WriterLock
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.capture_file is not None:
+            writable_folder(self.capture_file.parent, "the folder of --capture_file")
+        writable_folder(self.run_dir, "--output_dir")
         try:
             return WriterLock.acquire(self.run_dir / results.RESULTS, hint="or pass another --output_dir")
         except CaptureLockedError as error:
