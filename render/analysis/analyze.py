@@ -5,7 +5,8 @@
     >>> result.figures()          # {file name: Figure}
 
 The pass reads one hand-off at a time (`source.stream`) and folds it into the accumulators
-(profile, distributions, top tokens, bands, strip ranges); memory does not grow with the matrices.
+(profile, distributions, top tokens, bands, strip ranges, the latent readout's steps); memory does
+not grow with the matrices.
 """
 
 from __future__ import annotations

@@ -155,7 +155,7 @@ def summary_lines(agents: pd.DataFrame, tokens: pd.DataFrame, entropy: pd.DataFr
     lines = ["Latent readout (each latent step's most likely next token; entropy in nats):"]
     for row in agents.itertuples(index=False):
         part = tokens[tokens["agent"] == row.agent].head(show)
-        top = ", ".join(f"{terminal_token(t.token)} {t.share:.0%} (p {t.mean_prob:.2f})"
+        top = ", ".join(f"{terminal_token(t.token)} {t.share:.0%} (p {t.mean_prob:.2g})"
                         for t in part.itertuples(index=False))
         medians = entropy.loc[entropy["agent"] == row.agent, "median"]
         line = (f"  {safe(row.agent, 24)}: {row.latent_steps} steps in {row.n_problems} problem"
