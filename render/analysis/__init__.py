@@ -3,7 +3,8 @@
 Every computation is a plain function returning pandas tables and matplotlib figures, so a
 notebook gets what `latentmas analyze` / `latentmas compare` write:
 
-    analyze_capture(path, ...) -> Analysis       # .profile, .distributions, .top_tokens, .bands, .figures()
+    analyze_capture(path, ...) -> Analysis       # .profile, .distributions, .top_tokens, .bands,
+                                                 # .readout_tokens (latent readout), .figures()
     compare_captures(a, b, ...) -> Comparison    # .table, .layers, .knn (kNN-dropped report), .figures()
     write_analysis(result, out) / write_comparison(result, out)  # CSV, JSON and PNG into a folder
     find_bands(matrix, BandRule()) -> list[Band] # one [num_layers, T] matrix

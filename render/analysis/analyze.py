@@ -5,7 +5,8 @@
     >>> result.figures()          # {file name: Figure}
 
 The pass reads one hand-off at a time (`source.stream`) and folds it into the accumulators
-(profile, distributions, top tokens, bands, strip ranges); memory does not grow with the matrices.
+(profile, distributions, top tokens, bands, strip ranges, the latent readout's steps); memory does
+not grow with the matrices.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .bands import BandCollector, BandRule, bands_legend, mark_bands
 from .distributions import LayerDistributions
 from .parallel import run_chunks
 from .profile import LayerSegmentProfile, profile_figure
+from .readout import ReadoutSteps, agents_table, entropy_figure, entropy_table, summary_lines, tokens_table
 from .scales import SCALES, LayerRanges, comparable_strip
 from .source import (
     AnalysisError,
@@ -59,6 +61,12 @@ class Analysis:
     band_segments: pd.DataFrame
     strip_ranges: dict
     labels: list[str]
+    readout_top_k: int = 0
+    readout_steps: pd.DataFrame | None = None  # None: the capture keeps no readout (see readout.py)
+    readout_agents: pd.DataFrame | None = None
+    readout_tokens: pd.DataFrame | None = None
+    readout_entropy: pd.DataFrame | None = None
+    readout_note: str | None = None  # why there is no readout section
     _distributions: LayerDistributions = field(repr=False, default=None)
     _bands: BandCollector = field(repr=False, default=None)
     _ranges: LayerRanges = field(repr=False, default=None)
@@ -77,7 +85,26 @@ class Analysis:
                 "band_counts": records(self.bands.groupby(["handoff", "type", "sign"], sort=False).size()
                                        .rename("count").reset_index()),
                 "band_layers": records(self.band_layers),
-                "band_segments": records(self.band_segments)}
+                "band_segments": records(self.band_segments),
+                "readout": None if self.readout_agents is None else {
+                    "top_k": self.readout_top_k, "agents": records(self.readout_agents),
+                    "tokens": records(self.readout_tokens.head(JSON_TOKENS)),
+                    "entropy_by_step": records(self.readout_entropy)}}
+
+    @property
+    def has_readout(self) -> bool:
+        """Whether the analysed hand-offs held latent steps with a readout (the readout tables have rows)."""
+        return self.readout_agents is not None and len(self.readout_agents) > 0
+
+    def readout_lines(self, show: int = 3) -> list[str]:
+        """The readout section of the terminal report (empty without a readout)."""
+        if not self.has_readout:
+            return [f"Latent readout: {self.readout_note}"] if self.readout_note else []
+        return summary_lines(self.readout_agents, self.readout_tokens, self.readout_entropy, show)
+
+    @property
+    def num_figures(self) -> int:
+        return 3 * len(self.labels) + 2 * len(self._shown) + int(self.has_readout)
 
     def figures(self):
         """(file name, Figure) pairs, drawn one at a time: per hand-off label the profile, the distributions
@@ -90,6 +117,8 @@ class Analysis:
             yield f"distributions_{safe}.png", self._distributions.figure(label)
             yield f"top_tokens_{safe}.png", top_tokens_figure(self.top_tokens_by_string, label,
                                                               _layer_text(self.settings))
+        if self.has_readout:
+            yield "readout_entropy.png", entropy_figure(self.readout_entropy)
         if not self._shown:
             return
         with CaptureReader(self.capture) as reader:
@@ -151,6 +180,7 @@ class _Parts:
         self.tops = TopTokens(range(options.num_layers) if options.all_layers else [options.layer], options.top)
         self.bands = BandCollector(options.num_layers, options.rule)
         self.ranges = LayerRanges(options.layer)
+        self.readout = ReadoutSteps()
         self.shown: list[tuple[int, str, int]] = []
         self.names: list[str] = []
         self.labels: list[str] = []
@@ -165,13 +195,14 @@ class _Parts:
         self.tops.add(number, label, nan_matrix, handoff)
         self.bands.add(number, label, nan_matrix, handoff, keep=keep)
         self.ranges.add(label, nan_matrix)
+        self.readout.add(number, handoff)
         if keep:
             self.shown.append((number, label, index))
         if label not in self.labels:
             self.labels.append(label)
 
     def merge(self, other: _Parts) -> None:
-        for name in ("profile", "distributions", "tops", "bands", "ranges"):
+        for name in ("profile", "distributions", "tops", "bands", "ranges", "readout"):
             getattr(self, name).merge(getattr(other, name))
         self.shown += other.shown
         self.names += [n for n in other.names if n not in self.names]
@@ -218,6 +249,7 @@ def analyze_capture(path, *, problems=None, transitions=None, layer: int | None 
         numbers, notes = select_problems(reader, wanted)
         note = still_writing_note(reader)
         finished = bool(reader.finished_at)
+        readout_top_k = reader.readout_top_k
     if note:
         notes.append(note)
     for line in notes:
@@ -233,6 +265,18 @@ def analyze_capture(path, *, problems=None, transitions=None, layer: int | None 
     for line in check_names(path, names, parts.names):
         notes.append(line)
         warn(f"warning: {line}")
+    readout = {}
+    if readout_top_k:
+        steps = parts.readout.table()
+        readout = {"readout_steps": steps, "readout_agents": agents_table(steps), "readout_tokens": tokens_table(steps),
+                   "readout_entropy": entropy_table(steps)}
+        if not len(steps):
+            readout["readout_note"] = "no analysed hand-off holds a latent step with a readout"
+    else:
+        readout["readout_note"] = ("the capture has no latent readout (captured with --readout_top_k 0, or before "
+                                   "capture schema 2): skipped")
+    if "readout_note" in readout:  # the report's readout section says it (not a warning)
+        notes.append(f"note: latent readout: {readout['readout_note']}")
     top_table = parts.tops.table()
     settings = {"problems": list(numbers), "transitions": names, "layer": layer, "num_layers": num_layers,
                 "top": top, "all_layers": all_layers, "show": show, "strip_scale": strip_scale, "similarity": mode,
@@ -244,5 +288,5 @@ def analyze_capture(path, *, problems=None, transitions=None, layer: int | None 
         profile_per_problem=parts.profile.per_problem(), distributions=parts.distributions.table(),
         top_tokens=top_table, top_tokens_by_string=parts.tops.by_token(top_table), bands=parts.bands.table(),
         band_layers=parts.bands.layer_shares(), band_segments=parts.bands.segment_shares(),
-        strip_ranges=parts.ranges.as_dict(), labels=parts.labels, _distributions=parts.distributions,
-        _bands=parts.bands, _ranges=parts.ranges, _shown=parts.shown)
+        strip_ranges=parts.ranges.as_dict(), labels=parts.labels, readout_top_k=readout_top_k, **readout,
+        _distributions=parts.distributions, _bands=parts.bands, _ranges=parts.ranges, _shown=parts.shown)

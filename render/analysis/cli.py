@@ -77,6 +77,8 @@ def analyze_command(capture, out, problems, transitions, show, jobs, figures, no
     n_problems = len(result.settings["problems"])
     click.echo(f"Analysed {n_problems} problem{'s' if n_problems != 1 else ''} of {capture}: "
                f"{len(written)} files in {folder}")
+    for line in result.readout_lines():
+        click.echo(line)
 
 
 @click.command("compare")

@@ -139,9 +139,11 @@ def write_analysis(result, out: Path | None = None, progress: bool = True,
         "bands.csv": result.bands,
         "band_layers.csv": result.band_layers,
         "band_segments.csv": result.band_segments,
+        **({"readout_agents.csv": result.readout_agents, "readout_tokens.csv": result.readout_tokens,
+            "readout_entropy.csv": result.readout_entropy} if result.has_readout else {}),
     })
     if figures:
-        written += write_figures(folder, result.figures(), 3 * len(result.labels) + 2 * len(result._shown), progress)
+        written += write_figures(folder, result.figures(), result.num_figures, progress)
     written.append(write_json(folder / ANALYSIS_JSON, _clean_json(result.summary()), [result.capture]))
     return folder, written
 
