@@ -31,14 +31,15 @@ def _capture(lm, problems, path, batch_size, **settings):
     return [r.output for r in solve_and_capture(lm, problems, cfg, path, batch_size)]
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("batch_size", [1, 3])
-def test_graph_steps_decode_what_the_plain_loop_decodes(cuda_lm, fake_problems, tmp_path, batch_size):
+def test_graph_steps_decode_what_the_plain_loop_decodes(cuda_lm, fake_problems, tmp_path, batch_size, compiled):
     problems = fake_problems()
     plain = _capture(cuda_lm, problems, tmp_path / "plain.h5", batch_size, fast_decode=False)
     cuda_lm.static_steps.clear()
-    fast = _capture(cuda_lm, problems, tmp_path / "fast.h5", batch_size, fast_decode=True)
+    fast = _capture(cuda_lm, problems, tmp_path / "fast.h5", batch_size, fast_decode=True, compile_step=compiled)
     assert fast == plain
-    assert any(step.graph is not None for step in cuda_lm.static_steps.values())
+    assert all(step.graph is not None and step.compiled == compiled for step in cuda_lm.static_steps.values())
     assert_same_handoffs(tmp_path / "plain.h5", tmp_path / "fast.h5", atol=2e-3)
 
 
