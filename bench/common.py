@@ -51,7 +51,21 @@ class TimedRecorder(CaptureRecorder):
         self.seconds += time.perf_counter() - start
 
     def while_decoding(self):
-        self._timed(super().while_decoding, synced=False)
+        start = time.perf_counter()
+        work = super().while_decoding()
+        self.seconds += time.perf_counter() - start
+        return None if work is None else self._timed_pieces(work)
+
+    def _timed_pieces(self, work):
+        while True:
+            start = time.perf_counter()
+            try:
+                next(work)
+            except StopIteration:
+                self.seconds += time.perf_counter() - start
+                return
+            self.seconds += time.perf_counter() - start
+            yield
 
     def on_handoff(self, event):
         self._timed(super().on_handoff, event)

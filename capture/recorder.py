@@ -6,7 +6,8 @@ prefill, which `watch_prefill` wraps in hooks (`latentmas.prefill.PrefillProbe`)
 `[batch, T]` row per layer as the layers run. Each hand-off's data then starts its
 copy to the host without waiting. While the judger decodes (`while_decoding`, called
 once the device has queued work) the batch's hand-offs are written to the file
-(`CaptureWriter.stage`), so the compression and I/O overlap the device; when the
+(`CaptureWriter.stage`) in pieces, one per decoding step (a problem's hand-offs, then the
+write), so the compression and I/O overlap the device without ever leaving it idle; when the
 batch's results are known, `write_batch` commits them. Capture never draws.
 
 With a readout (`readout_top_k` > 0), after each agent's latent steps (`on_latent_steps`)
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,10 +126,11 @@ class CaptureRecorder:
         self._batch_cache = None  # a weak reference to the shared cache of the batch being solved
         self._numbers: list[int] = []  # its problem numbers
         self._staged = None  # its StagedHandoffs once written (`while_decoding`), until `write_batch` commits them
+        self._staging = None  # the pieces of that writing still to do, once `while_decoding` began it
 
     def _begin_batch(self, shared, numbers: list[int]) -> None:
         """Forget whatever a batch that never reached `write_batch` left (its staged rows get overwritten)."""
-        self._batch_cache, self._numbers = weakref.ref(shared), numbers
+        self._batch_cache, self._numbers, self._staging = weakref.ref(shared), numbers, None
         self._pending, self._awaiting, self._staged = [], [], None
         self._readouts = {}
 
@@ -214,12 +217,21 @@ class CaptureRecorder:
         entry.to_host()
 
     # -- writing -----------------------------------------------------------------------
-    def while_decoding(self) -> None:
-        """Write the batch's hand-offs now, while the device works through the judger's queued decoding."""
-        if self._staged is None and self._pending:
-            self._stage()
+    def while_decoding(self):
+        """Write the batch's hand-offs while the device works through the judger's queued decoding: returns
+        the work in pieces (an iterator; `latentmas.decoding.generate` takes one per step), or None."""
+        if self._staged is None and self._pending and self._staging is None:
+            self._staging = self._stage_in_pieces()
+            return self._staging
+        return None
 
     def _stage(self) -> None:
+        """Stage the batch's hand-offs now (finishing what `while_decoding` began, if anything)."""
+        for _ in self._staging or self._stage_in_pieces():
+            pass
+
+    def _stage_in_pieces(self) -> Iterator[None]:
+        """Copies to the host, then each problem's hand-offs, then the write: a piece between yields."""
         unwatched = [p for p in self._pending if p.similarities is None]
         if unwatched:
             p = unwatched[0]
@@ -228,9 +240,13 @@ class CaptureRecorder:
                                "(call watch_prefill(event) around it)")
         pending = [p.host() for p in self._pending]
         self._host_readouts = {agent: r.host() for agent, r in self._readouts.items()}
-        self._staged = self.writer.stage(
-            [[self._handoff(p, row) for p in pending] for row in range(len(self._numbers))], self._numbers)
-        self._pending, self._awaiting, self._readouts = [], [], {}
+        yield
+        per_problem = []
+        for row in range(len(self._numbers)):
+            per_problem.append([self._handoff(p, row) for p in pending])
+            yield
+        self._staged = self.writer.stage(per_problem, self._numbers)
+        self._pending, self._awaiting, self._readouts, self._staging = [], [], {}, None
 
     def write_batch(self, results) -> None:
         """Commit each problem of the batch just solved, with the hand-offs seen for it."""

@@ -102,7 +102,9 @@ def generate(
     prefill: a context manager entered around the prompt's prefill only (e.g. an observer's
     `watch_prefill`, whose hooks read that forward pass), never around the decoding.
     while_decoding: host work (e.g. writing a capture) called once, after OVERLAP_AFTER
-    steps have been queued, so that it runs while the device decodes; or at the end.
+    steps have been queued, so that it runs while the device decodes; or at the end. If it
+    returns an iterator, that is the work in pieces: one piece is taken after each step queued
+    from then on (the device never waits for the whole of it), the rest after the last step.
     prompt_embeds: the prompt's input embeddings `[batch, n, hidden]`, when the caller has them.
 
     Returns each row's generated ids, cut after its first end-of-turn token. With
@@ -123,6 +125,7 @@ def generate(
     finished = torch.zeros(batch, dtype=torch.bool, device=lm.device)
     ones = torch.ones(batch, 1, dtype=torch.bool, device=lm.device)
     steps = []
+    work = None  # the pieces of while_decoding's work still to do
     for step in range(sampling.max_new_tokens):
         token = sampler(logits)
         steps.append(token)
@@ -137,15 +140,30 @@ def generate(
                 ids = token[:, None]
                 logits = shared.extend(embed(ids), ones, ids, SegmentKey(agent, "output"), logits=True)
         if step == OVERLAP_AFTER and while_decoding is not None:
-            while_decoding()
+            work = _next_piece(while_decoding())
             while_decoding = None
+        elif work is not None:
+            work = _next_piece(work)
     if while_decoding is not None:
-        while_decoding()
+        work = while_decoding()
+    while work is not None:
+        work = _next_piece(work)
     if not steps:
         return [[] for _ in range(batch)]
     generated = torch.stack(steps, dim=1).tolist()
     stops = set(stop.tolist()) if not sampling.ignore_eos else set()
     return [_cut_after_stop(row, stops) for row in generated]
+
+
+def _next_piece(work):
+    """Do one piece of `work` (an iterator; anything else is done already); None once it is finished."""
+    if work is None or not hasattr(work, "__next__"):
+        return None
+    try:
+        next(work)
+    except StopIteration:
+        return None
+    return work
 
 
 def _cut_after_stop(ids: list[int], stops: set[int]) -> list[int]:

@@ -6,9 +6,10 @@ An observer hears of each hand-off twice: `on_handoff(event)` when the cache is 
 `watch_prefill(event)`, a context manager wrapped around the incoming agent's prompt prefill
 (for the judger, the prefill before decoding), so hooks can read that forward pass
 (`latentmas.prefill.PrefillProbe`). `while_decoding()`, if defined, is called once while the
-judger decodes. `on_latent_steps(event)`, if defined (and the observer's `wants_latent_steps`
-is not False), is called after each agent's latent steps with the hidden states they fed back
-(`LatentStepsEvent`); the system keeps those states only for such an observer.
+judger decodes; it may return an iterator of small pieces of work, taken one per decoding step.
+`on_latent_steps(event)`, if defined (and the observer's `wants_latent_steps` is not False), is
+called after each agent's latent steps with the hidden states they fed back (`LatentStepsEvent`);
+the system keeps those states only for such an observer.
 
 Cache columns carry token ids; latent steps carry `LATENT`, padding `PAD`.
 """
@@ -73,8 +74,10 @@ class HandoffObserver(Protocol):
 
     An observer may also define `watch_prefill(event) -> AbstractContextManager` (see
     `PrefillObserver`) and `while_decoding()`, called once while the judger decodes, after
-    its prefill, when the device has work queued (host work there overlaps it). Both are
-    optional, and observers without them work as before.
+    its prefill, when the device has work queued (host work there overlaps it); if it returns
+    an iterator, the decoding loop takes one item (a piece of work) after each step it queues,
+    so the device is never left idle by a long piece of host work. Both are optional, and
+    observers without them work as before.
     """
 
     def on_handoff(self, event: HandoffEvent) -> None: ...

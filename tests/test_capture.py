@@ -225,9 +225,9 @@ def test_writing_while_decoding_stores_what_writing_after_stores(tiny_lm, gsm8k_
     staged_early = {"during": [], "after": []}  # per batch: were the hand-offs staged before write_batch?
     for name, base in (("during", CaptureRecorder), ("after", StageAtTheEnd)):
         class Watched(base):
-            def while_decoding(self, name=name):
-                super().while_decoding()
+            def write_batch(self, results, name=name):
                 staged_early[name].append(self._staged is not None)
+                super().write_batch(results)
 
         solve_and_capture(tiny_lm, gsm8k_problems, cfg, tmp_path / f"{name}.h5", 2, Watched, transitions=TRANSITIONS)
     assert staged_early == {"during": [True, True], "after": [False, False]}  # called once per batch

@@ -230,3 +230,32 @@ def test_compiled_step_matches_eager_and_serves_every_size(tiny_lm):
     with torch._dynamo.config.patch(error_on_recompile=True):
         larger = steps(StaticStep(tiny_lm, 2, 512, use_graph=False, compiled=True))
     torch.testing.assert_close(larger, eager, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("max_new_tokens", [5, 40])
+def test_while_decoding_work_in_pieces_takes_one_per_step(tiny_lm, max_new_tokens):
+    """Work returned as an iterator is done a piece per decoding step (all of it at the end of a short decode)."""
+    from latentmas import decoding
+    from latentmas.methods.common import encode
+    from latentmas.prompts import agent_prompt
+    from latentmas.shared_cache import SharedCache
+
+    task = get_task("gsm8k")
+    _, ids, mask = encode(tiny_lm, [agent_prompt("judger", "What is 2 + 3?", task.answer_instruction)], False)
+    shared = SharedCache(tiny_lm, 1)
+    seen = []
+
+    def pieces():
+        for _ in range(4):
+            seen.append(shared.length)
+            yield
+
+    sampling = decoding.Sampling(max_new_tokens, temperature=0.0, ignore_eos=True, fast=False)
+    decoding.generate(shared, ids, mask, "judger", sampling, decoding.problem_generators([1], 0, tiny_lm.device),
+                      while_decoding=pieces)
+    prompt = ids.shape[1]
+    if max_new_tokens > decoding.OVERLAP_AFTER + 4:
+        first = prompt + decoding.OVERLAP_AFTER + 1
+        assert seen == [first, first + 1, first + 2, first + 3]
+    else:
+        assert seen == [prompt + max_new_tokens - 1] * 4
