@@ -363,14 +363,56 @@ def _check_x_axis(x_axis: str) -> None:
         raise ValueError(f"unknown x axis {x_axis!r}; use one of {', '.join(X_AXES)}")
 
 
+COLOUR_CHUNK_CELLS = 1 << 20  # cells coloured at a time: matplotlib's float64 RGBA of a chunk is 32 MB
+
+
 def _colour_cells(data: np.ndarray, raw: np.ndarray, mappable: ScalarMappable) -> np.ndarray:
-    """[rows, T, 4] uint8 colours of `data`; cells that are ±Inf in `raw` get their own colours."""
-    rgba = mappable.to_rgba(data, bytes=True)
-    for value, colour in ((np.inf, POS_INF_COLOR), (-np.inf, NEG_INF_COLOR)):
-        cells = raw == value
-        if cells.any():
-            rgba[cells] = np.round(np.asarray(to_rgba(colour)) * 255).astype(np.uint8)
+    """[rows, T, 4] uint8 colours of `data`; cells that are ±Inf in `raw` get their own colours.
+
+    Coloured a block of columns at a time into the one uint8 image, so a wide hand-off costs
+    4 bytes per cell here instead of the ~40 of `to_rgba`'s float64 intermediates.
+    """
+    rows, columns = data.shape
+    rgba = np.empty((rows, columns, 4), dtype=np.uint8)
+    step = max(1, COLOUR_CHUNK_CELLS // max(rows, 1))
+    for start in range(0, columns, step):
+        block = slice(start, start + step)
+        rgba[:, block] = mappable.to_rgba(data[:, block], bytes=True)
+        for value, colour in ((np.inf, POS_INF_COLOR), (-np.inf, NEG_INF_COLOR)):
+            cells = raw[:, block] == value
+            if cells.any():
+                rgba[:, block][cells] = np.round(np.asarray(to_rgba(colour)) * 255).astype(np.uint8)
     return rgba
+
+
+OVERSAMPLE = 8  # image columns kept per screen pixel when a hand-off is far wider than its plot
+
+
+def _reduce_columns(image: np.ndarray, pixels: int) -> np.ndarray:
+    """[rows, T, 4] uint8 -> [rows, ceil(T / b), 4]: blocks of b columns averaged (RGBA), when T is over
+    OVERSAMPLE times `pixels`; else `image` itself.
+
+    Matplotlib's antialiased resampling would average those columns into one pixel anyway, but it works
+    on float copies of the whole image (~50 bytes a cell); averaging first keeps OVERSAMPLE columns per
+    pixel for it, so the figure looks the same and a 10^6-column hand-off fits in memory.
+    """
+    rows, columns, _ = image.shape
+    block = columns // (OVERSAMPLE * max(pixels, 1))
+    if block < 2:
+        return image
+    width = -(-columns // block)
+    reduced = np.empty((rows, width, 4), dtype=np.uint8)
+    step = max(1, (COLOUR_CHUNK_CELLS // max(rows * block, 1))) * block  # whole blocks per chunk
+    for start in range(0, columns, step):
+        chunk = image[:, start:start + step].astype(np.float32)
+        full = chunk.shape[1] // block * block
+        out = start // block
+        if full:
+            means = chunk[:, :full].reshape(rows, full // block, block, 4).mean(axis=2)
+            reduced[:, out:out + full // block] = np.round(means).astype(np.uint8)
+        if full < chunk.shape[1]:  # the last, shorter block
+            reduced[:, -1] = np.round(chunk[:, full:].mean(axis=1)).astype(np.uint8)
+    return reduced
 
 
 def _heatmap(ax, lay: L.Layout, data: np.ndarray, raw: np.ndarray, cmap_name: str, vmin: float, vmax: float,
@@ -382,7 +424,10 @@ def _heatmap(ax, lay: L.Layout, data: np.ndarray, raw: np.ndarray, cmap_name: st
     # an RGBA image: resampling bytes is about 3x faster than normalising floats at every draw.
     mappable = ScalarMappable(norm=Normalize(vmin=vmin, vmax=vmax), cmap=colormap(cmap_name))
     extra = {"interpolation_stage": "rgba"} if lay.interpolation == "antialiased" else {}
-    ax.imshow(_colour_cells(data, raw, mappable), aspect="auto", origin="lower", interpolation=lay.interpolation,
+    image = _colour_cells(data, raw, mappable)
+    if lay.interpolation == "antialiased":
+        image = _reduce_columns(image, int(lay.plot_width_in * ax.figure.dpi))
+    ax.imshow(image, aspect="auto", origin="lower", interpolation=lay.interpolation,
               extent=(first - 0.5, first + num_columns - 0.5, -0.5, rows - 0.5), **extra)
     ax.set_xlim(first - 0.5, first + num_columns - 0.5)
     ax.set_ylim(-0.5, rows - 0.5)
