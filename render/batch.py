@@ -29,6 +29,7 @@ from .colormaps import DEFAULT_SINGLE_CMAP, ModeScale, UnknownColormap, as_mode_
 from .figures import DEFAULT_DPI, X_AXES, pretty_handoff, save_figure
 from .kinds import get_kind, kind_names
 from .layout import max_labelled_tokens
+from .output_files import write_atomically
 
 KINDS = ("multi", "single")  # the seed's two figures, drawn by default
 FORMATS = ("png", "svg", "pdf")
@@ -186,26 +187,9 @@ def plan_tasks(reader: CaptureReader, out_dir: Path, options: RenderOptions, pro
 
 # -- drawing one hand-off ---------------------------------------------------------------------
 
-def _file_mode() -> int:
-    """The mode a newly created file gets here (0o666 less the umask)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def _write(fig, path: Path, options: RenderOptions) -> None:
-    """Write the figure to a temporary file of its own in the target folder (two renders into one folder
-    never share one), then swap it in with `os.replace`."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(name)
-    try:
-        os.fchmod(fd, _file_mode())  # mkstemp makes it 0o600; a figure gets the usual mode
-        os.close(fd)
-        save_figure(fig, tmp, options.fmt, options.dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write the figure through a temporary file of its own (`output_files.write_atomically`)."""
+    write_atomically(path, lambda tmp: save_figure(fig, tmp, options.fmt, options.dpi))
 
 
 def build_figure(kind: str, handoff: Handoff, problem: int, options: RenderOptions,

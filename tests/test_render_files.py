@@ -129,3 +129,24 @@ def test_figures_get_the_usual_file_mode(tmp_path):
     finally:
         os.umask(old)
     assert {p.stat().st_mode & 0o777 for p in written} == {0o644}
+
+
+def test_write_atomically_uses_a_temporary_file_of_its_own(tmp_path):
+    """Pages, tables and figures are written through one helper: its own temporary name, cleaned up on error."""
+    from render.output_files import write_atomically
+
+    other = tmp_path / ".page.html.someone-else.tmp"
+    other.write_text("another render's")
+    seen = []
+    write_atomically(tmp_path / "page.html", lambda tmp: seen.append(tmp) or tmp.write_text("new"))
+    assert (tmp_path / "page.html").read_text() == "new" and other.read_text() == "another render's"
+    assert seen[0].parent == tmp_path and seen[0] != other and not seen[0].exists()
+
+    def fail(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_atomically(tmp_path / "page.html", fail)
+    assert (tmp_path / "page.html").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "page.html"]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..output_files import write_atomically
 from .source import AnalysisError
 
 DEFAULT_ROOT = Path("charts")
@@ -69,18 +69,14 @@ def write_tables(folder: Path, tables: dict) -> list[Path]:
     """Each DataFrame to `folder/<name>` (CSV, no index)."""
     written = []
     for name, table in tables.items():
-        path = folder / name
-        table.to_csv(path, index=False)
-        written.append(path)
+        written.append(write_atomically(folder / name, lambda tmp, table=table: table.to_csv(tmp, index=False)))
     return written
 
 
 def write_json(path: Path, data: dict, captures) -> Path:
     data = {"captures": _identity(captures), **data}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_plain, allow_nan=False))
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(data, indent=1, default=_plain, allow_nan=False)
+    return write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def _plain(value):
@@ -104,9 +100,8 @@ def write_figures(folder: Path, figures, count: int, progress: bool = True, dpi:
     with tqdm(total=count, desc="figures", unit="fig", file=sys.stderr, disable=not progress, leave=False,
               dynamic_ncols=True) as bar:
         for name, fig in figures:
-            path = folder / name
-            save_figure(fig, path, "png", dpi)
-            written.append(path)
+            written.append(write_atomically(folder / name,
+                                            lambda tmp, fig=fig: save_figure(fig, tmp, "png", dpi)))
             bar.update(1)
     return written
 

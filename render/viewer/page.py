@@ -11,13 +11,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-import os
 import re
 from importlib import resources
 from pathlib import Path
 
 from capture.format import CaptureReader
 
+from ..output_files import write_atomically
 from .data import PageData, collect, script_json
 
 PAGE_GENERATOR = "latentmas view"
@@ -62,13 +62,7 @@ def build_page(reader: CaptureReader, problems: set[int] | None = None, transiti
 def write_page(text: str, out: Path) -> None:
     """Write the page atomically (a reader never sees half a page)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomically(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def page_source(path: Path) -> str | None:
