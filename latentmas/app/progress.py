@@ -51,9 +51,9 @@ class Progress:
             self.bar.update(new)
             postfix = {"acc": f"{self.correct / self.solved:.2f}"}
             if self.capture_file is not None:
-                from capture.merge import shard_files
+                from capture.merge import sources
 
-                total = sum(p.stat().st_size for p in shard_files(self.capture_file) if p.exists())
+                total = sum(p.stat().st_size for p in sources(self.capture_file) if p.exists())
                 postfix["capture"] = format_size(total)
             self.bar.set_postfix(postfix)
 
