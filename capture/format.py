@@ -629,20 +629,24 @@ class CaptureWriter(_OpenFile):
         """
         for of_problem, number in zip(handoffs, list(numbers) or [None] * len(handoffs)):
             for handoff in of_problem:
+                where = f"hand-off {handoff.name}" + (f" of problem {number}" if number else "")
                 readout = handoff.readout
+                if readout is not None and self.readout_top_k:
+                    try:  # before anything below reads its arrays
+                        readout.check(handoff.num_columns, self.readout_top_k)
+                    except ValueError as error:
+                        raise CaptureError(f"cannot write {where} to {self.path}: {error}") from None
                 readout_texts = ([t for c in np.flatnonzero(readout.has).tolist()
                                   for t in (*readout.tokens[c], readout.realign_token[c])]
-                                 if readout is not None
-                                 and len(readout.tokens) == len(readout.realign_token) == np.shape(readout.ids)[0]
-                                 else [])
+                                 if readout is not None and self.readout_top_k else [])
                 texts = (handoff.from_agent, handoff.to_agent, *handoff.tokens, *readout_texts,
                          *(s.agent for s in handoff.segments), *(s.kind for s in handoff.segments))
                 # one check of all the hand-off's text at once (a NUL or a lone surrogate anywhere is refused)
-                _refuse_text("".join(map(str, texts)),
-                             f"hand-off {handoff.name}" + (f" of problem {number}" if number else ""))
+                _refuse_text("".join(map(str, texts)), where)
         per_readout = 48 * (1 + self.readout_top_k) + 16 * self.readout_top_k + 32  # a row: k + 1 strings, numbers
         self._reserve(_MARGIN + sum(2 * h.layer_similarities.size * 4 + sum(len(t) * 4 + 48 for t in h.tokens)
-                                    + (per_readout * int(h.readout.has.sum()) if h.readout is not None else 0)
+                                    + (per_readout * int(h.readout.has.sum())
+                                       if h.readout is not None and self.readout_top_k else 0)
                                     for of_problem in handoffs for h in of_problem), _problems_named(numbers))
         try:
             return self._stage(handoffs)
@@ -1428,6 +1432,10 @@ class CaptureReader(_OpenFile):
                     {name: self._datasets[("readout", name)][..., :count] for name in _READOUT})
         readouts = [self._readout(slice(int(f), int(f) + int(w))).rows()
                     for f, w in zip(h["first_column"], h["num_columns"])]
+        for index, rows in enumerate(readouts):  # what schema 3 refuses on opening must not be copied into it
+            problem = rows.problem()
+            if problem:
+                raise ValueError(f"its schema-2 readout cannot be converted: hand-off {index}: {problem}")
         counts = np.array([len(r.column) for r in readouts], dtype=np.int64)
         return ({"first_readout": np.cumsum(counts) - counts, "num_readouts": counts},
                 _stack_rows(readouts, self._readout_k))

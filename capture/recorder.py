@@ -231,7 +231,15 @@ class CaptureRecorder:
             pass
 
     def _stage_in_pieces(self) -> Iterator[None]:
-        """Copies to the host, then each problem's hand-offs, then the write: a piece between yields."""
+        """Copies to the host, then each problem's hand-offs, then the write: a piece between yields.
+        A failure forgets the pieces, so a later `write_batch` stages again (and fails again in one line)."""
+        try:
+            yield from self._staging_pieces()
+        except BaseException:
+            self._staging = None
+            raise
+
+    def _staging_pieces(self) -> Iterator[None]:
         unwatched = [p for p in self._pending if p.similarities is None]
         if unwatched:
             p = unwatched[0]

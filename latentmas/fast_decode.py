@@ -253,10 +253,16 @@ def static_step(lm, shared: SharedCache, extra: int, tokens: bool = True, use_gr
         kv = None
     key = (tokens, shared.batch_size, capacity_for(needed) if kv is None else kv.capacity, graph, lm.dtype, compiled)
     if key not in steps:
+        step = None
         try:
-            steps[key] = StaticStep(lm, key[1], key[2], tokens=tokens, use_graph=graph, compiled=compiled, kv=kv)
+            step = StaticStep(lm, key[1], key[2], tokens=tokens, use_graph=graph, compiled=compiled, kv=kv)
         except torch.cuda.OutOfMemoryError:
+            pass  # retried below, outside this block: its traceback would keep the failed buffers alive
+        if step is None:
             steps.clear()
+            kv = None
             torch.cuda.empty_cache()
-            steps[key] = StaticStep(lm, key[1], key[2], tokens=tokens, use_graph=graph, compiled=compiled)
+            step = StaticStep(lm, key[1], capacity_for(needed), tokens=tokens, use_graph=graph, compiled=compiled)
+            key = (*key[:2], step.kv.capacity, *key[3:])
+        steps[key] = step
     return steps[key].start(shared)

@@ -404,3 +404,24 @@ def test_sliding_window_models_get_a_clear_error(tiny_lm):
             SharedCache(tiny_lm, 1)
     finally:
         config.layer_types = saved
+
+
+def test_a_failed_staging_fails_again_in_one_line_at_write_batch(tiny_lm, gsm8k_problems, tmp_path, monkeypatch):
+    """Staging that fails while the judger decodes is forgotten: write_batch stages again and gives the same error."""
+    from latentmas import decoding
+
+    cfg = tiny_config(max_new_tokens=decoding.OVERLAP_AFTER + 4)
+    recorder = open_recorder(tmp_path / "run.h5", cfg, tiny_lm, overwrite=True)
+    calls = []
+
+    def full_disk(*args, **kwargs):
+        calls.append(1)
+        raise CaptureError("run.h5: no space left on device")
+
+    monkeypatch.setattr(recorder.writer, "stage", full_disk)
+    with pytest.raises(CaptureError, match="no space left"):
+        get_method("latent_mas")(tiny_lm, gsm8k_problems[:1], get_task("gsm8k"), cfg, observer=recorder)
+    with pytest.raises(CaptureError, match="no space left"):
+        recorder.write_batch([type("Result", (), {"number": gsm8k_problems[0].number})()])
+    assert len(calls) == 2
+    recorder.close()

@@ -259,3 +259,35 @@ def test_while_decoding_work_in_pieces_takes_one_per_step(tiny_lm, max_new_token
         assert seen == [first, first + 1, first + 2, first + 3]
     else:
         assert seen == [prompt + max_new_tokens - 1] * 4
+
+
+def test_out_of_memory_retry_frees_the_old_buffer_first(tiny_lm, monkeypatch):
+    """A step that runs out of GPU memory is built again after every earlier buffer has gone (no two alive)."""
+    import gc
+    import weakref
+
+    from latentmas import fast_decode
+    from latentmas.shared_cache import SegmentKey, SharedCache
+
+    shared = SharedCache(tiny_lm, 1)
+    ids = torch.arange(3, 8)[None]
+    shared.extend(tiny_lm.model.get_input_embeddings()(ids), torch.ones_like(ids, dtype=torch.bool), ids,
+                  SegmentKey("planner", "prompt"))
+    tiny_lm.static_steps.clear()
+    old = weakref.ref(fast_decode.static_step(tiny_lm, shared, 10, tokens=True, use_graph=False).kv)
+    alive_at_retry, built = [], []
+    original = fast_decode.StaticStep.__init__
+
+    def flaky(self, *args, **kwargs):
+        built.append(kwargs.get("kv") is not None)
+        if len(built) == 1:
+            raise torch.cuda.OutOfMemoryError("fake: out of memory")
+        gc.collect()
+        alive_at_retry.append(old() is not None)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(fast_decode.StaticStep, "__init__", flaky)
+    step = fast_decode.static_step(tiny_lm, shared, 10, tokens=False, use_graph=False)  # would share the buffer
+    assert built == [True, False]  # first on the shared buffer, then on a fresh one
+    assert alive_at_retry == [False] and step.kv is not None
+    tiny_lm.static_steps.clear()

@@ -193,3 +193,35 @@ def test_hostile_readout_tables_are_one_line(tmp_path, case):
                     assert handoff.readout is not None
     text = str(error.value)
     assert "\n" not in text and path.name in text and message in text, text
+
+
+def test_a_schema_2_readout_that_schema_3_refuses_is_not_converted(tmp_path):
+    """A resume that would copy a readout row schema 3 refuses (a token id but no step) fails in one line
+    and leaves the schema-2 file as it was, still readable."""
+    import h5py
+
+    from capture.format import CaptureError
+
+    path = _write_schema_2(tmp_path / "old.h5")
+    with h5py.File(path, "r+") as f:
+        f["columns/readout_step"][4] = -1  # hand-off 0, column 4: ids kept, step lost
+    before = path.read_bytes()
+    with pytest.raises(CaptureError, match="schema-2 readout cannot be converted: hand-off 0: .* column 4"):
+        CaptureWriter.open(path, {}, {"a": 1}, num_layers=2, durable=False)
+    assert path.read_bytes() == before
+    with CaptureReader(path) as reader:
+        assert reader.problem_numbers == [1, 2]
+
+
+def test_a_malformed_readout_is_refused_in_one_line_before_anything_is_written(tmp_path):
+    from capture.format import CaptureError
+
+    path = _write(tmp_path / "run.h5", numbers=())
+    problem = _problem(1)
+    readout = problem.handoffs[0].readout
+    readout.ids = readout.ids[:, 0]  # [T] instead of [T, k]
+    with CaptureWriter.open(path, {}, {"a": 1}, num_layers=2, durable=False) as writer:
+        with pytest.raises(CaptureError, match=r"hand-off planner_to_critic of problem 1 .*readout ids is"):
+            writer.append(problem)
+    with CaptureReader(path) as reader:
+        assert reader.problem_numbers == []

@@ -135,7 +135,7 @@ def test_write_atomically_uses_a_temporary_file_of_its_own(tmp_path):
     """Pages, tables and figures are written through one helper: its own temporary name, cleaned up on error."""
     from render.output_files import write_atomically
 
-    other = tmp_path / ".page.html.someone-else.tmp"
+    other = tmp_path / ".tmp-someone-else"
     other.write_text("another render's")
     seen = []
     write_atomically(tmp_path / "page.html", lambda tmp: seen.append(tmp) or tmp.write_text("new"))
@@ -150,3 +150,12 @@ def test_write_atomically_uses_a_temporary_file_of_its_own(tmp_path):
         write_atomically(tmp_path / "page.html", fail)
     assert (tmp_path / "page.html").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "page.html"]
+
+
+def test_write_atomically_fits_every_name_the_file_system_takes(tmp_path):
+    """The temporary name does not grow with the target's: a 255-byte name (ext4's limit) still writes."""
+    from render.output_files import write_atomically
+
+    path = tmp_path / ("f" * 251 + ".png")
+    write_atomically(path, lambda tmp: tmp.write_bytes(b"png"))
+    assert path.read_bytes() == b"png"

@@ -196,7 +196,10 @@ class _Run:
                                                                                            self.group.rank)
             recorder = open_recorder(target, self.cfg, lm, self.transitions, self.capture_dtype, origin=self.origin)
         part = results.part_path(self.run_dir, self.group.rank)
-        return recorder, open(part, "a", encoding="utf-8")
+        out = open(part, "a", encoding="utf-8")
+        for folder in (part.parent, self.run_dir):  # the new part's entry, so its fsynced lines can be found
+            results.fsync_folder(folder)
+        return recorder, out
 
     def _tracker(self, total: int, initial: int, offsets: dict):
         if not (self.group.is_main and self.progress):
