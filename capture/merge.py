@@ -7,9 +7,10 @@ A capture run under torchrun writes one shard per rank next to the run's capture
     captures/<run>.h5.shards/rank-00001.h5 ...
 
 At the end rank 0 copies every problem of the existing capture file (if any) and of all
-shards, in problem-number order, into `<run>.h5.merge-tmp` with `CaptureWriter`, swaps it
-in with `os.replace` and deletes the shards. Only the public `CaptureReader` /
-`CaptureWriter` API is used: the layout stays defined in `capture.format` alone.
+shards, in problem-number order, into `<run>.h5.merge-tmp` with `CaptureWriter.copy_problems`
+(whole row ranges per dataset and source, offsets remapped; no problem is decoded and
+encoded again), swaps it in with `os.replace` and deletes the shards. The layout stays
+defined in `capture.format` alone.
 Needs h5py and numpy only (no torch).
 """
 
@@ -31,6 +32,20 @@ from .format import (
     check_same_problems,
 )
 from .lock import CaptureLockedError, WriterLock
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so a rename in it survives a power loss (quietly skipped where it cannot be)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 SHARD_DIR_SUFFIX = ".shards"
 MERGE_TMP_SUFFIX = ".merge-tmp"
@@ -176,5 +191,6 @@ def _merge_locked(capture_file: Path, summarize, extra_attrs, bulk: bool) -> Mer
         for reader in readers:
             reader.close()
     os.replace(tmp, capture_file)
+    _sync_folder(capture_file.parent)  # the swap is on the disk before the shards go
     remove_shards(capture_file)
     return stats
