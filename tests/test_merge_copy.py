@@ -15,8 +15,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from test_readout_layout import _write_schema_2
 from test_readout_layout import _problem as readout_problem
+from test_readout_layout import _write_schema_2
 
 from capture import merge
 from capture.format import (
