@@ -137,6 +137,8 @@ def merge(
 
     The merged file is built as `<name>.merge-tmp` and swapped in with `os.replace`, so a
     merge killed at any point leaves the capture file and the shards as they were.
+    bulk: copy row blocks (`CaptureWriter.copy_problems`); False decodes and re-encodes every
+    problem through `ProblemRecord`s, the slower way kept to compare with (bench/merge_speed.py).
     """
     capture_file = Path(capture_file)
     try:
