@@ -4,16 +4,20 @@ Each world size is one `torchrun --standalone --nproc_per_node W -m latentmas ca
 into its own temporary folder. Throughput is problems / `total_time_sec` of the run summary:
 the wall time on rank 0 from the moment every rank has its model loaded to the end of
 the merge into one capture file (start-up and model loading are printed separately, as
-the rest of each command's wall time). It then checks that both captures hold the same
-problems with the same predictions and matrices (results must not depend on world size).
+the rest of each command's wall time). For world size K it also prints the merge time and its
+share of that wall time, and each rank's idle time at the end (from its last commit to the
+last rank's last commit, `rank_idle_sec` of the summary). It then checks that both captures
+hold the same problems with the same predictions and matrices (results must not depend on
+world size).
 
 On a machine with 2 GPUs, with the Qwen3-4B shapes and seeded random weights (no download):
 
     python bench/multi_gpu_speed.py --model_name .gpu_inputs/qwen3-4b-arch --random_weights \\
         --data_file .gpu_inputs/gsm8k_test.jsonl --problems 20 --nproc 2
 
-Without arguments it runs tiny-qwen3 on the CPU with world sizes 1 and 2 (gloo).
-OMP_NUM_THREADS is set to 1 for both runs unless already set (torchrun does so only for W > 1).
+Without arguments it runs tiny-qwen3 (on the CPU when there is no GPU: `--device cpu`, gloo) with world
+sizes 1 and 2. A CPU run computes with LATENTMAS_CPU_THREADS intra-op threads (default 1) in every
+process, so the two captures are equal bit for bit.
 """
 
 from __future__ import annotations
@@ -52,7 +56,6 @@ def _one_world(world: int, folder: Path, args: list[str], timeout: float) -> dic
                "-m", "latentmas", "capture", *args, "--capture_file", str(capture_file),
                "--output_dir", str(out_dir)]
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     print(f"world size {world}: {' '.join(command[1:])}", flush=True)
     started = time.perf_counter()
@@ -67,10 +70,16 @@ def _one_world(world: int, folder: Path, args: list[str], timeout: float) -> dic
         device = capture.attrs.get("device", "?")
     solve = summary["total_time_sec"]
     rate = summary["total"] / solve if solve else float("nan")
-    print(f"  {summary['total']} problems in {solve:.1f} s (merge {summary.get('merge_time_sec', 0):.1f} s "
-          f"included; start-up and model load {wall - solve:.1f} s more) = {rate:.3f} problems/s on {device}",
-          flush=True)
-    return {"world": world, "rate": rate, "summary": summary, "capture": capture_file, "wall": wall}
+    merge_time = summary.get("merge_time_sec", 0.0)
+    print(f"  {summary['total']} problems in {solve:.2f} s (merge {merge_time:.2f} s = "
+          f"{merge_time / solve * 100 if solve else 0:.1f}% of it; start-up and model load {wall - solve:.1f} s "
+          f"more) = {rate:.3f} problems/s on {device}", flush=True)
+    idle = summary.get("rank_idle_sec")
+    if idle:
+        print(f"  each rank's idle time at the end (its last commit to the last rank's): "
+              f"{', '.join(f'{x:.2f}' for x in idle)} s (max {max(idle):.2f} s)", flush=True)
+    return {"world": world, "rate": rate, "summary": summary, "capture": capture_file, "wall": wall,
+            "merge": merge_time, "idle": idle}
 
 
 def _compare(a: Path, b: Path) -> str:
@@ -129,6 +138,8 @@ def main(model_name, random_weights, data_file, num_problems, nproc, generate_bs
         print(f"problems/s: world size 1 {one['rate']:.3f}, world size {nproc} {many['rate']:.3f}; "
               f"ratio {many['rate'] / one['rate']:.2f}x (ideal {nproc}x, efficiency "
               f"{many['rate'] / one['rate'] / nproc * 100:.0f}%)")
+        print(f"merge: {many['merge']:.2f} s = {many['merge'] / many['summary']['total_time_sec'] * 100:.1f}% of "
+              f"the {nproc}-rank run; largest rank idle time at the end {max(many['idle'] or [0]):.2f} s")
         print(f"same results across world sizes: {_compare(one['capture'], many['capture'])}")
 
 

@@ -767,6 +767,103 @@ class CaptureWriter(_OpenFile):
         except (OSError, RuntimeError) as error:
             raise self._failed("the run summary", error) from None
 
+    # -- copying problems from other captures (the merge of a sharded run) ---------------------
+    def copy_problems(self, picks: Sequence[tuple["CaptureReader", int]]) -> None:
+        """Append problems copied from other capture files, in the order given, and commit them at once.
+
+        picks: (reader, problem number) of each problem. Each source's rows are read as whole
+        row ranges per dataset (`CaptureReader.copied_rows`: a few HDF5 reads per source and call,
+        not one per problem and dataset), the offsets into the other tables (first_handoff,
+        first_column, first_segment, first_readout) are remapped to this file, and the rows are
+        written as blocks; nothing is decoded into `Handoff`s and encoded again, so the copy holds
+        exactly the source's values (the matrices cast to this file's dtype only if it differs).
+        Text is checked as `stage` and `commit` check it (UTF-8, no NUL). A source that keeps its
+        readout in schema 2's layout is copied through `ProblemRecord`s instead. Raises
+        CaptureError (naming the file) when a source's readout k differs from this file's, or a
+        source cannot be read; CaptureWriteError when writing fails (what was committed stays).
+        """
+        if not picks:
+            return
+        readers = list({id(reader): reader for reader, _ in picks}.values())
+        for reader in readers:
+            if reader.readout_top_k and reader.readout_top_k != self.readout_top_k:
+                raise CaptureError(f"cannot copy problems of {reader.path} into {self.path}: its latent readout keeps "
+                                   f"the top {reader.readout_top_k} tokens, {self.path.name} "
+                                   f"{self.readout_top_k or 'no readout'}")
+        numbers = [number for _, number in picks]
+        if any(reader.readout_top_k and reader._schema < 3 for reader in readers):
+            self.append_batch([reader.record(number) for reader, number in picks])
+            return
+        copied: dict[int, dict[int, _CopiedProblem]] = {}
+        for reader in readers:
+            copied[id(reader)] = reader.copied_rows([n for r, n in picks if r is reader])
+        pieces = [copied[id(reader)][number] for reader, number in picks]
+        sims = self._file["columns/layer_similarities"]
+        self._reserve(_MARGIN + sum(piece.nbytes(sims.dtype.itemsize) for piece in pieces), _problems_named(numbers))
+        try:
+            staged = self._write_copied(pieces)
+            self._commit(staged, [piece.record for piece in pieces])
+        except (OSError, RuntimeError) as error:
+            raise self._failed(_problems_named(numbers), error) from None
+        except (ValueError, TypeError) as error:
+            raise CaptureError(f"could not copy {_problems_named(numbers)} to {self.path}: {_reason(error)}") from None
+        self.completed_numbers.update(numbers)
+
+    def _write_copied(self, pieces: Sequence["_CopiedProblem"]) -> StagedHandoffs:
+        """Write the hand-offs of copied problems (in order) past the committed rows, as `_stage` does."""
+        _, n_handoffs, n_columns, n_segments = self._committed
+        f, k = self._file, self.readout_top_k
+        column, segment, readout_row = n_columns, n_segments, self._readout_rows
+        handoff_rows: dict[str, list] = {name: [] for name, _ in _TABLES["handoffs"]}
+        if k:
+            handoff_rows.update(first_readout=[], num_readouts=[])
+        blocks: dict[str, list] = {"sims": [], "position": [], "token": [], **{f"seg_{n}": [] for n, _ in
+                                                                                  _TABLES["segments"]}}
+        readout: dict[str, list] = {name: [] for name in _READOUT}
+        for piece in pieces:
+            for handoff in piece.handoffs:
+                handoff_rows["from_agent"].append(handoff.from_agent)
+                handoff_rows["to_agent"].append(handoff.to_agent)
+                handoff_rows["first_column"].append(column)
+                handoff_rows["num_columns"].append(handoff.width)
+                handoff_rows["first_segment"].append(segment)
+                handoff_rows["num_segments"].append(len(handoff.segments["start"]))
+                blocks["sims"].append(handoff.sims)
+                blocks["position"].append(handoff.position)
+                blocks["token"].append(handoff.token)
+                for name, values in handoff.segments.items():
+                    blocks[f"seg_{name}"].append(values)
+                column += handoff.width
+                segment += len(handoff.segments["start"])
+                if k:
+                    rows = 0 if handoff.readout is None else handoff.readout["column"].shape[-1]
+                    handoff_rows["first_readout"].append(readout_row)
+                    handoff_rows["num_readouts"].append(rows)
+                    if rows:
+                        for name, values in handoff.readout.items():
+                            readout[name].append(values)
+                    readout_row += rows
+        if column > n_columns:
+            sims = f["columns/layer_similarities"]
+            sims.resize(column, axis=1)
+            sims[:, n_columns:column] = np.concatenate(blocks["sims"], axis=1).astype(sims.dtype, copy=False)
+            _append_rows(f["columns/position"], n_columns, np.concatenate(blocks["position"]).astype(np.int64))
+            _append_rows(f["columns/token"], n_columns, np.concatenate(blocks["token"]))
+        if segment > n_segments:
+            for name, _ in _TABLES["segments"]:
+                _append_rows(f[f"segments/{name}"], n_segments, np.concatenate(blocks[f"seg_{name}"]))
+        if readout_row > self._readout_rows:
+            for name, (dtype, _) in _READOUT.items():
+                values = np.concatenate(readout[name], axis=-1)
+                _append_rows(f[f"readout/{name}"], self._readout_rows,
+                             values if dtype is _STR else values.astype(dtype, copy=False))
+        for name, rows in handoff_rows.items():
+            _append_rows(f[f"handoffs/{name}"], n_handoffs, rows)
+        f.flush()  # rows reach the disk before the commit marker that makes them visible
+        return StagedHandoffs(base=list(self._committed), num_handoffs=[len(p.handoffs) for p in pieces],
+                              end=[n_handoffs + len(handoff_rows["from_agent"]), column, segment],
+                              readout_end=readout_row)
+
 
 def _reason(error: BaseException) -> str:
     """An h5py/OS error as one short line: the OS's words when it gave some (e.g. 'No space left on device')."""
@@ -1422,6 +1519,79 @@ class CaptureReader(_OpenFile):
             realign_cosine=d[("readout", "realign_cosine")][rows].astype(np.float32),
             realign_token=_decode_all(d[("readout", "realign_token")][rows], "/readout/realign_token"))
 
+    def record(self, number: int) -> ProblemRecord:
+        """Problem `number` with every hand-off read, as `CaptureWriter.append` takes it."""
+        problem = self.problem(number)
+        return ProblemRecord(number, problem.question, problem.gold, problem.prediction, problem.correct,
+                             list(self.handoffs(number)))
+
+    @_reading
+    def copied_rows(self, numbers: Sequence[int]) -> dict[int, "_CopiedProblem"]:
+        """number -> the stored rows of that problem, for `CaptureWriter.copy_problems` (schema 3 readout, or none).
+
+        The hand-offs' rows are read in blocks: one slice per dataset over the rows a group of
+        hand-offs covers, split (halves, recursively) until no block reads more than about twice
+        the rows it needs, so problems stored in the order asked for cost a few reads in all.
+        """
+        p, h = self._problem_table, self._handoff_table
+        rows = sorted({self._row(n) for n in numbers})
+        first = p["first_handoff"][rows].astype(np.int64)
+        count = p["num_handoffs"][rows].astype(np.int64)
+        wanted = np.concatenate([np.arange(f, f + c) for f, c in zip(first, count)] + [np.zeros(0, np.int64)])
+        ranged = bool(self._readout_k)
+        spans = {"columns": (h["first_column"][wanted].astype(np.int64), h["num_columns"][wanted].astype(np.int64)),
+                 "segments": (h["first_segment"][wanted].astype(np.int64),
+                              h["num_segments"][wanted].astype(np.int64)),
+                 "readout": ((h["first_readout"][wanted].astype(np.int64), h["num_readouts"][wanted].astype(np.int64))
+                             if ranged else (np.zeros_like(wanted), np.zeros_like(wanted)))}
+        copied: dict[int, _CopiedHandoff] = {}
+        for block in _blocks(spans, 0, len(wanted)):
+            self._copy_block(wanted[block], {t: (f[block], c[block]) for t, (f, c) in spans.items()}, copied)
+        from_agents, to_agents = self._texts("handoffs", "from_agent"), self._texts("handoffs", "to_agent")
+        out = {}
+        for row, f, c in zip(rows, first.tolist(), count.tolist()):
+            summary = self._summary(row)
+            handoffs = [copied[i] for i in range(f, f + c)]
+            for i, handoff in zip(range(f, f + c), handoffs):
+                handoff.from_agent, handoff.to_agent = from_agents[i], to_agents[i]
+            out[summary.number] = _CopiedProblem(
+                ProblemRecord(summary.number, summary.question, summary.gold, summary.prediction, summary.correct),
+                handoffs)
+        return out
+
+    def _copy_block(self, indices: np.ndarray, spans: dict, into: dict) -> None:
+        """Read the rows hand-offs `indices` cover, one slice per dataset, and keep each hand-off's views in `into`."""
+        d = self._datasets
+
+        def covering(table):
+            first, count = spans[table]
+            used = count > 0
+            return (int(first[used].min()), int((first + count)[used].max())) if used.any() else (0, 0)
+
+        c0, c1 = covering("columns")
+        s0, s1 = covering("segments")
+        r0, r1 = covering("readout")
+        columns = {"sims": d[("columns", "layer_similarities")][:, c0:c1],
+                   "position": d[("columns", "position")][c0:c1],
+                   "token": _checked_texts(d[("columns", "token")][c0:c1], "/columns/token")}
+        segments = {name: d[("segments", name)][s0:s1] for name in ("start", "stop")}
+        for name in ("agent", "kind"):
+            segments[name] = _checked_texts(d[("segments", name)][s0:s1], f"/segments/{name}")
+        readout = {}
+        if r1 > r0:
+            for name, (dtype, _) in _READOUT.items():
+                values = d[("readout", name)][..., r0:r1]
+                readout[name] = _checked_texts(values, f"/readout/{name}") if dtype is _STR else values
+        for j, index in enumerate(indices.tolist()):
+            fc, nc = (int(x[j]) for x in spans["columns"])
+            fs, ns = (int(x[j]) for x in spans["segments"])
+            fr, nr = (int(x[j]) for x in spans["readout"])
+            cols, segs, outs = slice(fc - c0, fc - c0 + nc), slice(fs - s0, fs - s0 + ns), slice(fr - r0, fr - r0 + nr)
+            into[index] = _CopiedHandoff(
+                "", "", columns["sims"][:, cols], columns["position"][cols], columns["token"][cols],
+                {name: segments[name][segs] for name in ("agent", "kind", "start", "stop")},
+                {name: values[..., outs] for name, values in readout.items()} if nr else None)
+
     def _committed_readout(self) -> tuple[dict, dict]:
         """The committed hand-offs' readout as schema 3 stores it, for a resume to copy: ({first_readout,
         num_readouts} of each hand-off, /readout's datasets' committed values), whatever this file's schema."""
@@ -1467,6 +1637,81 @@ class CaptureReader(_OpenFile):
         from .tables import problems_table
 
         return problems_table(self)
+
+
+@dataclass
+class _CopiedHandoff:
+    """One hand-off's rows as a file stores them (read by `CaptureReader.copied_rows`).
+
+    sims: [num_layers, T]; position: [T]; token: T raw strings; segments: name -> [G] values of
+    /segments; readout: name -> [R] or [k, R] values of /readout (None: no rows).
+    """
+
+    from_agent: str
+    to_agent: str
+    sims: np.ndarray
+    position: np.ndarray
+    token: np.ndarray
+    segments: dict[str, np.ndarray]
+    readout: dict[str, np.ndarray] | None
+
+    @property
+    def width(self) -> int:
+        return int(self.sims.shape[1])
+
+
+@dataclass
+class _CopiedProblem:
+    """A problem's row (`record`, its `handoffs` empty) and its hand-offs' stored rows."""
+
+    record: ProblemRecord
+    handoffs: list[_CopiedHandoff]
+
+    def nbytes(self, itemsize: int) -> int:
+        """About what writing it adds to a file (uncompressed, with string heaps)."""
+        return sum(2 * h.sims.size * itemsize + 56 * h.width + 64 * len(h.segments["start"])
+                   + (0 if h.readout is None else 64 * h.readout["token"].size) for h in self.handoffs) \
+            + 4 * (len(self.record.question) + len(self.record.gold) + len(self.record.prediction or "")) + 256
+
+
+_COPY_SLACK = {"columns": _COLUMN_CHUNK, "segments": _ROW_CHUNK, "readout": _ROW_CHUNK}
+
+
+def _blocks(spans: dict[str, tuple[np.ndarray, np.ndarray]], start: int, stop: int):
+    """Slices of hand-offs [start, stop) (places in `spans`) whose covering rows, in every table, are at
+    most about twice the rows they use. spans: table -> (first row [H], rows [H]) of each hand-off."""
+    if stop <= start:
+        return
+    fits = True
+    for table, (first, count) in spans.items():
+        first, count = first[start:stop], count[start:stop]
+        used = count > 0
+        if used.any() and int((first + count)[used].max() - first[used].min()) > 2 * int(count.sum()) + \
+                _COPY_SLACK[table]:
+            fits = False
+            break
+    if fits or stop - start == 1:
+        yield slice(start, stop)
+        return
+    middle = (start + stop) // 2
+    yield from _blocks(spans, start, middle)
+    yield from _blocks(spans, middle, stop)
+
+
+def _checked_texts(values: np.ndarray, where: str) -> np.ndarray:
+    """Strings read raw from a string dataset, returned as they are once each is known to be valid UTF-8.
+
+    One decode of them all, joined by an ASCII separator (a sequence broken in one value cannot be
+    completed by the next); on failure `_decode_all` names the first bad one (raises _BadText).
+    """
+    flat = values.ravel().tolist()
+    try:
+        b"\x1f".join(flat).decode("utf-8")
+    except TypeError:  # str values (already text)
+        pass
+    except UnicodeDecodeError:
+        _decode_all(flat, where)
+    return values
 
 
 def number_ranges(numbers: Sequence[int]) -> str:

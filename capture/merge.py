@@ -7,9 +7,10 @@ A capture run under torchrun writes one shard per rank next to the run's capture
     captures/<run>.h5.shards/rank-00001.h5 ...
 
 At the end rank 0 copies every problem of the existing capture file (if any) and of all
-shards, in problem-number order, into `<run>.h5.merge-tmp` with `CaptureWriter`, swaps it
-in with `os.replace` and deletes the shards. Only the public `CaptureReader` /
-`CaptureWriter` API is used: the layout stays defined in `capture.format` alone.
+shards, in problem-number order, into `<run>.h5.merge-tmp` with `CaptureWriter.copy_problems`
+(whole row ranges per dataset and source, offsets remapped; no problem is decoded and
+encoded again), swaps it in with `os.replace` and deletes the shards. The layout stays
+defined in `capture.format` alone.
 Needs h5py and numpy only (no torch).
 """
 
@@ -27,11 +28,24 @@ from .format import (
     CaptureError,
     CaptureReader,
     CaptureWriter,
-    ProblemRecord,
     check_same_config,
     check_same_problems,
 )
 from .lock import CaptureLockedError, WriterLock
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so a rename in it survives a power loss (quietly skipped where it cannot be)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 SHARD_DIR_SUFFIX = ".shards"
 MERGE_TMP_SUFFIX = ".merge-tmp"
@@ -111,6 +125,7 @@ def merge(
     capture_file: str | os.PathLike,
     summarize: Callable[[MergeStats], dict] | None = None,
     extra_attrs: dict | None = None,
+    bulk: bool = True,
 ) -> MergeStats:
     """Merge the capture file (if it exists) and its shards into the capture file; delete the shards.
 
@@ -122,6 +137,8 @@ def merge(
 
     The merged file is built as `<name>.merge-tmp` and swapped in with `os.replace`, so a
     merge killed at any point leaves the capture file and the shards as they were.
+    bulk: copy row blocks (`CaptureWriter.copy_problems`); False decodes and re-encodes every
+    problem through `ProblemRecord`s, the slower way kept to compare with (bench/merge_speed.py).
     """
     capture_file = Path(capture_file)
     try:
@@ -131,12 +148,12 @@ def merge(
     except OSError as error:
         raise CaptureError(f"cannot lock {capture_file} for writing: {error.strerror or error}") from None
     try:
-        return _merge_locked(capture_file, summarize, extra_attrs)
+        return _merge_locked(capture_file, summarize, extra_attrs, bulk)
     finally:
         lock.release()
 
 
-def _merge_locked(capture_file: Path, summarize, extra_attrs) -> MergeStats:
+def _merge_locked(capture_file: Path, summarize, extra_attrs, bulk: bool) -> MergeStats:
     paths = sources(capture_file)
     if not paths:
         raise FileNotFoundError(f"nothing to merge: neither {capture_file} nor shards in {shard_dir(capture_file)}")
@@ -149,7 +166,9 @@ def _merge_locked(capture_file: Path, summarize, extra_attrs) -> MergeStats:
         for reader in readers[1:]:
             check_same_config(reader.path, reader.config, config)
         owner: dict[int, CaptureReader] = {}
+        correct: dict[int, dict[int, bool | None]] = {}
         for reader in readers:
+            correct[id(reader)] = {p.number: p.correct for p in reader.problems()}
             for number in reader.problem_numbers:
                 owner.setdefault(number, reader)
         attrs = {k: v for k, v in first.attrs.items() if k not in ("schema_version", "config")}
@@ -158,25 +177,22 @@ def _merge_locked(capture_file: Path, summarize, extra_attrs) -> MergeStats:
         tmp = capture_file.with_name(capture_file.name + MERGE_TMP_SUFFIX)
         with CaptureWriter.open(tmp, attrs, config, first.num_layers, first.similarity_dtype,
                                 overwrite=True, readout_top_k=first.readout_top_k) as writer:
-            batch = []
-            for number in sorted(owner):
-                reader = owner[number]
-                problem = reader.problem(number)
-                batch.append(ProblemRecord(
-                    number=number, question=problem.question, gold=problem.gold,
-                    prediction=problem.prediction, correct=problem.correct,
-                    handoffs=list(reader.handoffs(number))))
-                stats.numbers.append(number)
-                stats.correct += bool(problem.correct)
-                if len(batch) == MERGE_BATCH:
-                    writer.append_batch(batch)
-                    batch = []
-            writer.append_batch(batch)
+            order = sorted(owner)
+            for start in range(0, len(order), MERGE_BATCH):
+                picks = [(owner[number], number) for number in order[start:start + MERGE_BATCH]]
+                if bulk:
+                    writer.copy_problems(picks)
+                else:
+                    writer.append_batch([reader.record(number) for reader, number in picks])
+                for reader, number in picks:
+                    stats.numbers.append(number)
+                    stats.correct += bool(correct[id(reader)][number])
             summary = summarize(stats) if summarize is not None else {"total": stats.total}
             writer.finish(dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), summary)
     finally:
         for reader in readers:
             reader.close()
     os.replace(tmp, capture_file)
+    _sync_folder(capture_file.parent)  # the swap is on the disk before the shards go
     remove_shards(capture_file)
     return stats

@@ -1,5 +1,6 @@
 """Runs shared over several processes with torchrun (gloo, CPU): one merged capture that equals a
-single-process capture, a rank killed mid-run and the rerun, a rerun with another world size."""
+single-process capture bit for bit (2 and 4 ranks), a rank killed mid-run and the rerun, a rerun with
+another world size."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 
 from capture import merge
 from capture.format import CaptureConfigMismatch, CaptureReader, CaptureWriter, ProblemRecord
+from latentmas.app.distributed import CPU_THREADS_ENV
 from latentmas.app.recording import capture_identity, open_recorder
 from latentmas.app.results import PARTS as RESULT_PARTS
 from latentmas.app.run import run
@@ -29,7 +31,7 @@ SETTINGS = dict(model_name="tiny-qwen3", device="cpu", max_samples=6, max_new_to
 # metadata that may differ between a single-process and a torchrun capture of the same run
 VARYING_ATTRS = {"command", "started_at", "world_size"}
 VARYING_SUMMARY = {"total_time_sec", "time_per_sample_sec", "merge_time_sec", "world_size", "capture_file",
-                   "resumed_problems", "generated_tokens"}
+                   "resumed_problems", "generated_tokens", "rank_idle_sec"}
 
 pytestmark = pytest.mark.slow
 
@@ -49,27 +51,31 @@ def _torchrun(nproc: int, program: list[str], cwd: Path, env: dict, logs: Path |
 
 @pytest.fixture(scope="module")
 def env(tiny_lm_cache_env):
-    return dict(os.environ, **tiny_lm_cache_env, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+    """The ranks' environment: one intra-op thread each, as torchrun gives them (the reference starts with 2);
+    the run computes with the same thread count in every process (`distributed.cpu_threads`)."""
+    environ = {k: v for k, v in os.environ.items() if k != CPU_THREADS_ENV}
+    return dict(environ, **tiny_lm_cache_env, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                 PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 
 
 @contextlib.contextmanager
-def one_thread():
-    """Run in-process as a torchrun rank does (OMP_NUM_THREADS=1), so matrices match bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def threads(count: int):
+    """torch computes with `count` intra-op threads in this process until the block ends."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_lm_cache_env):
-    """A single-process capture of the 6 problems."""
+    """A single-process capture of the 6 problems, started with 2 intra-op threads (the run uses its own count)."""
     folder = tmp_path_factory.mktemp("reference")
-    with one_thread():
+    with threads(2):
         run(RunConfig(**SETTINGS), capture_file=folder / "run.h5", output_dir=folder / "runs", progress=False)
+        assert torch.get_num_threads() == 2  # restored
     return folder
 
 
@@ -171,8 +177,7 @@ def test_rerun_with_another_world_size_uses_the_file_and_every_shard(tmp_path, r
     _copy(reference, merge.shard_path(capture_file, 0), [1, 4])
     _copy(reference, merge.shard_path(capture_file, 2), [4, 6])  # 4 twice: taken once
     cfg = RunConfig(**SETTINGS)
-    with one_thread():
-        summary = run(cfg, capture_file=capture_file, output_dir=tmp_path / "runs", progress=False)
+    summary = run(cfg, capture_file=capture_file, output_dir=tmp_path / "runs", progress=False)
     assert summary["total"] == 6 and summary["resumed_problems"] == 4 and summary["world_size"] == 1
     assert_same_capture(capture_file, reference)
     assert not merge.shard_dir(capture_file).exists()
@@ -201,3 +206,41 @@ def test_capture_identity_is_what_the_recorder_stores(tmp_path, tiny_lm):
             assert capture.config == capture_identity(cfg, transitions, dtype)
             assert capture.config["transitions"] == ("all" if transitions is None else list(TRANSITIONS))
             assert capture.config["capture_dtype"] == dtype and capture.config["knn"]["percentage"] == 0.8
+
+
+def test_four_ranks_capture_equals_single_process_then_a_killed_rank_resumes(tmp_path, env, reference):
+    """4 gloo ranks on 2 cores: the merged file equals the single-process capture bit for bit; a rank killed
+    after its first problem leaves its shard, and the same command again completes the run."""
+    capture_file = tmp_path / "captures" / "run.h5"
+    program = ["-m", "latentmas", "capture", *_cli_args(capture_file, tmp_path / "runs")]
+    done = _torchrun(4, program, tmp_path, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_same_capture(capture_file, reference)
+    with CaptureReader(capture_file) as capture:
+        assert capture.attrs["world_size"] == 4 and capture.summary["world_size"] == 4
+        idle = capture.summary["rank_idle_sec"]
+        assert len(idle) == 4 and min(idle) == 0 and all(i >= 0 for i in idle)
+    assert _results(tmp_path / "runs") == _results(reference / "runs")
+
+    killed_file = tmp_path / "killed" / "run.h5"
+    program = ["-m", "latentmas", "capture", *_cli_args(killed_file, tmp_path / "killed-runs")]
+    killed = _torchrun(4, program, tmp_path, dict(env, LATENTMAS_TEST_DIE_AFTER="2:1"))
+    assert killed.returncode != 0 and not killed_file.exists()
+    with CaptureReader(merge.shard_path(killed_file, 2)) as shard:
+        assert len(shard.problem_numbers) == 1  # rank 2 died right after its first problem
+    survivors = merge.completed_numbers(killed_file, capture_identity(RunConfig(**SETTINGS), TRANSITIONS, "float16"))
+    assert 1 <= len(survivors) < 6
+    done = _torchrun(4, program, tmp_path, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_same_capture(killed_file, reference)
+    with CaptureReader(killed_file) as capture:
+        assert capture.summary["resumed_problems"] == len(survivors)
+    assert not merge.shard_dir(killed_file).exists()
+    assert _results(tmp_path / "killed-runs") == _results(reference / "runs")
+
+
+def test_cpu_thread_count_is_checked_before_anything_starts(tmp_path, monkeypatch, tiny_lm_cache_env):
+    monkeypatch.setenv(CPU_THREADS_ENV, "two")
+    with pytest.raises(ValueError, match="LATENTMAS_CPU_THREADS='two' is not a thread count"):
+        run(RunConfig(**SETTINGS), capture_file=tmp_path / "run.h5", output_dir=tmp_path / "runs", progress=False)
+    assert not (tmp_path / "run.h5").exists()

@@ -36,6 +36,37 @@ TIMEOUT = dt.timedelta(hours=6)
 DIE_AFTER_ENV = "LATENTMAS_TEST_DIE_AFTER"
 
 
+# Intra-op threads of every process of a CPU run (default 1). Float reductions (matmuls, norms)
+# depend on the thread count; with the same count in every process, a run's matrices are the same
+# bit for bit whatever the world size (torchrun would give ranks 1 thread, a lone process all cores).
+CPU_THREADS_ENV = "LATENTMAS_CPU_THREADS"
+
+
+def cpu_threads() -> int:
+    """The intra-op thread count of a CPU run: LATENTMAS_CPU_THREADS, default 1 (ValueError when not a count)."""
+    text = os.environ.get(CPU_THREADS_ENV, "").strip() or "1"
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{CPU_THREADS_ENV}={text!r} is not a thread count (a whole number >= 1)")
+    return int(text)
+
+
+@contextlib.contextmanager
+def same_threads_on_cpu(device: str):
+    """While a run on the CPU goes: torch computes with `cpu_threads()` intra-op threads (restored after).
+    `device` is this rank's device (`rank_device`); a CUDA run is left as it is."""
+    import torch
+
+    if not device.startswith("cpu"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def launched() -> bool:
     """True in a process started by torchrun (or anything else that sets WORLD_SIZE and RANK)."""
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ

@@ -9,10 +9,12 @@ that loads the model on its own GPU. Every run goes the same way:
    the capture file or any shard an interrupted multi-rank run left (`capture.merge`, which
    also refuses other settings or changed problems); an earlier run's results parts are kept
    when resuming. Runs without a capture file resume nothing.
-3. Each rank solves `todo[rank::world_size]` (todo in problem order) in batches, appending each
+3. Each rank solves its share of the problems still to do (`shares.balanced_shares`: counts equal
+   give or take one, estimated work balanced, each share in problem order) in batches, appending each
    batch to its own results part and committing it to its capture target: the capture file
    itself for a one-rank run, else its own shard (`captures/<run>.h5.shards/rank-0000R.h5`).
-   A problem's result never depends on which rank or batch solves it.
+   A problem's result never depends on which rank or batch solves it (on the CPU every process
+   computes with the same thread count, `distributed.cpu_threads`).
 4. Rank 0 merges the results parts into results.jsonl (`results.py`), the shards (if any)
    into the capture file (`capture.merge`), and writes the summary (`summary.py`), which
    every rank returns.
@@ -31,7 +33,7 @@ from capture.selection import DEFAULT_TRANSITIONS
 
 from ..config import RunConfig
 from ..tasks.loading import problem_origin
-from . import distributed, results
+from . import distributed, results, shares
 from .folders import writable_folder
 from .recording import capture_identity, open_recorder
 from .summary import read_summary, run_summary
@@ -57,10 +59,12 @@ def run(
     """
     if capture_file is not None and cfg.method != "latent_mas":
         raise ValueError(f"capture needs --method latent_mas (method {cfg.method} shares no KV cache)")
+    distributed.cpu_threads()  # a bad LATENTMAS_CPU_THREADS is refused before anything starts
     group = distributed.join(cfg.device)
     try:
-        summary = _Run(group, cfg, capture_file, transitions, overwrite, Path(output_dir), progress,
-                       capture_dtype).go()
+        with distributed.same_threads_on_cpu(distributed.rank_device(cfg.device, group.local_rank)):
+            summary = _Run(group, cfg, capture_file, transitions, overwrite, Path(output_dir), progress,
+                           capture_dtype).go()
         group.barrier()  # no rank tears its process group down while a peer still receives the summary
         return summary
     finally:
@@ -99,14 +103,15 @@ class _Run:
         planned = group.broadcast(group.agree(lambda: self._plan(problems) if group.is_main else None))
         done = set(planned["done"])
         todo = [p for p in problems if p.number not in done]
-        mine = todo[group.rank::group.world_size]
+        by_number = {p.number: p for p in todo}
+        mine = [by_number[n] for n in planned["shares"][group.rank]]
         self.resumed_correct = planned["done"]
         recorder, out = group.agree(lambda: self._open_outputs(lm))
         started = time.perf_counter()
         tracker = self._tracker(len(problems), len(problems) - len(todo), planned["offsets"])
 
         def solve_my_share() -> dict:
-            solved = 0
+            solved, last_commit = 0, time.time()
             try:
                 for start in range(0, len(mine), cfg.generate_bs):
                     batch = mine[start:start + cfg.generate_bs]
@@ -117,6 +122,7 @@ class _Run:
                     if recorder is not None:
                         recorder.write_batch(batch_results)
                     solved += len(batch_results)
+                    last_commit = time.time()
                     if tracker is not None:
                         tracker.poll()
                     group.maybe_die(solved)
@@ -124,7 +130,7 @@ class _Run:
                 out.close()
                 if recorder is not None and not self._writes_capture_file:
                     recorder.close()
-            return {"solved": solved}
+            return {"solved": solved, "last_commit": last_commit}
 
         def finish() -> dict | None:
             return self._finish(recorder, problems, done, counts, started) if group.is_main else None
@@ -185,7 +191,9 @@ class _Run:
             identity = capture_identity(self.cfg, self.transitions, self.capture_dtype)
             done = shards.completed_problems(self.capture_file, identity, {p.number: p.question for p in problems})
         offsets = results.prepare_parts(self.run_dir, resuming=bool(done))
-        return {"done": done, "offsets": offsets}
+        todo = {p.number: p.question for p in problems if p.number not in done}
+        return {"done": done, "offsets": offsets,
+                "shares": shares.balanced_shares(shares.question_work(todo), self.group.world_size)}
 
     def _open_outputs(self, lm):
         from capture import merge as shards
@@ -225,6 +233,9 @@ class _Run:
         solved = sum(c["solved"] for c in counts)
         summary_path = self.run_dir / "summary.json"
         extra = {**self.origin, "world_size": self.group.world_size}
+        if self.group.distributed:  # how long each rank waited, after its last commit, for the last rank's
+            last = max(c["last_commit"] for c in counts)
+            extra["rank_idle_sec"] = [round(last - c["last_commit"], 3) for c in counts]
         merging = self.capture_file is not None and bool(shards.shard_files(self.capture_file))
         merge_started = time.perf_counter()
 
