@@ -252,3 +252,13 @@ def test_tiny_qwen3_readout_matches_latentmas_readout(tiny_lm, fake_problems, tm
     for row in table.itertuples():
         values = [s.entropy for s in steps if s.agent == row.agent and s.step == row.step]
         assert row.n == 2 and row.median == pytest.approx(np.median(values), rel=1e-6)
+
+
+def test_analysis_json_keeps_tokens_of_every_agent(tmp_path, monkeypatch):
+    """The JSON's readout tokens are capped per agent, so the first agent's cannot crowd out the others'."""
+    from render.analysis import analyze
+
+    monkeypatch.setattr(analyze, "JSON_TOKENS", 1)
+    result = analyze_capture(readout_capture(tmp_path / "r.h5"), progress=False, show=0)
+    tokens = result.summary()["readout"]["tokens"]
+    assert [row["agent"] for row in tokens] == ["planner", "critic", "refiner"]

@@ -88,7 +88,7 @@ class Analysis:
                 "band_segments": records(self.band_segments),
                 "readout": None if self.readout_agents is None else {
                     "top_k": self.readout_top_k, "agents": records(self.readout_agents),
-                    "tokens": records(self.readout_tokens.head(JSON_TOKENS)),
+                    "tokens": records(self.readout_tokens.groupby("agent", sort=False).head(JSON_TOKENS)),
                     "entropy_by_step": records(self.readout_entropy)}}
 
     @property
