@@ -13,10 +13,9 @@ decodes exactly what the plain loop decodes. With `compiled` (`--compile_step`) 
 step is first compiled by torch.compile (inductor fuses the norms, RoPE, SiLU-mul and
 residual adds that otherwise run as ~50 small kernels per layer), once per model and
 kind of step, with the buffers' length dynamic, and the compiled step is what the CUDA
-graph records. Buffers come in a few sizes and each size's step is kept on the model
-and reused by later problems (`static_step`).
-Decoding and latent steps both use it; latent steps hand their columns back to the
-shared cache (`SharedCache.adopt`).
+graph records. A model keeps one buffer (its size a power of two), with its decoding
+and latent steps on it, and reuses it for later problems (`static_step`); latent steps
+hand their columns back to the shared cache (`SharedCache.adopt`).
 """
 
 from __future__ import annotations
@@ -77,7 +76,8 @@ class StaticKV:
 
 
 def capacity_for(needed: int) -> int:
-    """Buffers come in a few sizes (powers of two, at least 256), so each size's step is captured once."""
+    """Buffers come in a few sizes (powers of two, at least 256), so a later problem's steps mostly fit
+    the buffer (and its recorded graphs) an earlier one left."""
     return max(256, 1 << (needed - 1).bit_length())
 
 
