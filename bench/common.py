@@ -41,13 +41,11 @@ class TimedRecorder(CaptureRecorder):
 
     seconds = 0.0
 
-    def _timed(self, method, *args, synced=True):
-        if synced:
-            sync(self.lm.device)
+    def _timed(self, method, *args):
+        sync(self.lm.device)
         start = time.perf_counter()
         method(*args)
-        if synced:
-            sync(self.lm.device)
+        sync(self.lm.device)
         self.seconds += time.perf_counter() - start
 
     def while_decoding(self):
@@ -57,14 +55,13 @@ class TimedRecorder(CaptureRecorder):
         return None if work is None else self._timed_pieces(work)
 
     def _timed_pieces(self, work):
+        """`work`'s pieces, each one's host time added up."""
         while True:
             start = time.perf_counter()
-            try:
-                next(work)
-            except StopIteration:
-                self.seconds += time.perf_counter() - start
-                return
+            finished = next(work, StopIteration) is StopIteration
             self.seconds += time.perf_counter() - start
+            if finished:
+                return
             yield
 
     def on_handoff(self, event):

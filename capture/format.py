@@ -561,7 +561,7 @@ class CaptureWriter(_OpenFile):
                                  lock=lock, durable=durable, readout_top_k=old.readout_top_k)
         os.replace(tmp, path)
         if durable:
-            _sync_folder(path.parent)
+            sync_folder(path.parent)
         return writer
 
     def close(self) -> None:
@@ -966,8 +966,9 @@ def _trim_reserved(fd: int) -> None:
         pass
 
 
-def _sync_folder(folder: Path) -> None:
-    """fsync a folder, so a rename in it survives a power loss."""
+def sync_folder(folder: Path) -> None:
+    """fsync a folder, so a new or renamed file in it survives a power loss (quietly skipped where a
+    folder cannot be opened or synced)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

@@ -30,22 +30,9 @@ from .format import (
     CaptureWriter,
     check_same_config,
     check_same_problems,
+    sync_folder,
 )
 from .lock import CaptureLockedError, WriterLock
-
-
-def _sync_folder(folder: Path) -> None:
-    """fsync a folder, so a rename in it survives a power loss (quietly skipped where it cannot be)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 SHARD_DIR_SUFFIX = ".shards"
 MERGE_TMP_SUFFIX = ".merge-tmp"
@@ -193,6 +180,6 @@ def _merge_locked(capture_file: Path, summarize, extra_attrs, bulk: bool) -> Mer
         for reader in readers:
             reader.close()
     os.replace(tmp, capture_file)
-    _sync_folder(capture_file.parent)  # the swap is on the disk before the shards go
+    sync_folder(capture_file.parent)  # the swap is on the disk before the shards go
     remove_shards(capture_file)
     return stats

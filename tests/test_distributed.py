@@ -126,25 +126,29 @@ def test_torchrun_capture_equals_single_process(tmp_path, env, reference):
     assert summary["total"] == 6 and summary["capture_file"] == str(capture_file)
 
 
-def test_killed_rank_then_rerun_completes_without_duplicates(tmp_path, env, reference):
-    capture_file = tmp_path / "run.h5"
-    program = ["-m", "latentmas", "capture", *_cli_args(capture_file, tmp_path / "runs")]
-    killed = _torchrun(2, program, tmp_path, dict(env, LATENTMAS_TEST_DIE_AFTER="1:1"))
+def _kill_a_rank_then_rerun(world: int, rank: int, capture_file: Path, runs: Path, tmp_path, env, reference):
+    """`world` ranks, `rank` killed right after its first problem: nothing is merged and its shard keeps that
+    problem; the same command again solves the missing problems and merges a file equal to `reference`'s."""
+    program = ["-m", "latentmas", "capture", *_cli_args(capture_file, runs)]
+    killed = _torchrun(world, program, tmp_path, dict(env, LATENTMAS_TEST_DIE_AFTER=f"{rank}:1"))
     assert killed.returncode != 0
     assert not capture_file.exists()  # never merged
-    with CaptureReader(merge.shard_path(capture_file, 1)) as shard:
-        assert len(shard.problem_numbers) == 1  # rank 1 died right after its first problem
+    with CaptureReader(merge.shard_path(capture_file, rank)) as shard:
+        assert len(shard.problem_numbers) == 1  # the rank died right after its first problem
     survivors = merge.completed_numbers(capture_file, capture_identity(
         RunConfig(**SETTINGS), TRANSITIONS, "float16"))
     assert 1 <= len(survivors) < 6
-    # the same command again: the missing problems are solved, then everything is merged
-    done = _torchrun(2, program, tmp_path, env)
+    done = _torchrun(world, program, tmp_path, env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert_same_capture(capture_file, reference)
     with CaptureReader(capture_file) as capture:
         assert capture.summary["resumed_problems"] == len(survivors)
     assert not merge.shard_dir(capture_file).exists()
-    assert _results(tmp_path / "runs") == _results(reference / "runs")
+    assert _results(runs) == _results(reference / "runs")
+
+
+def test_killed_rank_then_rerun_completes_without_duplicates(tmp_path, env, reference):
+    _kill_a_rank_then_rerun(2, 1, tmp_path / "run.h5", tmp_path / "runs", tmp_path, env, reference)
 
 
 def test_run_without_capture_under_torchrun(tmp_path, env, reference):
@@ -222,21 +226,8 @@ def test_four_ranks_capture_equals_single_process_then_a_killed_rank_resumes(tmp
         assert len(idle) == 4 and min(idle) == 0 and all(i >= 0 for i in idle)
     assert _results(tmp_path / "runs") == _results(reference / "runs")
 
-    killed_file = tmp_path / "killed" / "run.h5"
-    program = ["-m", "latentmas", "capture", *_cli_args(killed_file, tmp_path / "killed-runs")]
-    killed = _torchrun(4, program, tmp_path, dict(env, LATENTMAS_TEST_DIE_AFTER="2:1"))
-    assert killed.returncode != 0 and not killed_file.exists()
-    with CaptureReader(merge.shard_path(killed_file, 2)) as shard:
-        assert len(shard.problem_numbers) == 1  # rank 2 died right after its first problem
-    survivors = merge.completed_numbers(killed_file, capture_identity(RunConfig(**SETTINGS), TRANSITIONS, "float16"))
-    assert 1 <= len(survivors) < 6
-    done = _torchrun(4, program, tmp_path, env)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert_same_capture(killed_file, reference)
-    with CaptureReader(killed_file) as capture:
-        assert capture.summary["resumed_problems"] == len(survivors)
-    assert not merge.shard_dir(killed_file).exists()
-    assert _results(tmp_path / "killed-runs") == _results(reference / "runs")
+    _kill_a_rank_then_rerun(4, 2, tmp_path / "killed" / "run.h5", tmp_path / "killed-runs", tmp_path, env,
+                            reference)
 
 
 def test_cpu_thread_count_is_checked_before_anything_starts(tmp_path, monkeypatch, tiny_lm_cache_env):

@@ -7,8 +7,12 @@ import torch
 from captures import assert_same_handoffs, solve_and_capture
 
 from capture.selection import DEFAULT_TRANSITIONS as TRANSITIONS
+from latentmas import decoding
 from latentmas.config import RunConfig
 from latentmas.methods import get_method
+from latentmas.methods.common import encode
+from latentmas.prompts import agent_prompt
+from latentmas.shared_cache import SegmentKey, SharedCache
 from latentmas.tasks import get_task
 
 
@@ -17,6 +21,29 @@ def _solve(lm, problems, method, tmp_path, batch_size, **settings):
                     **settings)
     path = tmp_path / f"{method}-{settings.get('fast_decode')}-{batch_size}.h5"
     return solve_and_capture(lm, problems, cfg, path if method == "latent_mas" else None, batch_size), path
+
+
+def _five_columns(lm) -> SharedCache:
+    """A one-row shared cache holding five prompt columns."""
+    shared = SharedCache(lm, 1)
+    ids = torch.arange(3, 8)[None]
+    shared.extend(lm.model.get_input_embeddings()(ids), torch.ones_like(ids, dtype=torch.bool), ids,
+                  SegmentKey("planner", "prompt"))
+    return shared
+
+
+def _judger_prompts(lm, *questions):
+    """The judger's encoded prompts for `questions`: ids and mask `[batch, n]`."""
+    task = get_task("gsm8k")
+    _, ids, mask = encode(lm, [agent_prompt("judger", q, task.answer_instruction) for q in questions], False)
+    return ids, mask
+
+
+def _greedy_decode(lm, shared, ids, mask, max_new_tokens, while_decoding):
+    """Plain-loop greedy decoding of `max_new_tokens` (EOS ignored) for one row; returns its tokens."""
+    sampling = decoding.Sampling(max_new_tokens, temperature=0.0, ignore_eos=True, fast=False)
+    return decoding.generate(shared, ids, mask, "judger", sampling, decoding.problem_generators([1], 0, lm.device),
+                             while_decoding=while_decoding)
 
 
 @pytest.mark.parametrize("method", ["latent_mas", "baseline"])
@@ -106,18 +133,10 @@ def test_reused_steps_forget_earlier_problems(tiny_lm, fake_problems):
 @pytest.mark.parametrize("max_new_tokens", [5, 40])
 def test_while_decoding_runs_once_with_steps_queued(tiny_lm, max_new_tokens):
     """`while_decoding` is called once: after OVERLAP_AFTER + 1 steps, or at the end of a shorter decode."""
-    from latentmas import decoding
-    from latentmas.methods.common import encode
-    from latentmas.prompts import agent_prompt
-    from latentmas.shared_cache import SharedCache
-
-    task = get_task("gsm8k")
-    _, ids, mask = encode(tiny_lm, [agent_prompt("judger", "What is 2 + 3?", task.answer_instruction)], False)
+    ids, mask = _judger_prompts(tiny_lm, "What is 2 + 3?")
     shared = SharedCache(tiny_lm, 1)
     seen = []
-    sampling = decoding.Sampling(max_new_tokens, temperature=0.0, ignore_eos=True, fast=False)
-    outputs = decoding.generate(shared, ids, mask, "judger", sampling, decoding.problem_generators([1], 0, tiny_lm.device),
-                                while_decoding=lambda: seen.append(shared.length))
+    outputs = _greedy_decode(tiny_lm, shared, ids, mask, max_new_tokens, lambda: seen.append(shared.length))
     prompt = ids.shape[1]
     forwards = min(decoding.OVERLAP_AFTER + 1, max_new_tokens - 1)  # the plain loop adds a column per forward
     assert seen == [prompt + forwards]
@@ -160,12 +179,8 @@ def test_a_cast_model_gets_steps_of_its_new_dtype(tiny_lm, fake_problems):
 
 def test_a_full_step_says_so(tiny_lm):
     from latentmas.fast_decode import StaticStep
-    from latentmas.shared_cache import SegmentKey, SharedCache
 
-    shared = SharedCache(tiny_lm, 1)
-    ids = torch.arange(3, 8)[None]
-    shared.extend(tiny_lm.model.get_input_embeddings()(ids), torch.ones_like(ids, dtype=torch.bool), ids,
-                  SegmentKey("planner", "prompt"))
+    shared = _five_columns(tiny_lm)
     step = StaticStep(tiny_lm, 1, 7, use_graph=False).start(shared)
     token = torch.tensor([3])
     step.run(token)
@@ -181,12 +196,8 @@ def test_a_full_step_says_so(tiny_lm):
 def test_steps_share_one_buffer_that_grows_when_needed(tiny_lm):
     """Decoding and latent steps take turns on one buffer; a step that needs more room replaces it."""
     from latentmas import fast_decode
-    from latentmas.shared_cache import SegmentKey, SharedCache
 
-    shared = SharedCache(tiny_lm, 1)
-    ids = torch.arange(3, 8)[None]
-    shared.extend(tiny_lm.model.get_input_embeddings()(ids), torch.ones_like(ids, dtype=torch.bool), ids,
-                  SegmentKey("planner", "prompt"))
+    shared = _five_columns(tiny_lm)
     tiny_lm.static_steps.clear()
     decode = fast_decode.static_step(tiny_lm, shared, 10, tokens=True, use_graph=False)
     latent = fast_decode.static_step(tiny_lm, shared, 10, tokens=False, use_graph=False)
@@ -203,13 +214,8 @@ def test_compiled_step_matches_eager_and_serves_every_size(tiny_lm):
     """The torch.compile'd step (inductor on the CPU here) computes what the eager step computes,
     for decoding at two buffer sizes, without compiling again for the second size."""
     from latentmas.fast_decode import StaticStep
-    from latentmas.methods.common import encode
-    from latentmas.prompts import agent_prompt
-    from latentmas.shared_cache import SegmentKey, SharedCache
 
-    task = get_task("gsm8k")
-    prompts = [agent_prompt("judger", q, task.answer_instruction) for q in ("What is 2 + 3?", "Add 17 and 25.")]
-    _, ids, mask = encode(tiny_lm, prompts, False)
+    ids, mask = _judger_prompts(tiny_lm, "What is 2 + 3?", "Add 17 and 25.")
     shared = SharedCache(tiny_lm, 2)
     logits = shared.extend(tiny_lm.model.get_input_embeddings()(ids), mask, ids, SegmentKey("judger", "prompt"),
                            logits=True)
@@ -235,13 +241,7 @@ def test_compiled_step_matches_eager_and_serves_every_size(tiny_lm):
 @pytest.mark.parametrize("max_new_tokens", [5, 40])
 def test_while_decoding_work_in_pieces_takes_one_per_step(tiny_lm, max_new_tokens):
     """Work returned as an iterator is done a piece per decoding step (all of it at the end of a short decode)."""
-    from latentmas import decoding
-    from latentmas.methods.common import encode
-    from latentmas.prompts import agent_prompt
-    from latentmas.shared_cache import SharedCache
-
-    task = get_task("gsm8k")
-    _, ids, mask = encode(tiny_lm, [agent_prompt("judger", "What is 2 + 3?", task.answer_instruction)], False)
+    ids, mask = _judger_prompts(tiny_lm, "What is 2 + 3?")
     shared = SharedCache(tiny_lm, 1)
     seen = []
 
@@ -250,9 +250,7 @@ def test_while_decoding_work_in_pieces_takes_one_per_step(tiny_lm, max_new_token
             seen.append(shared.length)
             yield
 
-    sampling = decoding.Sampling(max_new_tokens, temperature=0.0, ignore_eos=True, fast=False)
-    decoding.generate(shared, ids, mask, "judger", sampling, decoding.problem_generators([1], 0, tiny_lm.device),
-                      while_decoding=pieces)
+    _greedy_decode(tiny_lm, shared, ids, mask, max_new_tokens, pieces)
     prompt = ids.shape[1]
     if max_new_tokens > decoding.OVERLAP_AFTER + 4:
         first = prompt + decoding.OVERLAP_AFTER + 1
@@ -267,12 +265,8 @@ def test_out_of_memory_retry_frees_the_old_buffer_first(tiny_lm, monkeypatch):
     import weakref
 
     from latentmas import fast_decode
-    from latentmas.shared_cache import SegmentKey, SharedCache
 
-    shared = SharedCache(tiny_lm, 1)
-    ids = torch.arange(3, 8)[None]
-    shared.extend(tiny_lm.model.get_input_embeddings()(ids), torch.ones_like(ids, dtype=torch.bool), ids,
-                  SegmentKey("planner", "prompt"))
+    shared = _five_columns(tiny_lm)
     tiny_lm.static_steps.clear()
     old = weakref.ref(fast_decode.static_step(tiny_lm, shared, 10, tokens=True, use_graph=False).kv)
     alive_at_retry, built = [], []

@@ -16,6 +16,8 @@ import json
 import os
 from pathlib import Path
 
+from capture.format import sync_folder
+
 PARTS = "results.shards"  # per-rank results, inside the run's output folder
 RESULTS = "results.jsonl"
 
@@ -103,15 +105,4 @@ def write_atomically(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_folder(path.parent)
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make the entries of `folder` (a new or renamed file in it) durable; best effort where folders
-    cannot be opened (some file systems)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    sync_folder(path.parent)

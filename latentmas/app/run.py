@@ -29,6 +29,7 @@ import os
 import time
 from pathlib import Path
 
+from capture.format import sync_folder
 from capture.selection import DEFAULT_TRANSITIONS
 
 from ..config import RunConfig
@@ -206,7 +207,7 @@ class _Run:
         part = results.part_path(self.run_dir, self.group.rank)
         out = open(part, "a", encoding="utf-8")
         for folder in (part.parent, self.run_dir):  # the new part's entry, so its fsynced lines can be found
-            results.fsync_folder(folder)
+            sync_folder(folder)
         return recorder, out
 
     def _tracker(self, total: int, initial: int, offsets: dict):
