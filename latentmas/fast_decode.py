@@ -27,21 +27,25 @@ from .step_attention import grouped_step
 
 
 class StaticKV:
-    """Per-layer key/value buffers `[batch, kv_heads, capacity, head_dim]` behind transformers' cache interface.
+    """A shared cache's storage (`kv_storage.KVStorage`) seen as fixed-shape step buffers.
 
-    `load()` copies a shared cache in; `update()` writes each new column at `write_index`
-    (a 1-element device tensor) and returns the whole buffers; slots past the written
-    ones are zero and hidden by the mask.
+    keys/values: the storage's per-layer buffers `[batch, kv_heads, capacity, head_dim]`;
+    `load()` points the step at a shared cache's end; `update()` writes each new column at
+    `write_index` (a 1-element device tensor) and returns the whole buffers; slots past the
+    written ones are hidden by `mask` `[batch, capacity]`.
     """
 
-    def __init__(self, lm, batch: int, capacity: int):
-        self.capacity = capacity
-        device = lm.device
-        shape = (batch, lm.num_kv_heads, capacity, lm.head_dim)
-        self.keys = [torch.zeros(shape, dtype=lm.dtype, device=device) for _ in range(lm.num_layers)]
-        self.values = [torch.zeros(shape, dtype=lm.dtype, device=device) for _ in range(lm.num_layers)]
-        self.write_index = torch.zeros(1, dtype=torch.long, device=device)
-        self.mask = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+    def __init__(self, storage):
+        self.storage = storage
+        self.capacity = storage.capacity
+        self.keys = list(storage.keys)
+        self.values = list(storage.values)
+        self.write_index = torch.zeros(1, dtype=torch.long, device=storage.device)
+        self.mask = torch.zeros(storage.batch, self.capacity, dtype=torch.bool, device=storage.device)
+
+    def current(self) -> bool:
+        """Whether these are still the storage's buffers (it may have grown since)."""
+        return self.keys[0] is self.storage.keys[0]
 
     def mark_dynamic(self) -> None:
         """Tell torch.compile that the buffers' length (and a batch of more than one) varies, so one
@@ -55,13 +59,10 @@ class StaticKV:
 
     @torch.no_grad()
     def load(self, shared: SharedCache) -> None:
-        """Start from `shared`'s columns; whatever an earlier problem left here is cleared."""
+        """Step on from `shared`'s last column (its columns are already in these buffers)."""
+        if shared.storage is not self.storage or not self.current():
+            raise RuntimeError("a static step runs on the storage of the cache it continues")
         length = shared.length
-        for layer, keys, values in zip(shared.cache.layers, self.keys, self.values):
-            keys[:, :, :length].copy_(layer.keys)
-            values[:, :, :length].copy_(layer.values)
-            keys[:, :, length:].zero_()
-            values[:, :, length:].zero_()
         self.write_index.fill_(length)
         self.mask.zero_()
         self.mask[:, :length] = shared.mask
@@ -73,12 +74,6 @@ class StaticKV:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.keys[layer_idx].shape[2]
-
-
-def capacity_for(needed: int) -> int:
-    """Buffers come in a few sizes (powers of two, at least 256), so a later problem's steps mostly fit
-    the buffer (and its recorded graphs) an earlier one left."""
-    return max(256, 1 << (needed - 1).bit_length())
 
 
 def use_fast(device: torch.device, setting: bool | None) -> bool:
@@ -145,18 +140,19 @@ class StaticStep:
     tokens=False (latent steps): input embeddings `[batch, hidden]` in, the last layer's
     final hidden state `[batch, hidden]` out.
     Static inputs (`input`, `position`, the buffers' `write_index` and `mask`) are updated
-    in place; `start()` loads a shared cache, `run()` replays the CUDA graph when there is
-    one (`use_graph`: by default on CUDA only). `compiled` runs the step through
-    `compiled_model_step()` (off by default: see `use_compiled`). `kv`: buffers to step on
-    (another step's, of this batch and capacity; by default new ones). Get one with `static_step()`.
+    in place; `start()` points it at a shared cache's end, `run()` replays the CUDA graph when
+    there is one (`use_graph`: by default on CUDA only). `compiled` runs the step through
+    `compiled_model_step()` (off by default: see `use_compiled`). `kv`: the buffers to step on
+    (a shared cache's storage). Get one with `static_step()`.
     """
 
-    def __init__(self, lm, batch: int, capacity: int, tokens: bool = True, use_graph: bool | None = None,
-                 compiled: bool = False, kv: StaticKV | None = None):
+    def __init__(self, lm, kv: StaticKV, tokens: bool = True, use_graph: bool | None = None,
+                 compiled: bool = False):
         self.lm = lm
         self.tokens = tokens
         device = lm.device
-        self.kv = kv if kv is not None else StaticKV(lm, batch, capacity)
+        batch = kv.mask.shape[0]
+        self.kv = kv
         if tokens:
             self.input = torch.zeros(batch, 1, dtype=torch.long, device=device)
         else:
@@ -195,7 +191,11 @@ class StaticStep:
 
     @torch.no_grad()
     def _capture(self) -> None:
-        """Warm up on a side stream, then record one step into a CUDA graph (buffers are reloaded by `start`)."""
+        """Warm up on a side stream, then record one step into a CUDA graph.
+
+        The warm-up steps write at the buffers' write index, which `static_step` has set to the
+        cache's end (`StaticKV.load`): the first real step overwrites that slot, so they change
+        nothing that is read."""
         stream, pool = _capture_resources(self.lm.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -228,41 +228,43 @@ class StaticStep:
 
 
 def buffer_bytes(lm, batch: int, capacity: int) -> int:
-    """Bytes of a step's key and value buffers."""
+    """Bytes of a storage's key and value buffers."""
     itemsize = torch.empty((), dtype=lm.dtype).element_size()
     return 2 * lm.num_layers * batch * lm.num_kv_heads * capacity * lm.head_dim * itemsize
 
 
 def static_step(lm, shared: SharedCache, extra: int, tokens: bool = True, use_graph: bool | None = None,
                 compiled: bool = False) -> StaticStep:
-    """A step started on `shared` with room for `extra` more columns, on the model's one static buffer.
+    """A step started on `shared` with room for `extra` more columns, on the cache's own storage.
 
-    Steps live on the model (`lm.static_steps`), keyed by (tokens, batch, capacity, graph, dtype,
-    compiled), and all of them share one `StaticKV`: the latent steps and the decoding of a problem
-    take turns on it, so a batch holds one buffer beside its shared cache, not one per size. A step
-    that fits the buffer reuses it (and its recorded graph); one that needs more room, another batch
-    size or another dtype (the model was cast) replaces the buffer and every step on it. Out of GPU
-    memory, the cached allocator is emptied and the build tried once more.
+    Steps live on the model (`lm.static_steps`), keyed by (tokens, graph, compiled), all on one
+    `StaticKV` over the model's storage (`kv_storage.storage_for` lends it from batch to batch): the
+    latent steps and the decoding of a problem take turns on it, writing where the cache reads. A
+    step is rebuilt (and its graph recorded again) only when the cache is on other storage, or
+    the storage grew. Out of GPU memory while recording, the cached allocator is emptied and the
+    build tried once more.
     """
     graph, compiled = use_fast(lm.device, use_graph), use_compiled(lm.device, compiled)
+    shared.reserve(extra)
     steps = lm.static_steps
     kv = next(iter(steps.values())).kv if steps else None
-    needed = shared.length + extra
-    if kv is None or kv.mask.shape[0] != shared.batch_size or kv.keys[0].dtype != lm.dtype or kv.capacity < needed:
+    if kv is None or kv.storage is not shared.storage or not kv.current():
         steps.clear()
         kv = None
-    key = (tokens, shared.batch_size, capacity_for(needed) if kv is None else kv.capacity, graph, lm.dtype, compiled)
+    key = (tokens, graph, compiled)
     if key not in steps:
+        kv = kv or StaticKV(shared.storage)
+        kv.load(shared)
         step = None
         try:
-            step = StaticStep(lm, key[1], key[2], tokens=tokens, use_graph=graph, compiled=compiled, kv=kv)
+            step = StaticStep(lm, kv, tokens=tokens, use_graph=graph, compiled=compiled)
         except torch.cuda.OutOfMemoryError:
-            pass  # retried below, outside this block: its traceback would keep the failed buffers alive
+            pass  # retried below, outside this block: its traceback would keep the failed graph alive
         if step is None:
-            steps.clear()
-            kv = None
             torch.cuda.empty_cache()
-            step = StaticStep(lm, key[1], capacity_for(needed), tokens=tokens, use_graph=graph, compiled=compiled)
-            key = (*key[:2], step.kv.capacity, *key[3:])
-        steps[key] = step
+            step = StaticStep(lm, kv, tokens=tokens, use_graph=graph, compiled=compiled)
+        if shared.storage is lm.kv_storage:
+            steps[key] = step
+        else:  # a cache on storage of its own (another one holds the model's): use once
+            return step.start(shared)
     return steps[key].start(shared)

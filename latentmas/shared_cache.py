@@ -6,6 +6,8 @@ filtering removes columns but never renumbers the rest), the token id it came
 from (`LATENT` for latent steps), and the segment it belongs to (which agent's
 prompt or latent steps). Batches are left-padded; padding columns are masked
 out of attention, so each problem's real columns do not depend on its batch.
+The keys and values live in per-layer buffers (`kv_storage`) that the static steps
+step on too, so the cache is held once.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from .handoff import LATENT, PAD
+from .kv_storage import BufferCache, storage_for
 from .models import LoadedModel
 
 __all__ = ["LATENT", "PAD", "SegmentKey", "SharedCache", "cache_kwarg"]
@@ -39,21 +41,26 @@ def cache_kwarg(module: torch.nn.Module) -> str:
 
 
 class SharedCache:
-    """A `DynamicCache` plus per-column state, all `[batch, T]`.
+    """A cache (`kv_storage.BufferCache`) plus per-column state, all `[batch, T]`.
 
     mask:        bool, True for real columns
     positions:   long, original position of each column (-1 for padding)
     token_ids:   long, token id, `LATENT` or `PAD`
     segment_ids: long, index into `segments`
+
+    capacity: columns to make room for at once (e.g. every prompt, latent step and decoded token
+    of a problem); without it the buffers start small and grow as needed.
     """
 
-    def __init__(self, lm: LoadedModel, batch_size: int):
+    def __init__(self, lm: LoadedModel, batch_size: int, capacity: int | None = None):
         other = sorted(set(getattr(lm.config, "layer_types", None) or ["full_attention"]) - {"full_attention"})
         if other:
             raise ValueError(f"model {lm.name!r} has {', '.join(other)} layers; the shared cache supports "
                              "full-attention layers only")
         self.lm = lm
-        self.cache = DynamicCache(config=lm.model.config)
+        self.storage = storage_for(lm, batch_size, capacity or 1, self)
+        self.cache = BufferCache(self.storage, lm.num_layers)
+        self._restore_points = 0
         device = lm.device
         empty = lambda dtype: torch.zeros(batch_size, 0, dtype=dtype, device=device)  # noqa: E731
         self.mask = empty(torch.bool)
@@ -77,6 +84,10 @@ class SharedCache:
     def layer_keys(self) -> list[torch.Tensor]:
         """Per layer `[batch, kv_heads, T, head_dim]`."""
         return [layer.keys for layer in self.cache.layers]
+
+    def reserve(self, extra: int) -> None:
+        """Make room for `extra` more columns (a static step checks its buffers are still these)."""
+        self.storage.grow(self.length + extra)
 
     def _segment_index(self, segment: SegmentKey) -> int:
         if segment not in self.segments:
@@ -117,12 +128,12 @@ class SharedCache:
         return result
 
     def adopt(self, kv, count: int, token_id: int, segment: SegmentKey) -> None:
-        """Append `count` columns computed on a static buffer (`fast_decode.StaticKV`) loaded from
-        this cache: its slots T .. T + count - 1 (copied: the buffer is reused)."""
-        length = self.length
-        for layer, keys, values in zip(self.cache.layers, kv.keys, kv.values):
-            layer.keys = torch.cat([layer.keys, keys[:, :, length:length + count]], dim=2)
-            layer.values = torch.cat([layer.values, values[:, :, length:length + count]], dim=2)
+        """Take in `count` columns a static step (`fast_decode.StaticKV` on this cache's storage)
+        wrote after this cache's T: slots T .. T + count - 1, already in place."""
+        if kv.keys[0] is not self.storage.keys[0]:
+            raise RuntimeError("the static step's buffers are not this cache's storage")
+        for layer in self.cache.layers:
+            layer.set_length(self.length + count)
         mask = torch.ones(self.batch_size, count, dtype=torch.bool, device=self.mask.device)
         token_ids = torch.full((self.batch_size, count), token_id, dtype=torch.long, device=self.mask.device)
         self._note(mask, self._positions(mask), token_ids, segment)
@@ -151,14 +162,18 @@ class SharedCache:
         count on from the last original position; with `renumber` (the kNN-latentMAS fork's
         behaviour) they restart at the row's number of kept columns instead.
         """
+        if self._restore_points:
+            raise RuntimeError("keep() rewrites the cache in place; it cannot run inside restored()")
         keep = keep & self.mask
         new_length = int(keep.sum(dim=1).max())
         # A stable sort on the flag moves kept columns to the end, in order.
         order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, self.length - new_length:]
         for layer in self.cache.layers:
             index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
-            layer.keys = layer.keys.gather(2, index)
-            layer.values = layer.values.gather(2, index)
+            keys, values = layer.keys.gather(2, index), layer.values.gather(2, index)
+            layer.set_length(new_length)
+            layer.keys.copy_(keys)
+            layer.values.copy_(values)
         self.mask = keep.gather(1, order)
         self.positions = self.positions.gather(1, order).masked_fill(~self.mask, -1)
         self.token_ids = self.token_ids.gather(1, order).masked_fill(~self.mask, PAD)
@@ -168,14 +183,16 @@ class SharedCache:
 
     @contextlib.contextmanager
     def restored(self) -> Iterator[None]:
-        """Undo whatever the block does to this cache (its columns and every cache layer); copy-free.
+        """Undo whatever the block appends to this cache (its columns and every cache layer); copy-free.
 
-        Cache layers grow by concatenation into new tensors and `keep` gathers into new ones,
-        so keeping references to the current tensors is enough to put them back.
+        Appended columns are written after the cached ones, which stay as they are, so putting
+        back each layer's length (and views) undoes them; `keep`, which rewrites the cached
+        columns, is refused inside the block.
         """
         state = dict(vars(self))
         segments = list(self.segments)
         layers = [(layer, dict(vars(layer))) for layer in self.cache.layers]
+        self._restore_points += 1
         try:
             yield
         finally:

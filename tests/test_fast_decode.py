@@ -105,9 +105,48 @@ def test_fast_latent_steps_build_the_same_cache(tiny_lm, fake_problems, batch_si
 
 
 def test_capacity_buckets():
-    from latentmas.fast_decode import capacity_for
+    from latentmas.kv_storage import capacity_for
 
-    assert [capacity_for(n) for n in (1, 256, 257, 600, 1024, 1025)] == [256, 256, 512, 1024, 1024, 2048]
+    # an eighth more than needed, in steps of 128 columns, at least 256
+    assert [capacity_for(n) for n in (1, 228, 229, 879, 1131, 2048)] == [256, 256, 384, 1024, 1280, 2304]
+
+
+def test_a_cache_and_its_steps_hold_the_keys_once(tiny_lm, fake_problems):
+    """The static steps step on the shared cache's own buffers: one copy of the keys per batch."""
+    from latentmas import fast_decode
+
+    shared = _five_columns(tiny_lm)
+    tiny_lm.static_steps.clear()
+    step = fast_decode.static_step(tiny_lm, shared, 4, tokens=False, use_graph=False)
+    before = shared.cache.layers[0].keys.clone()
+    hidden = torch.randn(1, tiny_lm.hidden_size)
+    for _ in range(4):
+        hidden = step.run(hidden)
+    for layer, keys in zip(shared.cache.layers, step.kv.keys):
+        assert layer.keys.untyped_storage().data_ptr() == keys.untyped_storage().data_ptr()
+    assert torch.equal(shared.cache.layers[0].keys, before)  # the cache's columns untouched by the steps
+    assert not torch.equal(step.kv.keys[0][:, :, 5:9], torch.zeros_like(step.kv.keys[0][:, :, 5:9]))
+    shared.adopt(step.kv, 4, -1, SegmentKey("planner", "latent"))  # taken in without a copy
+    assert shared.length == 9 and torch.equal(shared.cache.layers[0].keys[:, :, 5:], step.kv.keys[0][:, :, 5:9])
+
+
+def test_storage_is_lent_to_one_cache_at_a_time(tiny_lm):
+    """A live cache keeps its storage; the next cache reuses it only once the first is gone."""
+    import gc
+
+    tiny_lm.static_steps.clear()
+    first = SharedCache(tiny_lm, 1)
+    second = SharedCache(tiny_lm, 1)
+    assert first.storage is not second.storage
+    kept = first.storage
+    del first, second
+    gc.collect()
+    third = SharedCache(tiny_lm, 1, capacity=100)
+    assert third.storage is kept  # free and big enough: lent again
+    del third
+    bigger = SharedCache(tiny_lm, 1, capacity=1000)
+    assert bigger.storage is not kept and bigger.storage.capacity >= 1000
+    assert tiny_lm.kv_storage is bigger.storage  # the free one it outgrew was dropped
 
 
 def test_reused_steps_forget_earlier_problems(tiny_lm, fake_problems):
@@ -150,9 +189,10 @@ def test_steps_of_another_batch_size_are_dropped(tiny_lm, fake_problems):
     solve = get_method("latent_mas")
     tiny_lm.static_steps.clear()
     solve(tiny_lm, fake_problems()[:2], task, cfg)
-    assert {key[1] for key in tiny_lm.static_steps} == {2}
+    assert {step.kv.mask.shape[0] for step in tiny_lm.static_steps.values()} == {2}
     solve(tiny_lm, fake_problems()[2:], task, cfg)
-    assert {key[1] for key in tiny_lm.static_steps} == {1}
+    assert {step.kv.mask.shape[0] for step in tiny_lm.static_steps.values()} == {1}
+    assert tiny_lm.kv_storage.batch == 1
 
 
 def test_a_cast_model_gets_steps_of_its_new_dtype(tiny_lm, fake_problems):
@@ -178,33 +218,38 @@ def test_a_cast_model_gets_steps_of_its_new_dtype(tiny_lm, fake_problems):
 
 
 def test_a_full_step_says_so(tiny_lm):
-    from latentmas.fast_decode import StaticStep
+    from latentmas.fast_decode import StaticKV, StaticStep
 
     shared = _five_columns(tiny_lm)
-    step = StaticStep(tiny_lm, 1, 7, use_graph=False).start(shared)
+    kv = StaticKV(shared.storage)
+    step = StaticStep(tiny_lm, kv, use_graph=False).start(shared)
     token = torch.tensor([3])
-    step.run(token)
-    step.run(token)
+    for _ in range(kv.capacity - 5):
+        step.run(token)
     with pytest.raises(RuntimeError, match="full"):
         step.run(token)
-    with pytest.raises(ValueError, match="does not fit a 5-slot"):
-        StaticStep(tiny_lm, 1, 5, use_graph=False).start(shared)
-    with pytest.raises(ValueError, match="batch of 1 does not fit a step built for 4"):
-        StaticStep(tiny_lm, 4, 256, use_graph=False).start(shared)
+    other = _five_columns(tiny_lm)  # alive beside `shared`: storage of its own
+    with pytest.raises(RuntimeError, match="storage of the cache it continues"):
+        step.start(other)
 
 
 def test_steps_share_one_buffer_that_grows_when_needed(tiny_lm):
-    """Decoding and latent steps take turns on one buffer; a step that needs more room replaces it."""
+    """Decoding and latent steps take turns on the cache's storage; one that needs more room grows it
+    (keeping the cached columns) and the steps are built again on the new buffers."""
     from latentmas import fast_decode
 
-    shared = _five_columns(tiny_lm)
     tiny_lm.static_steps.clear()
+    tiny_lm.kv_storage = None
+    shared = _five_columns(tiny_lm)
     decode = fast_decode.static_step(tiny_lm, shared, 10, tokens=True, use_graph=False)
     latent = fast_decode.static_step(tiny_lm, shared, 10, tokens=False, use_graph=False)
-    assert latent.kv is decode.kv and decode.kv.capacity == 256
-    larger = fast_decode.static_step(tiny_lm, shared, 300, tokens=True, use_graph=False)  # 305 columns: 512 slots
-    assert larger is not decode and larger.kv.capacity == 512
-    assert [(k[0], k[2]) for k in tiny_lm.static_steps] == [(True, 512)]  # the 256-slot buffer went
+    assert latent.kv is decode.kv and decode.kv.capacity == shared.storage.capacity == 256
+    keys = shared.cache.layers[1].keys.clone()
+    larger = fast_decode.static_step(tiny_lm, shared, 300, tokens=True, use_graph=False)  # 305 columns
+    assert larger is not decode and larger.kv.capacity == shared.storage.capacity == 512  # at least doubled
+    assert not decode.kv.current() and larger.kv.current()
+    assert list(tiny_lm.static_steps) == [(True, False, False)]  # the steps on the old buffers went
+    assert torch.equal(shared.cache.layers[1].keys, keys)  # the cached columns moved with the storage
     again = fast_decode.static_step(tiny_lm, shared, 10, tokens=False, use_graph=False)  # fits: reuses it
     assert again.kv is larger.kv and len(tiny_lm.static_steps) == 2
     tiny_lm.static_steps.clear()
@@ -213,7 +258,7 @@ def test_steps_share_one_buffer_that_grows_when_needed(tiny_lm):
 def test_compiled_step_matches_eager_and_serves_every_size(tiny_lm):
     """The torch.compile'd step (inductor on the CPU here) computes what the eager step computes,
     for decoding at two buffer sizes, without compiling again for the second size."""
-    from latentmas.fast_decode import StaticStep
+    from latentmas.fast_decode import StaticKV, StaticStep
 
     ids, mask = _judger_prompts(tiny_lm, "What is 2 + 3?", "Add 17 and 25.")
     shared = SharedCache(tiny_lm, 2)
@@ -229,12 +274,15 @@ def test_compiled_step_matches_eager_and_serves_every_size(tiny_lm):
             ids = out[-1].argmax(-1)
         return torch.stack(out)
 
-    eager = steps(StaticStep(tiny_lm, 2, 256, use_graph=False, compiled=False))
-    compiled = steps(StaticStep(tiny_lm, 2, 256, use_graph=False, compiled=True))
+    kv = StaticKV(shared.storage)
+    eager = steps(StaticStep(tiny_lm, kv, use_graph=False, compiled=False))
+    compiled = steps(StaticStep(tiny_lm, kv, use_graph=False, compiled=True))
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
     assert not torch.equal(eager[0], eager[1])  # the steps differ: a check that could fail
+    shared.reserve(600)  # the storage grows: buffers of another length
     with torch._dynamo.config.patch(error_on_recompile=True):
-        larger = steps(StaticStep(tiny_lm, 2, 512, use_graph=False, compiled=True))
+        larger = steps(StaticStep(tiny_lm, StaticKV(shared.storage), use_graph=False, compiled=True))
+    assert shared.storage.capacity > kv.capacity
     torch.testing.assert_close(larger, eager, atol=1e-4, rtol=1e-4)
 
 
@@ -259,29 +307,25 @@ def test_while_decoding_work_in_pieces_takes_one_per_step(tiny_lm, max_new_token
         assert seen == [prompt + max_new_tokens - 1] * 4
 
 
-def test_out_of_memory_retry_frees_the_old_buffer_first(tiny_lm, monkeypatch):
-    """A step that runs out of GPU memory is built again after every earlier buffer has gone (no two alive)."""
-    import gc
-    import weakref
-
+def test_out_of_memory_while_building_is_retried_once(tiny_lm, monkeypatch):
+    """A step that runs out of GPU memory while it is built (recording its graph) is built once more,
+    after the allocator's cache is emptied, on the same buffers."""
     from latentmas import fast_decode
 
     shared = _five_columns(tiny_lm)
     tiny_lm.static_steps.clear()
-    old = weakref.ref(fast_decode.static_step(tiny_lm, shared, 10, tokens=True, use_graph=False).kv)
-    alive_at_retry, built = [], []
+    built, emptied = [], []
     original = fast_decode.StaticStep.__init__
 
     def flaky(self, *args, **kwargs):
-        built.append(kwargs.get("kv") is not None)
+        built.append(args[1] if len(args) > 1 else kwargs["kv"])
         if len(built) == 1:
             raise torch.cuda.OutOfMemoryError("fake: out of memory")
-        gc.collect()
-        alive_at_retry.append(old() is not None)
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(fast_decode.StaticStep, "__init__", flaky)
-    step = fast_decode.static_step(tiny_lm, shared, 10, tokens=False, use_graph=False)  # would share the buffer
-    assert built == [True, False]  # first on the shared buffer, then on a fresh one
-    assert alive_at_retry == [False] and step.kv is not None
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(len(built)))
+    step = fast_decode.static_step(tiny_lm, shared, 10, tokens=False, use_graph=False)
+    assert len(built) == 2 and built[0] is built[1] is step.kv and emptied == [1]
+    assert step.run(torch.randn(1, tiny_lm.hidden_size)).shape == (1, tiny_lm.hidden_size)
     tiny_lm.static_steps.clear()

@@ -96,9 +96,11 @@ def sampling_of(cfg, lm=None) -> Sampling:
                     cfg.compile_step)
 
 
-def write_turn(lm, shared: SharedCache, agent: str, prompts: list[Prompt], cfg, generators) -> list[AgentTurn]:
-    """An agent that writes text: prefill its prompt on `shared` and decode."""
-    return decode_turn(lm, shared, agent, *encode(lm, prompts, thinking_of(cfg)), cfg, generators)
+def write_turn(lm, agent: str, prompts: list[Prompt], cfg, generators) -> list[AgentTurn]:
+    """An agent that writes text: prefill its prompt on a cache of its own and decode."""
+    texts, ids, mask = encode(lm, prompts, thinking_of(cfg))
+    shared = SharedCache(lm, len(prompts), capacity=ids.shape[1] + cfg.max_new_tokens)
+    return decode_turn(lm, shared, agent, texts, ids, mask, cfg, generators)
 
 
 def decode_turn(lm, shared: SharedCache, agent: str, texts, ids, mask, cfg, generators,

@@ -123,13 +123,13 @@ def solve(lm, problems, task, cfg, observer: HandoffObserver | None = None):
     knn_generators = generators_for(problems, cfg, lm.device, salt=7919)
     embed = lm.model.get_input_embeddings()
     fast = use_fast(lm.device, cfg.fast_decode)
-    shared = SharedCache(lm, len(problems))
+    encoded = [encode(lm, [agent_prompt(agent, p.question, task.answer_instruction, cfg.prompt, "latent_mas")
+                           for p in problems], thinking_of(cfg)) for agent in AGENTS]
+    columns = sum(ids.shape[1] for _, ids, _ in encoded) + (len(AGENTS) - 1) * cfg.latent_steps + cfg.max_new_tokens
+    shared = SharedCache(lm, len(problems), capacity=columns)
     turns: list[list[AgentTurn]] = [[] for _ in problems]
     previous = None
-    for index, agent in enumerate(AGENTS):
-        prompts = [agent_prompt(agent, p.question, task.answer_instruction, cfg.prompt, "latent_mas")
-                   for p in problems]
-        texts, ids, mask = encode(lm, prompts, thinking_of(cfg))
+    for index, (agent, (texts, ids, mask)) in enumerate(zip(AGENTS, encoded)):
         prompt_embeds = embed(ids)
         event = None
         if previous is not None:

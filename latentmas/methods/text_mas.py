@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 
 from ..prompts import AGENTS, agent_prompt
-from ..shared_cache import SharedCache
 from .common import finish, generators_for, write_turn
 
 
@@ -37,8 +36,7 @@ def solve(lm, problems, task, cfg, observer=None):
                         for t in readable_turns(agent, cfg.prompt, done)]
             prompts.append(agent_prompt(agent, problem.question, task.answer_instruction, cfg.prompt,
                                         "text_mas", previous))
-        shared = SharedCache(lm, len(problems))  # each agent reads text, not a cache
-        new = write_turn(lm, shared, agent, prompts, cfg, generators_for(problems, cfg, lm.device, salt=index))
+        new = write_turn(lm, agent, prompts, cfg, generators_for(problems, cfg, lm.device, salt=index))
         for done, turn in zip(turns, new):
             done.append(turn)
     return finish(problems, task, turns, started)

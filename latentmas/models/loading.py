@@ -25,6 +25,7 @@ class LoadedModel:
     tokenizer: object
     device: torch.device
     static_steps: OrderedDict = field(default_factory=OrderedDict, repr=False)  # fast_decode.static_step's reuse
+    kv_storage: object = field(default=None, repr=False)  # the last batch's cache buffers (kv_storage.storage_for)
 
     @property
     def config(self):
