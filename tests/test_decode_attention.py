@@ -98,10 +98,13 @@ CASES = [
 
 
 def _inputs(case: Case, seed: int = 0):
-    """(query, keys, values, mask, length, clean keys, clean values).
+    """(query, keys, values, mask, length, clean keys, clean values, allowed).
 
-    Slots at or past length hold NaN; masked-out slots inside the written part hold 1e4; rows
-    are left-padded by 0, 5, 11 slots; the clean keys and values have zeros in both places.
+    Slots at or past length hold NaN and some of them are still True in `mask` (stale bits: the
+    contract says False there, but neither backend may rely on it); masked-out slots inside the
+    written part (kNN-like holes, left padding of 0, 5, 11 slots) hold NaN too.
+    `allowed` `[batch, capacity]` is what may really be attended; the clean keys and values hold
+    zeros wherever it is False (for SDPA, which NaN would poison).
     """
     generator = torch.Generator().manual_seed(seed)
     heads = case.kv_heads * case.group
@@ -109,19 +112,17 @@ def _inputs(case: Case, seed: int = 0):
     query = torch.randn(case.batch, heads, case.dim, generator=generator)
     keys = torch.randn(shape, generator=generator)
     values = torch.randn(shape, generator=generator)
-    mask = torch.rand(case.batch, case.capacity, generator=generator) > 0.25  # kNN-like holes
+    mask = torch.rand(case.batch, case.capacity, generator=generator) > 0.25
     for row, pad in enumerate([0, 5, 11][: case.batch]):
         mask[row, :pad] = False
-    mask[:, case.length:] = False
     mask[:, case.length - 1] = True  # the new token itself
-    allowed = mask[:, None, :, None]
-    clean_keys, clean_values = keys.masked_fill(~allowed, 0.0), values.masked_fill(~allowed, 0.0)
-    keys, values = keys.masked_fill(~allowed, 1e4), values.masked_fill(~allowed, 1e4)
-    keys[:, :, case.length:] = float("nan")
-    values[:, :, case.length:] = float("nan")
+    allowed = mask & (torch.arange(case.capacity) < case.length)
+    hidden = ~allowed[:, None, :, None]
+    clean_keys, clean_values = keys.masked_fill(hidden, 0.0), values.masked_fill(hidden, 0.0)
+    keys, values = keys.masked_fill(hidden, float("nan")), values.masked_fill(hidden, float("nan"))
     length = torch.tensor([case.length], dtype=torch.int64)
     moved = [t.to(DEVICE, case.dtype) if t.is_floating_point() else t.to(DEVICE)
-             for t in (query, keys, values, mask, length, clean_keys, clean_values)]
+             for t in (query, keys, values, mask, length, clean_keys, clean_values, allowed)]
     return tuple(moved)
 
 
@@ -137,10 +138,10 @@ def _sdpa(query, keys, values, mask, scale):
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_reference_matches_sdpa_and_ignores_garbage(case):
-    query, keys, values, mask, length, clean_keys, clean_values = _inputs(case)
+    query, keys, values, mask, length, clean_keys, clean_values, allowed = _inputs(case)
     scale = case.dim**-0.5
     got = decode_attention_reference(query, keys, values, mask, length, scale)
-    expected = _sdpa(query, clean_keys, clean_values, mask, scale).to(case.dtype)
+    expected = _sdpa(query, clean_keys, clean_values, allowed, scale).to(case.dtype)
     assert got.shape == query.shape and got.dtype == case.dtype
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, **TOLERANCE[case.dtype])
@@ -148,15 +149,15 @@ def test_reference_matches_sdpa_and_ignores_garbage(case):
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_kernel_matches_reference_and_sdpa(kernels, case):
-    query, keys, values, mask, length, clean_keys, clean_values = _inputs(case)
+    query, keys, values, mask, length, clean_keys, clean_values, allowed = _inputs(case)
     scale = case.dim**-0.5
     got = _decode_attention_triton(query, keys, values, mask, length, scale, block_n=case.block_n,
                                    splits=case.splits)
     assert got.shape == query.shape and got.dtype == case.dtype
     assert torch.isfinite(got).all(), "garbage at or past length, or in masked slots, reached the output"
-    reference = decode_attention_reference(query, clean_keys, clean_values, mask, length, scale)
+    reference = decode_attention_reference(query, clean_keys, clean_values, allowed, length, scale)
     torch.testing.assert_close(got, reference, **TOLERANCE[case.dtype])
-    sdpa = _sdpa(query, clean_keys, clean_values, mask, scale).to(case.dtype)
+    sdpa = _sdpa(query, clean_keys, clean_values, allowed, scale).to(case.dtype)
     torch.testing.assert_close(got, sdpa, **TOLERANCE[case.dtype])
 
 
@@ -164,7 +165,7 @@ def test_kernel_takes_strided_views(kernels):
     """Keys a layer of a stacked parent, values a transposed [batch, capacity, kv_heads, dim] buffer,
     query a slice of a wider tensor: the strides go to the kernel, nothing is copied."""
     case = Case(3, 2, 64, torch.float32, None)
-    query, keys, values, mask, length, clean_keys, clean_values = _inputs(case)
+    query, keys, values, mask, length, clean_keys, clean_values, allowed = _inputs(case)
     parent = torch.zeros(2, case.batch, case.kv_heads, case.capacity + 7, case.dim, device=DEVICE)
     parent[1, :, :, : case.capacity] = keys
     strided_keys = parent[1, :, :, : case.capacity]
@@ -179,7 +180,7 @@ def test_kernel_takes_strided_views(kernels):
     assert not strided_query.is_contiguous() and not strided_mask.is_contiguous()
     got = _decode_attention_triton(strided_query, strided_keys, strided_values, strided_mask, length,
                                    case.dim**-0.5, block_n=16)
-    expected = decode_attention_reference(query, clean_keys, clean_values, mask, length, case.dim**-0.5)
+    expected = decode_attention_reference(query, clean_keys, clean_values, allowed, length, case.dim**-0.5)
     torch.testing.assert_close(got, expected, **TOLERANCE[case.dtype])
 
 
