@@ -210,7 +210,7 @@ def _kernels():
         out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
         tl.store(Out + b * stride_ob + h * stride_oh + d, out.to(Out.dtype.element_ty), mask=d < HEAD_DIM)
 
-    return split_kernel, combine_kernel, bool(triton.knobs.runtime.interpret)
+    return split_kernel, combine_kernel, type(split_kernel).__name__ == "InterpretedFunction"
 
 
 def _decode_attention_triton(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
