@@ -230,7 +230,9 @@ def _decode_attention_triton(query: torch.Tensor, keys: torch.Tensor, values: to
     _, kv_heads, capacity, _ = keys.shape
     group = heads // kv_heads
     rows = batch * kv_heads
-    sm_count = _sm_count(query.device.index or 0) if query.is_cuda else DEFAULT_SM_COUNT
+    sm_count = DEFAULT_SM_COUNT
+    if query.is_cuda:
+        sm_count = _sm_count(torch.cuda.current_device() if query.device.index is None else query.device.index)
     splits, split_size = split_plan(rows, capacity, block_n, sm_count, splits)
     part_out = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=query.device)
     part_lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=query.device)
