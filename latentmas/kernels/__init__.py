@@ -1,0 +1,9 @@
+"""Hand-written GPU kernels, each with a pure-torch reference of the same signature.
+
+`decode_attention`: one new token per row over a static key/value buffer (flash decoding,
+split over the buffer's slots), for the graph-replayed decode step.
+"""
+
+from latentmas.kernels.decode_attention import available, decode_attention, decode_attention_reference
+
+__all__ = ["available", "decode_attention", "decode_attention_reference"]
