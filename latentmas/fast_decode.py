@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import torch
 
+from .sampling import Sampler, sample_tokens
 from .shared_cache import SharedCache, cache_kwarg
-from .step_attention import grouped_step
+from .step_attention import StepMask, grouped_step
 
 
 class StaticKV:
@@ -92,15 +93,25 @@ def use_compiled(device: torch.device, setting: bool | None) -> bool:
 
 
 def model_step(model, kv: StaticKV, inputs: torch.Tensor, position: torch.Tensor, tokens: bool,
-               cache_name: str) -> torch.Tensor:
+               cache_name: str, sampling: tuple | None = None, row_keys: torch.Tensor | None = None,
+               counter: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row on `kv` at its write index: ids `[batch, 1]` -> logits `[batch, vocab]`, or
-    embeddings `[batch, 1, hidden]` -> final hidden state `[batch, hidden]`."""
+    embeddings `[batch, 1, hidden]` -> final hidden state `[batch, hidden]`.
+
+    With `sampling` (temperature, top_k, top_p), ids -> the next tokens `[batch]`, drawn by
+    `sampling.sample_tokens` with `row_keys` `[batch]` at step `counter` `[1]`, which then advances.
+    """
     kv.mask.index_fill_(1, kv.write_index, True)
-    common = {"attention_mask": {"full_attention": kv.mask[:, None, None, :]}, "position_ids": position,
+    common = {"attention_mask": {"full_attention": StepMask(kv.mask, kv.write_index + 1)}, "position_ids": position,
               "use_cache": True, cache_name: kv}
     with grouped_step(model):
         if tokens:
-            return model(input_ids=inputs, logits_to_keep=1, **common).logits[:, -1, :]
+            logits = model(input_ids=inputs, logits_to_keep=1, **common).logits[:, -1, :]
+            if sampling is None:
+                return logits
+            token = sample_tokens(logits, row_keys, counter, *sampling)
+            counter.add_(1)
+            return token
         return model.base_model(inputs_embeds=inputs, **common).last_hidden_state[:, -1, :]
 
 
@@ -136,7 +147,9 @@ def _capture_resources(device: torch.device):
 class StaticStep:
     """One model step with fixed shapes on a static KV buffer, reused from problem to problem.
 
-    tokens=True (decoding): token ids `[batch]` in, next-token logits `[batch, vocab]` out.
+    tokens=True (decoding): token ids `[batch]` in, next-token logits `[batch, vocab]` out; with
+    `sampling` (temperature, top_k, top_p) the step also samples, inside its graph, and the next
+    tokens `[batch]` come out (`start` takes the `Sampler` whose row keys and step count it goes on with).
     tokens=False (latent steps): input embeddings `[batch, hidden]` in, the last layer's
     final hidden state `[batch, hidden]` out.
     Static inputs (`input`, `position`, the buffers' `write_index` and `mask`) are updated
@@ -147,12 +160,15 @@ class StaticStep:
     """
 
     def __init__(self, lm, kv: StaticKV, tokens: bool = True, use_graph: bool | None = None,
-                 compiled: bool = False):
+                 compiled: bool = False, sampling: tuple | None = None):
         self.lm = lm
         self.tokens = tokens
         device = lm.device
         batch = kv.mask.shape[0]
         self.kv = kv
+        self.sampling = sampling if tokens else None
+        self.row_keys = torch.zeros(batch, dtype=torch.long, device=device)
+        self.counter = torch.zeros(1, dtype=torch.long, device=device)
         if tokens:
             self.input = torch.zeros(batch, 1, dtype=torch.long, device=device)
         else:
@@ -168,14 +184,21 @@ class StaticStep:
         if self.compiled:
             self.kv.mark_dynamic()
             if batch > 1:
-                torch._dynamo.mark_dynamic(self.input, 0)
-                torch._dynamo.mark_dynamic(self.position, 0)
+                for tensor in (self.input, self.position, self.row_keys):
+                    torch._dynamo.mark_dynamic(tensor, 0)
             self._step = compiled_model_step()
         if use_fast(device, use_graph):
             self._capture()
 
-    def start(self, shared: SharedCache) -> StaticStep:
-        """Continue from `shared` (same batch size, at most `capacity` columns with the steps to come)."""
+    def start(self, shared: SharedCache, sampler: Sampler | None = None) -> StaticStep:
+        """Continue from `shared` (same batch size, at most `capacity` columns with the steps to come);
+        a sampling step draws on from `sampler`'s row keys and step count (the sampler's own count
+        is left behind: use one or the other)."""
+        if self.sampling is not None:
+            if sampler is None or sampler.settings != self.sampling:
+                raise ValueError(f"this step samples with {self.sampling}; start it with a Sampler of those settings")
+            self.row_keys.copy_(sampler.keys)
+            self.counter.copy_(sampler.step)
         if shared.batch_size != self.kv.mask.shape[0]:
             raise ValueError(f"a batch of {shared.batch_size} does not fit a step built for {self.kv.mask.shape[0]}")
         if shared.length >= self.kv.capacity:
@@ -187,7 +210,8 @@ class StaticStep:
         return self
 
     def _forward(self) -> torch.Tensor:
-        return self._step(self.lm.model, self.kv, self.input, self.position, self.tokens, self._cache_kwarg)
+        return self._step(self.lm.model, self.kv, self.input, self.position, self.tokens, self._cache_kwarg,
+                          self.sampling, self.row_keys, self.counter)
 
     @torch.no_grad()
     def _capture(self) -> None:
@@ -234,10 +258,11 @@ def buffer_bytes(lm, batch: int, capacity: int) -> int:
 
 
 def static_step(lm, shared: SharedCache, extra: int, tokens: bool = True, use_graph: bool | None = None,
-                compiled: bool = False) -> StaticStep:
+                compiled: bool = False, sampler: Sampler | None = None) -> StaticStep:
     """A step started on `shared` with room for `extra` more columns, on the cache's own storage.
+    With `sampler`, a decoding step samples inside its graph and returns tokens (`StaticStep`).
 
-    Steps live on the model (`lm.static_steps`), keyed by (tokens, graph, compiled), all on one
+    Steps live on the model (`lm.static_steps`), keyed by (tokens, graph, compiled, sampling), all on one
     `StaticKV` over the model's storage (`kv_storage.storage_for` lends it from batch to batch): the
     latent steps and the decoding of a problem take turns on it, writing where the cache reads. A
     step is rebuilt (and its graph recorded again) only when the cache is on other storage, or
@@ -251,20 +276,20 @@ def static_step(lm, shared: SharedCache, extra: int, tokens: bool = True, use_gr
     if kv is None or kv.storage is not shared.storage or not kv.current():
         steps.clear()
         kv = None
-    key = (tokens, graph, compiled)
+    sampling = sampler.settings if sampler is not None and tokens else None
+    key = (tokens, graph, compiled, sampling)
     if key not in steps:
         kv = kv or StaticKV(shared.storage)
         kv.load(shared)
         step = None
         try:
-            step = StaticStep(lm, kv, tokens=tokens, use_graph=graph, compiled=compiled)
+            step = StaticStep(lm, kv, tokens=tokens, use_graph=graph, compiled=compiled, sampling=sampling)
         except torch.cuda.OutOfMemoryError:
             pass  # retried below, outside this block: its traceback would keep the failed graph alive
         if step is None:
             torch.cuda.empty_cache()
-            step = StaticStep(lm, kv, tokens=tokens, use_graph=graph, compiled=compiled)
-        if shared.storage is lm.kv_storage:
-            steps[key] = step
-        else:  # a cache on storage of its own (another one holds the model's): use once
-            return step.start(shared)
-    return steps[key].start(shared)
+            step = StaticStep(lm, kv, tokens=tokens, use_graph=graph, compiled=compiled, sampling=sampling)
+        if shared.storage is not lm.kv_storage:  # a cache on storage of its own (another holds the model's): use once
+            return step.start(shared, sampler)
+        steps[key] = step
+    return steps[key].start(shared, sampler)

@@ -7,6 +7,11 @@ step (measured with `bench/decode_probe.py --batch 16`). With a single new token
 heads of one group can be read as that group's query rows instead: one SDPA call on the
 unrepeated keys, with the mask broadcast over the rows. Same maths, no copies.
 
+On CUDA (with triton) the step attends through `kernels.decode_attention` instead, a split-KV
+(flash-decoding) kernel that reads only the slots written so far: the step passes a `StepMask`
+(the slot mask and how many slots are written) where transformers passes the mask. Elsewhere,
+or with LATENTMAS_DECODE_KERNEL=0, it is the SDPA call above.
+
 `fast_decode.StaticStep` switches a model to it around its own forward passes only.
 (`flex_attention` in its place, compiled, was slower on an H200: 8.8 against 5.7 ms per
 Qwen3-4B step at batch size 1, see docs/performance.md.)
@@ -14,27 +19,52 @@ Qwen3-4B step at batch size 1, see docs/performance.md.)
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from .kernels import available as kernel_available
+from .kernels import decode_attention
+
 NAME = "latentmas_grouped_step"
+
+
+class StepMask(NamedTuple):
+    """What a static step attends: `allowed` bool `[batch, capacity]` (True where a slot may be read)
+    and `length`, int64 `[1]` on the device: slots at or past it hold nothing yet."""
+
+    allowed: torch.Tensor
+    length: torch.Tensor
+
+
+def use_kernel(device: torch.device) -> bool:
+    """Whether steps attend through the triton kernel: on CUDA when triton imports, unless
+    LATENTMAS_DECODE_KERNEL=0."""
+    return device.type == "cuda" and kernel_available() and os.environ.get("LATENTMAS_DECODE_KERNEL", "1") != "0"
 
 
 def grouped_step_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention of one token per row, each query head reading its own GQA group's keys.
 
     query `[batch, heads, 1, head_dim]`; key, value `[batch, kv_heads, capacity, head_dim]`
-    (head h reads kv head h // (heads / kv_heads), as in `repeat_kv`); attention_mask bool
-    `[batch, 1, 1, capacity]`, True where a slot may be attended.
+    (head h reads kv head h // (heads / kv_heads), as in `repeat_kv`); attention_mask a
+    `StepMask`, or bool `[batch, 1, 1, capacity]`, True where a slot may be attended.
     Returns `[batch, 1, heads, head_dim]` (transformers' layout) and no weights.
     """
     batch, heads, length, dim = query.shape
     if length != 1:
         raise ValueError(f"grouped_step_attention takes one token per row, got {length}")
+    if isinstance(attention_mask, StepMask):
+        if use_kernel(query.device):
+            scale = scaling if scaling is not None else dim ** -0.5
+            output = decode_attention(query[:, :, 0], key, value, attention_mask.allowed, attention_mask.length, scale)
+            return output[:, None], None
+        attention_mask = attention_mask.allowed[:, None, None, :]
     kv_heads = key.shape[1]
     rows = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     output = F.scaled_dot_product_attention(rows, key, value, attn_mask=attention_mask, scale=scaling)

@@ -58,7 +58,7 @@ def test_fast_decode_matches_plain(tiny_lm, fake_problems, tmp_path, method, tem
                                temperature=temperature)
     tiny_lm.static_steps.clear()
     started, start = [], StaticStep.start
-    monkeypatch.setattr(StaticStep, "start", lambda self, shared: started.append(self.tokens) or start(self, shared))
+    monkeypatch.setattr(StaticStep, "start", lambda self, *args: started.append(self.tokens) or start(self, *args))
     fast, fast_file = _solve(tiny_lm, problems, method, tmp_path, batch_size, fast_decode=True,
                              temperature=temperature)
     assert True in started  # the fast path decoded
