@@ -7,9 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from .fast_decode import static_step, use_fast
+from .sampling import Sampler
 from .shared_cache import SegmentKey, SharedCache
 
 # Decoding checks for end of turn (a host sync) every CHECK_EVERY tokens. `while_decoding` runs
@@ -40,35 +40,6 @@ class Sampling:
 def problem_generators(numbers: list[int], seed: int, device: torch.device) -> list[torch.Generator]:
     """One RNG per problem, seeded by (seed, problem number), so batching never changes a draw."""
     return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + n) for n in numbers]
-
-
-class Sampler:
-    """Picks next tokens from logits `[batch, vocab]` -> `[batch]`.
-
-    Sampling draws an exponential race (argmax p_i / E_i, E_i ~ Exp(1)), which is
-    an exact draw from p, with each row's noise from that row's own generator.
-    """
-
-    def __init__(self, sampling: Sampling, generators: list[torch.Generator]):
-        self.greedy = sampling.temperature <= 0
-        self.generators = generators
-        self.warpers = [] if self.greedy else [TemperatureLogitsWarper(sampling.temperature)]
-        if not self.greedy and sampling.top_k > 0:  # transformers' order: temperature, top-k, top-p
-            self.warpers.append(TopKLogitsWarper(sampling.top_k))
-        if not self.greedy and sampling.top_p < 1.0:
-            self.warpers.append(TopPLogitsWarper(sampling.top_p))
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if self.greedy:
-            return logits.argmax(dim=-1)
-        for warp in self.warpers:
-            logits = warp(None, logits)
-        probs = logits.softmax(dim=-1)
-        noise = torch.stack([
-            torch.empty(probs.shape[1], device=probs.device).exponential_(generator=g) for g in self.generators
-        ])
-        return (probs / noise).argmax(dim=-1)
 
 
 def eos_ids(lm) -> set[int]:
