@@ -63,17 +63,20 @@ def counter_uniform(row_keys: torch.Tensor, step: torch.Tensor, vocab: int) -> t
     (row key, step, token index).
 
     row_keys: int64 `[batch]`. step: int64 `[1]` (one step for all rows) or `[batch]`, a device
-    tensor so that a captured graph reads it from memory. Row r's stream for a step is
-    splitmix64 seeded by mix64(mix64(key_r) + step * GOLDEN): token i draws
-    mix64(seed + (i + 1) * GOLDEN).
+    tensor so that a captured graph reads it from memory. Row r's seed for a step is
+    s = mix64(mix64(key_r) + step * GOLDEN) (splitmix64's stream over steps); token i draws
+    mix64(mix64(s + i)). The token index is never multiplied by a large constant: inductor's
+    C++ backend compiles `arange * GOLDEN` inside a reduction into a loop whose signed overflow
+    is undefined behaviour (it crashed or miscomputed here, torch 2.13 CPU); the second mix64
+    does the spreading that splitmix64's GOLDEN increment would.
     """
     if row_keys.dtype != torch.int64 or row_keys.dim() != 1:
         raise ValueError(f"row_keys must be int64 [batch], got {row_keys.dtype} {list(row_keys.shape)}")
     if step.dtype != torch.int64 or step.dim() != 1:
         raise ValueError(f"step must be an int64 tensor [1] or [batch], got {step.dtype} {list(step.shape)}")
     seeds = mix64(mix64(row_keys) + step * GOLDEN)  # [batch]
-    counters = (torch.arange(vocab, dtype=torch.int64, device=row_keys.device) + 1) * GOLDEN  # [vocab]
-    return unit_from_bits(mix64(seeds[:, None] + counters[None, :]))
+    tokens = torch.arange(vocab, dtype=torch.int64, device=row_keys.device)  # [vocab]
+    return unit_from_bits(mix64(mix64(seeds[:, None] + tokens[None, :])))
 
 
 def warp_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
