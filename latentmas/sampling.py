@@ -1,0 +1,184 @@
+"""Graph-capturable sampling: counter-based noise and a fused temperature / top-k / top-p step.
+
+Each row's noise is a pure function of (row key, step, token index) through a splitmix64 hash
+written in torch int64 ops (multiplications wrap, right shifts are made logical by masking), so
+one step is a fixed set of tensor ops: no Python loop over rows, no host sync, no
+data-dependent shapes. It runs in eager on the CPU and CUDA, under `torch.compile(fullgraph=True)`
+and inside a captured CUDA graph (the step counter is a device tensor the graph reads).
+
+A row's key comes from its problem's generator seed (`row_keys_of`), so a problem's draws never
+depend on the batch it is decoded in.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .decoding import Sampling
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(value: int) -> int:
+    """A 64-bit pattern (Python int) as the int64 with the same bits."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+# splitmix64 (Steele, Lea, Flood 2014): the stream increment and the finaliser's multipliers.
+GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MIX_A = _signed(0xBF58476D1CE4E5B9)
+_MIX_B = _signed(0x94D049BB133111EB)
+UNIT_BITS = 23  # bits per uniform: (m + 0.5) / 2**23 is exact in float32 and never 0 or 1
+
+
+def shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 `x` (any shape) by `bits` in 1..63: zeros come in from the left.
+
+    torch's `>>` on int64 is arithmetic (copies the sign bit); masking the shifted value clears
+    those copies.
+    """
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _shift_right_into(x: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
+    """`shift_right(x, bits)` written into `out` (same shape and dtype as x); returns out."""
+    return torch.bitwise_right_shift(x, bits, out=out).bitwise_and_((1 << (64 - bits)) - 1)
+
+
+def _mix64_(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """`mix64` in place on x, using `scratch` (same shape) as work space: no allocation, which
+    makes eager CPU noise several times faster; the compiler sees the same maths."""
+    for bits, multiplier in ((30, _MIX_A), (27, _MIX_B), (31, None)):
+        x ^= _shift_right_into(x, bits, scratch)
+        if multiplier is not None:
+            x *= multiplier
+    return x
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 `x` (any shape) -> int64, same shape: a bijection of 64-bit
+    patterns. (x ^= x >>> 30; x *= 0xBF58476D1CE4E5B9; x ^= x >>> 27; x *= 0x94D049BB133111EB;
+    x ^= x >>> 31, all mod 2**64.)"""
+    return _mix64_(x.clone(), torch.empty_like(x))
+
+
+def unit_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """int64 hash values (any shape) -> float32 in (0, 1), same shape: the top UNIT_BITS bits m, as
+    (m + 0.5) / 2**UNIT_BITS (exact in float32; the extremes are 2**-24 and 1 - 2**-24)."""
+    top = shift_right(bits, 64 - UNIT_BITS).to(torch.float32)
+    return top.add_(0.5).mul_(2.0 ** -UNIT_BITS)
+
+
+def counter_uniform(row_keys: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Uniform noise `[batch, vocab]` float32 in (0, 1), each value a pure function of
+    (row key, step, token index).
+
+    row_keys: int64 `[batch]`. step: int64 `[1]` (one step for all rows) or `[batch]`, a device
+    tensor so that a captured graph reads it from memory. Row r's seed for a step is
+    s = mix64(mix64(key_r) + step * GOLDEN) (splitmix64's stream over steps); token i draws
+    mix64(mix64(s + i)). The token index is never multiplied by a large constant: inductor's
+    C++ backend compiles `arange * GOLDEN` inside a reduction into a loop whose signed overflow
+    is undefined behaviour (it crashed or miscomputed here, torch 2.13 CPU); the second mix64
+    does the spreading that splitmix64's GOLDEN increment would.
+    """
+    if row_keys.dtype != torch.int64 or row_keys.dim() != 1:
+        raise ValueError(f"row_keys must be int64 [batch], got {row_keys.dtype} {list(row_keys.shape)}")
+    if step.dtype != torch.int64 or step.dim() != 1:
+        raise ValueError(f"step must be an int64 tensor [1] or [batch], got {step.dtype} {list(step.shape)}")
+    seeds = mix64(mix64(row_keys) + step * GOLDEN)  # [batch]
+    tokens = torch.arange(vocab, dtype=torch.int64, device=row_keys.device)  # [vocab]
+    bits = seeds[:, None] + tokens[None, :]  # [batch, vocab]
+    scratch = torch.empty_like(bits)
+    _mix64_(_mix64_(bits, scratch), scratch)
+    top = _shift_right_into(bits, 64 - UNIT_BITS, scratch).to(torch.float32)
+    return top.add_(0.5).mul_(2.0 ** -UNIT_BITS)  # as unit_from_bits, without its temporaries
+
+
+def warp_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """transformers' temperature -> top-k -> top-p warpers on float32 logits `[batch, vocab]` -> `[batch, vocab]`,
+    dropped tokens set to -inf; the same ops (and so the same ties) as `TemperatureLogitsWarper`,
+    `TopKLogitsWarper` and `TopPLogitsWarper` with their defaults (min_tokens_to_keep 1).
+
+    top-k keeps every token whose score is >= the k-th largest (ties at the cut all stay); k is
+    capped at the vocabulary; 0 = no cut. top-p sorts ascending and drops the tokens whose
+    cumulative probability is <= 1 - top_p, always keeping the most likely one; 1.0 = no cut.
+    """
+    logits = logits / temperature  # a new tensor: the cuts below fill it in place
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]))[0][..., -1, None]
+        logits.masked_fill_(logits < kth, -float("inf"))
+    if top_p < 1.0:
+        ordered, order = torch.sort(logits, descending=False)
+        drop_sorted = ordered.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop_sorted[..., -1:] = False
+        logits.masked_fill_(drop_sorted.scatter(1, order, drop_sorted), -float("inf"))
+    return logits
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    row_keys: torch.Tensor,
+    step: torch.Tensor,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> torch.Tensor:
+    """Next tokens `[batch]` long from logits `[batch, vocab]`: argmax when temperature <= 0,
+    else an exact draw from the warped softmax p (`warp_logits`) by an exponential race,
+    argmax_i p_i / E_i with E_i = -log(u_i), u = `counter_uniform(row_keys, step, vocab)`.
+
+    row_keys: int64 `[batch]`; step: int64 `[1]` or `[batch]` device tensor. Pure tensor ops,
+    fixed shapes: safe under torch.compile(fullgraph=True) and CUDA graph capture.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [batch, vocab], got shape {list(logits.shape)}")
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = no cut), got {top_k!r}")
+    if not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")
+    probs = warp_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+    race = counter_uniform(row_keys, step, logits.shape[-1]).log_().neg_()  # E = -log(u) ~ Exp(1), finite, > 0
+    return probs.div_(race).argmax(dim=-1)
+
+
+def row_keys_of(generators: list[torch.Generator]) -> torch.Tensor:
+    """Each row's key, int64 `[batch]` on the generators' device: its generator's `initial_seed()`
+    (as the int64 with the same 64 bits), so a problem's draws never depend on its batch."""
+    if not generators:
+        raise ValueError("row_keys_of needs one generator per row, got none")
+    keys = [_signed(g.initial_seed()) for g in generators]
+    return torch.tensor(keys, dtype=torch.int64, device=generators[0].device)
+
+
+class Sampler:
+    """Picks next tokens from logits `[batch, vocab]` -> `[batch]` with `sample_tokens`, one row key
+    per problem generator.
+
+    `sampler(logits)` uses and then advances (in place, on the device) an internal step counter
+    `step` (int64 `[1]`); `sampler.sample(logits, step)` takes a counter the caller owns (e.g. one
+    a captured graph reads).
+    """
+
+    def __init__(self, sampling: Sampling, generators: list[torch.Generator]):
+        self.temperature = float(sampling.temperature)
+        self.top_k = int(sampling.top_k)
+        self.top_p = float(sampling.top_p)
+        self.greedy = self.temperature <= 0
+        self.keys = row_keys_of(generators)
+        self.step = torch.zeros(1, dtype=torch.int64, device=self.keys.device)
+
+    def sample(self, logits: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """Tokens `[batch]` for logits `[batch, vocab]` at `step` (int64 `[1]` or `[batch]`)."""
+        return sample_tokens(logits, self.keys, step, self.temperature, self.top_k, self.top_p)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        token = self.sample(logits, self.step)
+        self.step += 1
+        return token
