@@ -15,11 +15,12 @@ from common import machine, sync
 
 from latentmas.config import RunConfig
 from latentmas.decoding import Sampler, Sampling, problem_generators
-from latentmas.fast_decode import StaticStep
+from latentmas.fast_decode import static_step
 from latentmas.methods import get_method
 from latentmas.methods.common import encode
 from latentmas.prompts import agent_prompt
 from latentmas.shared_cache import SegmentKey, SharedCache
+from latentmas.step_attention import use_kernel
 from latentmas.tasks import get_task, load_problems
 
 
@@ -40,10 +41,12 @@ def _timed(fn, n, device):
 @click.option("--data_file", default=None)
 @click.option("--passes", default=3, help="whole problems solved first (time and memory left allocated)")
 @click.option("--batch_sizes", default="1", show_default=True, help="batch sizes of the single-step timings")
-@click.option("--capacity", default=2048, show_default=True, help="buffer size of the single-step timings")
-@click.option("--profile/--no-profile", default=True, help="profile the fastest step at the first batch size")
+@click.option("--capacity", default=1131, show_default=True,
+              help="columns the single-step caches make room for (a batch of 64 GSM8K problems needs 1,131)")
+@click.option("--compile_step", is_flag=True, help="also time the compiled step (compiling takes minutes)")
+@click.option("--profile/--no-profile", default=True, help="profile the last sampling step timed")
 @click.option("--device", default="cuda")
-def main(model_name, random_weights, data_file, passes, batch_sizes, capacity, profile, device):
+def main(model_name, random_weights, data_file, passes, batch_sizes, capacity, compile_step, profile, device):
     task = get_task("gsm8k")
     problems = load_problems(task, data_file, 1)
     from latentmas.models import load_model
@@ -64,37 +67,40 @@ def main(model_name, random_weights, data_file, passes, batch_sizes, capacity, p
     prompt = agent_prompt("judger", problems[0].question, task.answer_instruction)
     variants = [("compiled", True, True), ("eager", True, False)] if device.type == "cuda" else [
         ("eager", False, False)]
+    if not compile_step:
+        variants = [v for v in variants if not v[2]]
     embed = lm.model.get_input_embeddings()
+    print(f"step attention: {'split-KV kernel' if use_kernel(device) else 'SDPA'}")
     fastest = None
     for batch in [int(b) for b in batch_sizes.split(",")]:
         _, ids, mask = encode(lm, [prompt] * batch, think=False)
-        shared = SharedCache(lm, batch)
+        shared = SharedCache(lm, batch, capacity=capacity)
         logits = shared.extend(embed(ids), mask, ids, SegmentKey("judger", "prompt"), logits=True)
-        token = logits.argmax(-1)
-        print(f"batch {batch}, {shared.length} cached columns, capacity {capacity}")
-        for name, use_graph, compiled in variants:
-            start = time.perf_counter()
-            step = StaticStep(lm, batch, capacity, use_graph=use_graph, compiled=compiled).start(shared)
-            sync(device)
-            setup = time.perf_counter() - start
-            print(f"  graph step {name:15s}: set-up {setup:7.2f} s, run {_timed(lambda: step.run(token), 100, device):.3f} "
-                  f"ms/step", flush=True)
-            if fastest is None:
-                fastest = step
-            else:
-                del step
         sampler = Sampler(Sampling(256, 0.6, 0.95), problem_generators(list(range(1, batch + 1)), 0, device))
-        print(f"  sampler (t 0.6, top-p 0.95): {_timed(lambda: sampler(logits), 50, device):.3f} ms", flush=True)
+        token = sampler(logits)
+        print(f"batch {batch}, {shared.length} cached columns, {shared.storage.capacity} slots")
+        for name, use_graph, compiled in variants:
+            for label, with_sampler in (("logits", None), ("sampled", sampler)):
+                start = time.perf_counter()
+                step = static_step(lm, shared, 200, use_graph=use_graph, compiled=compiled, sampler=with_sampler)
+                sync(device)
+                setup = time.perf_counter() - start
+                print(f"  graph step {name:8s} {label:8s}: set-up {setup:7.2f} s, run "
+                      f"{_timed(lambda step=step: step.run(token), 100, device):.3f} ms/step", flush=True)
+                if with_sampler is not None and (fastest is None or compiled):
+                    fastest = (step, token)
+        print(f"  sampler outside a graph (t 0.6, top-p 0.95): {_timed(lambda: sampler(logits), 50, device):.3f} ms",
+              flush=True)
+        del shared
+        lm.static_steps.clear()
     if device.type == "cuda" and profile and fastest is not None:
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        batch = fastest.kv.mask.shape[0]
-        sampler = Sampler(Sampling(256, 0.6, 0.95), problem_generators(list(range(1, batch + 1)), 0, device))
-        logits = fastest.run(token[:batch])
+        step, token = fastest
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(10):
-                logits = fastest.run(sampler(logits))
+                token = step.run(token)
             sync(device)
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
 
 
 if __name__ == "__main__":

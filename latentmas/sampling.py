@@ -174,9 +174,14 @@ class Sampler:
         self.keys = row_keys_of(generators)
         self.step = torch.zeros(1, dtype=torch.int64, device=self.keys.device)
 
+    @property
+    def settings(self) -> tuple[float, int, float]:
+        """(temperature, top_k, top_p): what a step that samples inside its graph bakes in."""
+        return self.temperature, self.top_k, self.top_p
+
     def sample(self, logits: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         """Tokens `[batch]` for logits `[batch, vocab]` at `step` (int64 `[1]` or `[batch]`)."""
-        return sample_tokens(logits, self.keys, step, self.temperature, self.top_k, self.top_p)
+        return sample_tokens(logits, self.keys, step, *self.settings)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         token = self.sample(logits, self.step)

@@ -26,20 +26,29 @@ def cuda_lm(tiny_lm_cache_env):
 
 
 def _capture(lm, problems, path, batch_size, **settings):
-    cfg = RunConfig(model_name="tiny-qwen3", device="cuda", latent_steps=4, max_new_tokens=24, temperature=0.0,
-                    **settings)
+    settings.setdefault("temperature", 0.0)
+    cfg = RunConfig(model_name="tiny-qwen3", device="cuda", latent_steps=4, max_new_tokens=24, **settings)
     return [r.output for r in solve_and_capture(lm, problems, cfg, path, batch_size)]
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled, temperature", [(False, 0.0), (False, 0.8), (True, 0.0), (True, 0.8)])
 @pytest.mark.parametrize("batch_size", [1, 3])
-def test_graph_steps_decode_what_the_plain_loop_decodes(cuda_lm, fake_problems, tmp_path, batch_size, compiled):
+def test_graph_steps_decode_what_the_plain_loop_decodes(cuda_lm, fake_problems, tmp_path, batch_size, compiled,
+                                                        temperature):
+    """Graph-replayed steps (the split-KV kernel's attention; sampling inside the graph) decode what the
+    plain loop (SDPA, sampling outside) decodes."""
+    from latentmas.step_attention import use_kernel
+
     problems = fake_problems()
-    plain = _capture(cuda_lm, problems, tmp_path / "plain.h5", batch_size, fast_decode=False)
+    plain = _capture(cuda_lm, problems, tmp_path / "plain.h5", batch_size, fast_decode=False,
+                     temperature=temperature)
     cuda_lm.static_steps.clear()
-    fast = _capture(cuda_lm, problems, tmp_path / "fast.h5", batch_size, fast_decode=True, compile_step=compiled)
+    fast = _capture(cuda_lm, problems, tmp_path / "fast.h5", batch_size, fast_decode=True, compile_step=compiled,
+                    temperature=temperature)
     assert fast == plain
+    assert use_kernel(cuda_lm.device)
     assert all(step.graph is not None and step.compiled == compiled for step in cuda_lm.static_steps.values())
+    assert any(step.sampling is not None for step in cuda_lm.static_steps.values())
     assert_same_handoffs(tmp_path / "plain.h5", tmp_path / "fast.h5", atol=2e-3)
 
 

@@ -248,7 +248,7 @@ def test_steps_share_one_buffer_that_grows_when_needed(tiny_lm):
     larger = fast_decode.static_step(tiny_lm, shared, 300, tokens=True, use_graph=False)  # 305 columns
     assert larger is not decode and larger.kv.capacity == shared.storage.capacity == 512  # at least doubled
     assert not decode.kv.current() and larger.kv.current()
-    assert list(tiny_lm.static_steps) == [(True, False, False)]  # the steps on the old buffers went
+    assert list(tiny_lm.static_steps) == [(True, False, False, None)]  # the steps on the old buffers went
     assert torch.equal(shared.cache.layers[1].keys, keys)  # the cached columns moved with the storage
     again = fast_decode.static_step(tiny_lm, shared, 10, tokens=False, use_graph=False)  # fits: reuses it
     assert again.kv is larger.kv and len(tiny_lm.static_steps) == 2
