@@ -399,6 +399,18 @@ def text_problem(text: str) -> str | None:
     return None
 
 
+def storable_text(text: str) -> str:
+    """`text` with what a capture cannot store written out as Python escapes: a NUL as `\\x00`, a lone
+    surrogate as `\\udXXX`. For the model's own token texts (a byte-level vocabulary has a token
+    for the NUL byte), which are data to keep, not input to refuse."""
+    text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def check_storable_questions(path, questions: dict[int, str]) -> None:
     """Refuse, before anything is solved, a question that a capture cannot store."""
     for number in sorted(questions):

@@ -31,7 +31,16 @@ from latentmas.handoff import LATENT
 from latentmas.prefill import PrefillProbe
 from latentmas.similarity import get_mode
 
-from .format import LATENT_TOKEN, CaptureWriter, Handoff, LatentReadout, ProblemRecord, Segment, handoff_name
+from .format import (
+    LATENT_TOKEN,
+    CaptureWriter,
+    Handoff,
+    LatentReadout,
+    ProblemRecord,
+    Segment,
+    handoff_name,
+    storable_text,
+)
 from .readout import latent_readout, unpack
 from .selection import DEFAULT_TRANSITIONS
 
@@ -267,7 +276,7 @@ class CaptureRecorder:
         if self._numbers != numbers:
             raise RuntimeError(f"write_batch got problems {numbers}, but the hand-offs seen were for {self._numbers}")
         self.writer.commit(staged, [
-            ProblemRecord(number=r.number, question=r.question, gold=r.gold, prediction=r.prediction,
+            ProblemRecord(number=r.number, question=r.question, gold=r.gold, prediction=_storable(r.prediction),
                           correct=r.correct) for r in results])
 
     def _handoff(self, p: dict, row: int) -> Handoff:
@@ -317,7 +326,7 @@ class CaptureRecorder:
         if token_id == LATENT:
             return LATENT_TOKEN
         if token_id not in self._token_text:
-            self._token_text[token_id] = self.lm.tokenizer.decode([token_id])
+            self._token_text[token_id] = storable_text(self.lm.tokenizer.decode([token_id]))
         return self._token_text[token_id]
 
     def finish(self, summary: dict) -> None:
@@ -325,6 +334,11 @@ class CaptureRecorder:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _storable(prediction: str | None) -> str | None:
+    """The model's answer as a capture can store it (`storable_text`)."""
+    return None if prediction is None else storable_text(prediction)
 
 
 def _segments(segment_ids: np.ndarray, keys) -> list[Segment]:

@@ -123,3 +123,27 @@ def test_unstorable_question_is_refused_before_anything_is_written(tmp_path, que
         CaptureWriter.open(path, {}, {"k": 1}, num_layers=2, questions={1: "fine", 2: question})
     assert "problem 2" in str(refused.value) and reason in str(refused.value) and "\n" not in str(refused.value)
     assert not path.exists() and not (tmp_path / "run.h5.lock").exists()
+
+
+def test_token_texts_a_capture_cannot_store_are_kept_escaped(tiny_lm, fake_problems, tmp_path, monkeypatch):
+    """A byte-level vocabulary has tokens for the NUL byte and for broken UTF-8: the capture keeps them,
+    escaped, instead of refusing the run (questions with a NUL are still refused, above)."""
+    from captures import solve_and_capture
+
+    from capture.format import CaptureReader, storable_text
+    from latentmas.config import RunConfig
+
+    assert storable_text("a\x00b\udc80") == "a\\x00b\\udc80" and storable_text("plain é") == "plain é"
+    decode = tiny_lm.tokenizer.decode
+    def broken(*args, **kwargs):  # every text the model writes: token texts, and the answers' text
+        text = decode(*args, **kwargs)
+        return "\x00" + text + "\udc80" if isinstance(text, str) else ["\x00" + t for t in text]
+
+    monkeypatch.setattr(tiny_lm.tokenizer, "decode", broken)
+    cfg = RunConfig(model_name="tiny-qwen3", device="cpu", latent_steps=2, max_new_tokens=4, temperature=0.0)
+    path = tmp_path / "nul.h5"
+    solve_and_capture(tiny_lm, fake_problems()[:1], cfg, path, 1)
+    with CaptureReader(path) as reader:
+        handoff = reader.handoffs(reader.problem_numbers[0])[0]
+        assert handoff.tokens[0].startswith("\\x00") and handoff.tokens[0].endswith("\\udc80")
+        assert "\x00" not in (reader.problem(reader.problem_numbers[0]).prediction or "")
