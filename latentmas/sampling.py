@@ -81,9 +81,9 @@ def counter_uniform(row_keys: torch.Tensor, step: torch.Tensor, vocab: int) -> t
     tensor so that a captured graph reads it from memory. Row r's seed for a step is
     s = mix64(mix64(key_r) + step * GOLDEN) (splitmix64's stream over steps); token i draws
     mix64(mix64(s + i)). The token index is never multiplied by a large constant: inductor's
-    C++ backend compiles `arange * GOLDEN` inside a reduction into a loop whose signed overflow
-    is undefined behaviour (it crashed or miscomputed here, torch 2.13 CPU); the second mix64
-    does the spreading that splitmix64's GOLDEN increment would.
+    C++ backend turns `arange * GOLDEN` fused into a reduction into loop-index arithmetic whose
+    signed overflow is undefined behaviour in C++ (here, torch 2.13 CPU, it segfaulted or
+    returned wrong values); the second mix64 does the spreading that GOLDEN's increment would.
     """
     if row_keys.dtype != torch.int64 or row_keys.dim() != 1:
         raise ValueError(f"row_keys must be int64 [batch], got {row_keys.dtype} {list(row_keys.shape)}")
@@ -163,7 +163,7 @@ class Sampler:
 
     `sampler(logits)` uses and then advances (in place, on the device) an internal step counter
     `step` (int64 `[1]`); `sampler.sample(logits, step)` takes a counter the caller owns (e.g. one
-    a captured graph reads).
+    a captured graph reads). The generators must be on the logits' device.
     """
 
     def __init__(self, sampling: Sampling, generators: list[torch.Generator]):

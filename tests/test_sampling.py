@@ -213,12 +213,14 @@ def test_a_rows_tokens_do_not_depend_on_its_batch():
     keys = row_keys_of(generators)
     assert keys.tolist() == [7 * 1_000_003 + n for n in (3, 1, 4, 15, 9)]
     logits = torch.randn(5, 100, generator=torch.Generator().manual_seed(0))
+    original = logits.clone()
     for step in range(20):
         step_t = torch.tensor([step])
         batch = sample_tokens(logits, keys, step_t, 1.2, 20, 0.9)
         assert torch.equal(batch, sample_tokens(logits, keys, step_t, 1.2, 20, 0.9))  # same keys+step
         for r in range(5):
             assert torch.equal(batch[r:r + 1], sample_tokens(logits[r:r + 1], keys[r:r + 1], step_t, 1.2, 20, 0.9))
+    assert torch.equal(logits, original)  # the caller's logits are never written
 
 
 def test_sampler_advances_its_step_and_a_problem_draws_the_same_in_any_batch():
