@@ -286,6 +286,31 @@ def test_compiled_step_matches_eager_and_serves_every_size(tiny_lm):
     torch.testing.assert_close(larger, eager, atol=1e-4, rtol=1e-4)
 
 
+def test_compiled_sampling_step_draws_what_the_eager_one_draws(tiny_lm):
+    """A decoding step that samples inside itself, compiled, draws the tokens the eager step draws."""
+    from latentmas.fast_decode import StaticKV, StaticStep
+    from latentmas.sampling import Sampler
+
+    ids, mask = _judger_prompts(tiny_lm, "What is 2 + 3?", "Add 17 and 25.")
+    shared = SharedCache(tiny_lm, 2)
+    logits = shared.extend(tiny_lm.model.get_input_embeddings()(ids), mask, ids, SegmentKey("judger", "prompt"),
+                           logits=True)
+    kv = StaticKV(shared.storage)
+    drawn = {}
+    for compiled in (False, True):
+        sampler = Sampler(decoding.Sampling(temperature=1.5, top_p=0.9), decoding.problem_generators([4, 9], 0, "cpu"))
+        token = sampler(logits)
+        step = StaticStep(tiny_lm, kv, use_graph=False, compiled=compiled, sampling=sampler.settings)
+        step.start(shared, sampler)
+        tokens = []
+        for _ in range(6):
+            token = step.run(token).clone()
+            tokens.append(token)
+        drawn[compiled] = torch.stack(tokens)
+    assert torch.equal(drawn[True], drawn[False])
+    assert len(set(drawn[False].flatten().tolist())) > 2  # sampled, not one repeated token
+
+
 @pytest.mark.parametrize("max_new_tokens", [5, 40])
 def test_while_decoding_work_in_pieces_takes_one_per_step(tiny_lm, max_new_tokens):
     """Work returned as an iterator is done a piece per decoding step (all of it at the end of a short decode)."""
