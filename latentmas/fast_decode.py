@@ -93,25 +93,15 @@ def use_compiled(device: torch.device, setting: bool | None) -> bool:
 
 
 def model_step(model, kv: StaticKV, inputs: torch.Tensor, position: torch.Tensor, tokens: bool,
-               cache_name: str, sampling: tuple | None = None, row_keys: torch.Tensor | None = None,
-               counter: torch.Tensor | None = None) -> torch.Tensor:
+               cache_name: str) -> torch.Tensor:
     """One token per row on `kv` at its write index: ids `[batch, 1]` -> logits `[batch, vocab]`, or
-    embeddings `[batch, 1, hidden]` -> final hidden state `[batch, hidden]`.
-
-    With `sampling` (temperature, top_k, top_p), ids -> the next tokens `[batch]`, drawn by
-    `sampling.sample_tokens` with `row_keys` `[batch]` at step `counter` `[1]`, which then advances.
-    """
+    embeddings `[batch, 1, hidden]` -> final hidden state `[batch, hidden]`."""
     kv.mask.index_fill_(1, kv.write_index, True)
     common = {"attention_mask": {"full_attention": StepMask(kv.mask, kv.write_index + 1)}, "position_ids": position,
               "use_cache": True, cache_name: kv}
     with grouped_step(model):
         if tokens:
-            logits = model(input_ids=inputs, logits_to_keep=1, **common).logits[:, -1, :]
-            if sampling is None:
-                return logits
-            token = sample_tokens(logits, row_keys, counter, *sampling)
-            counter.add_(1)
-            return token
+            return model(input_ids=inputs, logits_to_keep=1, **common).logits[:, -1, :]
         return model.base_model(inputs_embeds=inputs, **common).last_hidden_state[:, -1, :]
 
 
@@ -128,6 +118,18 @@ def compiled_model_step():
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         _COMPILED.append(torch.compile(model_step, fullgraph=True, dynamic=False))
     return _COMPILED[0]
+
+
+_COMPILED_SAMPLER: list = []
+
+
+def compiled_sampler():
+    """`sampling.sample_tokens` compiled once per process, with static shapes: one entry per batch size
+    and sampling settings. Apart from the model step because inductor (torch 2.11) fails to generate
+    top-p's cumulative sum over a dynamic batch size."""
+    if not _COMPILED_SAMPLER:
+        _COMPILED_SAMPLER.append(torch.compile(sample_tokens, fullgraph=True, dynamic=False))
+    return _COMPILED_SAMPLER[0]
 
 
 _CAPTURE: dict = {}  # device -> (side stream, graph memory pool), shared by every capture
@@ -184,8 +186,8 @@ class StaticStep:
         if self.compiled:
             self.kv.mark_dynamic()
             if batch > 1:
-                for tensor in (self.input, self.position, self.row_keys):
-                    torch._dynamo.mark_dynamic(tensor, 0)
+                torch._dynamo.mark_dynamic(self.input, 0)
+                torch._dynamo.mark_dynamic(self.position, 0)
             self._step = compiled_model_step()
         if use_fast(device, use_graph):
             self._capture()
@@ -210,8 +212,13 @@ class StaticStep:
         return self
 
     def _forward(self) -> torch.Tensor:
-        return self._step(self.lm.model, self.kv, self.input, self.position, self.tokens, self._cache_kwarg,
-                          self.sampling, self.row_keys, self.counter)
+        output = self._step(self.lm.model, self.kv, self.input, self.position, self.tokens, self._cache_kwarg)
+        if self.sampling is None:
+            return output
+        sample = compiled_sampler() if self.compiled else sample_tokens
+        token = sample(output, self.row_keys, self.counter, *self.sampling)
+        self.counter.add_(1)
+        return token
 
     @torch.no_grad()
     def _capture(self) -> None:
