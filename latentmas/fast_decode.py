@@ -120,18 +120,6 @@ def compiled_model_step():
     return _COMPILED[0]
 
 
-_COMPILED_SAMPLER: list = []
-
-
-def compiled_sampler():
-    """`sampling.sample_tokens` compiled once per process, with static shapes: one entry per batch size
-    and sampling settings. Apart from the model step because inductor (torch 2.11) fails to generate
-    top-p's cumulative sum over a dynamic batch size."""
-    if not _COMPILED_SAMPLER:
-        _COMPILED_SAMPLER.append(torch.compile(sample_tokens, fullgraph=True, dynamic=False))
-    return _COMPILED_SAMPLER[0]
-
-
 _CAPTURE: dict = {}  # device -> (side stream, graph memory pool), shared by every capture
 
 
@@ -215,8 +203,9 @@ class StaticStep:
         output = self._step(self.lm.model, self.kv, self.input, self.position, self.tokens, self._cache_kwarg)
         if self.sampling is None:
             return output
-        sample = compiled_sampler() if self.compiled else sample_tokens
-        token = sample(output, self.row_keys, self.counter, *self.sampling)
+        # Sampling stays out of torch.compile, in the graph all the same: inductor (torch 2.11)
+        # fails to generate top-p's cumulative sum over [batch > 1, vocab] (seen on an H200).
+        token = sample_tokens(output, self.row_keys, self.counter, *self.sampling)
         self.counter.add_(1)
         return token
 
