@@ -1,21 +1,21 @@
-"""Fast stepping: a static KV buffer, one fixed-shape step, replayed as a CUDA graph.
+"""Fast stepping: one fixed-shape step on the shared cache's own buffers, replayed as a CUDA graph.
 
 Decoding one token at a time through transformers' eager forward costs far more
 in Python and kernel launches than in GPU work (a 4B model reads ~8 GB of weights
-per step: ~2 ms of bandwidth, but the eager step takes tens of ms). Here the
-shared cache is copied once into buffers with room for the whole answer, and
-every step has the same shapes and addresses: the new key/value is written at a
-device-side index, attention sees all slots through a mask, and nothing talks to
-the host. Attention reads the unrepeated GQA keys (`step_attention`). On CUDA the
-step (embedding -> model -> last logits) is captured once as a CUDA graph and
-replayed; on the CPU the same step runs eagerly, which is how tests check that it
-decodes exactly what the plain loop decodes. With `compiled` (`--compile_step`) the
-step is first compiled by torch.compile (inductor fuses the norms, RoPE, SiLU-mul and
-residual adds that otherwise run as ~50 small kernels per layer), once per model and
-kind of step, with the buffers' length dynamic, and the compiled step is what the CUDA
-graph records. A model keeps one buffer (its size a power of two), with its decoding
-and latent steps on it, and reuses it for later problems (`static_step`); latent steps
-hand their columns back to the shared cache (`SharedCache.adopt`).
+per step: ~2 ms of bandwidth, but the eager step takes tens of ms). Here every step
+has the same shapes and addresses: it steps on the shared cache's storage
+(`kv_storage`, buffers with room for the whole problem), the new key/value is written
+at a device-side index, attention sees the written slots through a mask
+(`step_attention`: a split-KV kernel on CUDA), a decoding step samples its next token
+itself (`sampling`), and nothing talks to the host. On CUDA the step is captured once
+as a CUDA graph and replayed; on the CPU the same step runs eagerly, which is how tests
+check that it decodes exactly what the plain loop decodes. With `compiled`
+(`--compile_step`) the model step is first compiled by torch.compile (inductor fuses the
+norms, RoPE, SiLU-mul and residual adds that otherwise run as ~50 small kernels per
+layer), once per model and kind of step, with the buffers' length dynamic, and the
+compiled step is what the CUDA graph records. A model keeps its steps with the storage
+they were recorded on and reuses them for later batches (`static_step`); latent steps'
+columns are already in the cache (`SharedCache.adopt` only counts them in).
 """
 
 from __future__ import annotations
@@ -245,12 +245,6 @@ class StaticStep:
         self.position += 1
         self.steps += 1
         return output
-
-
-def buffer_bytes(lm, batch: int, capacity: int) -> int:
-    """Bytes of a storage's key and value buffers."""
-    itemsize = torch.empty((), dtype=lm.dtype).element_size()
-    return 2 * lm.num_layers * batch * lm.num_kv_heads * capacity * lm.head_dim * itemsize
 
 
 def static_step(lm, shared: SharedCache, extra: int, tokens: bool = True, use_graph: bool | None = None,
