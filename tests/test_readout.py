@@ -312,3 +312,23 @@ def test_readout_strip_keeps_to_its_room():
     tight = readout_strip_texts(handoff.segments, tokens, plot_w_in=3.0)
     assert all(text.endswith("…") for _, text in tight)
     assert readout_strip_texts(handoff.segments, tokens, plot_w_in=0.1) == []  # no room: none
+
+
+@pytest.mark.parametrize("realign", [False, True])
+def test_readout_in_chunks_equals_the_readout_at_once(tiny_lm, monkeypatch, realign):
+    """The LM head runs over a few steps at a time (bounded memory); the result is the all-at-once one."""
+    import torch
+
+    from capture import readout
+
+    generator = torch.Generator().manual_seed(11)
+    hidden = torch.randn(3, 5, tiny_lm.hidden_size, generator=generator)
+    fed = torch.randn(3, 5, tiny_lm.hidden_size, generator=generator) if realign else None
+    at_once = readout.latent_readout(tiny_lm, hidden, fed, top_k=4)
+    vocab = tiny_lm.model.get_output_embeddings().weight.shape[0]
+    assert readout.CHUNK_ELEMENTS // vocab >= 15  # one chunk above
+    monkeypatch.setattr(readout, "CHUNK_ELEMENTS", 2 * vocab)  # two steps per chunk: 8 chunks, the last one short
+    chunked = readout.latent_readout(tiny_lm, hidden, fed, top_k=4)
+    assert chunked.shape == at_once.shape == (3, 5, readout.packed_width(4))
+    torch.testing.assert_close(chunked, at_once, atol=1e-6, rtol=1e-6, equal_nan=True)
+    assert torch.isnan(chunked[..., -1]).all() != realign  # the nearest-token column is filled with realignment
