@@ -402,7 +402,8 @@ def text_problem(text: str) -> str | None:
 def storable_text(text: str) -> str:
     """`text` with what a capture cannot store written out as Python escapes: a NUL as `\\x00`, a lone
     surrogate as `\\udXXX`. For the model's own token texts (a byte-level vocabulary has a token
-    for the NUL byte), which are data to keep, not input to refuse."""
+    for the NUL byte), which are data to keep, not input to refuse. The result is display text: a
+    model text holding a literal backslash sequence such as `\\x00` reads back the same."""
     text = text.replace("\x00", "\\x00")
     try:
         text.encode("utf-8")

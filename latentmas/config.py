@@ -124,8 +124,8 @@ class RunConfig:
                                        "a CUDA graph (default: on CUDA only).", "benchmark-only",
                                        negative="plain_decode")
     compile_step: bool = setting(False, "Compile that static step with torch.compile (inductor) before "
-                                 "recording it: 3-4 ms faster per Qwen3-4B step on an H200, but each kind of "
-                                 "step compiles for about a minute, so it pays off on long runs only.",
+                                 "recording it: ~3 ms faster per Qwen3-4B step on an H200, but each kind of "
+                                 "step compiles for 60-85 s, so it pays off on long runs only.",
                                  "benchmark-only")
 
     def knn_settings(self) -> dict | None:

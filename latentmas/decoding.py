@@ -79,7 +79,8 @@ def generate(
     prompt_embeds: the prompt's input embeddings `[batch, n, hidden]`, when the caller has them.
 
     Returns each row's generated ids, cut after its first end-of-turn token. With
-    `sampling.fast` the decoded tokens go to a static buffer, not to `shared`.
+    `sampling.fast` the decoded tokens' keys and values are written into `shared`'s storage after its
+    columns without being counted in (`shared.length` stays the prompt's end).
     """
     lm = shared.lm
     embed = lm.model.get_input_embeddings()

@@ -24,7 +24,7 @@ import torch
 
 from .sampling import Sampler, sample_tokens
 from .shared_cache import SharedCache, cache_kwarg
-from .step_attention import StepMask, grouped_step
+from .step_attention import STEP_MASK, StepMask, grouped_step
 
 
 class StaticKV:
@@ -60,10 +60,14 @@ class StaticKV:
 
     @torch.no_grad()
     def load(self, shared: SharedCache) -> None:
-        """Step on from `shared`'s last column (its columns are already in these buffers)."""
+        """Step on from `shared`'s last column (its columns are already in these buffers; the slots
+        after them are cleared)."""
         if shared.storage is not self.storage or not self.current():
             raise RuntimeError("a static step runs on the storage of the cache it continues")
         length = shared.length
+        for keys, values in zip(self.keys, self.values):  # whatever an earlier batch left there: SDPA
+            keys[:, :, length:].zero_()  # weighs hidden slots by 0, and 0 x NaN would be NaN
+            values[:, :, length:].zero_()
         self.write_index.fill_(length)
         self.mask.zero_()
         self.mask[:, :length] = shared.mask
@@ -86,7 +90,7 @@ def use_compiled(device: torch.device, setting: bool | None) -> bool:
     """Whether to compile the static step: `setting`, by default no.
 
     On an H200 (Qwen3-4B shapes) compiling took 60-85 s for each kind of step and batch size 1 or
-    more, and saved about 3-4 ms per step (docs/performance.md): it pays off over long runs only,
+    more (stop 13), and saved about 3 ms per step (docs/performance.md): it pays off over long runs only,
     so it is asked for (`--compile_step`), not the default.
     """
     return bool(setting)
@@ -97,8 +101,11 @@ def model_step(model, kv: StaticKV, inputs: torch.Tensor, position: torch.Tensor
     """One token per row on `kv` at its write index: ids `[batch, 1]` -> logits `[batch, vocab]`, or
     embeddings `[batch, 1, hidden]` -> final hidden state `[batch, hidden]`."""
     kv.mask.index_fill_(1, kv.write_index, True)
-    common = {"attention_mask": {"full_attention": StepMask(kv.mask, kv.write_index + 1)}, "position_ids": position,
-              "use_cache": True, cache_name: kv}
+    # The mask goes to the attention function as a keyword of its own, which every model passes
+    # through to its attention layers; `attention_mask` itself would be rebuilt (or dropped) by
+    # models that make their own masks (Llama: `create_causal_mask` knows no mask for this attention).
+    common = {"position_ids": position, "use_cache": True, cache_name: kv,
+              STEP_MASK: StepMask(kv.mask, kv.write_index + 1)}
     with grouped_step(model):
         if tokens:
             return model(input_ids=inputs, logits_to_keep=1, **common).logits[:, -1, :]
@@ -261,25 +268,32 @@ def static_step(lm, shared: SharedCache, extra: int, tokens: bool = True, use_gr
     """
     graph, compiled = use_fast(lm.device, use_graph), use_compiled(lm.device, compiled)
     shared.reserve(extra)
+    sampling = sampler.settings if sampler is not None and tokens else None
+    build = dict(tokens=tokens, use_graph=graph, compiled=compiled, sampling=sampling)
+    if shared.storage is not lm.kv_storage:  # a cache on storage of its own (another holds the model's):
+        return _built(lm, StaticKV(shared.storage), shared, build).start(shared, sampler)  # a step for it alone
     steps = lm.static_steps
     kv = next(iter(steps.values())).kv if steps else None
     if kv is None or kv.storage is not shared.storage or not kv.current():
         steps.clear()
         kv = None
-    sampling = sampler.settings if sampler is not None and tokens else None
     key = (tokens, graph, compiled, sampling)
     if key not in steps:
-        kv = kv or StaticKV(shared.storage)
-        kv.load(shared)
-        step = None
-        try:
-            step = StaticStep(lm, kv, tokens=tokens, use_graph=graph, compiled=compiled, sampling=sampling)
-        except torch.cuda.OutOfMemoryError:
-            pass  # retried below, outside this block: its traceback would keep the failed graph alive
-        if step is None:
-            torch.cuda.empty_cache()
-            step = StaticStep(lm, kv, tokens=tokens, use_graph=graph, compiled=compiled, sampling=sampling)
-        if shared.storage is not lm.kv_storage:  # a cache on storage of its own (another holds the model's): use once
-            return step.start(shared, sampler)
-        steps[key] = step
+        steps[key] = _built(lm, kv or StaticKV(shared.storage), shared, build)
     return steps[key].start(shared, sampler)
+
+
+def _built(lm, kv: StaticKV, shared: SharedCache, build: dict) -> StaticStep:
+    """A `StaticStep(lm, kv, **build)` with `kv` pointed at `shared`'s end first (so that recording a
+    graph writes only past the cache); once more after emptying the allocator's cache when it runs
+    out of GPU memory."""
+    kv.load(shared)
+    step = None
+    try:
+        step = StaticStep(lm, kv, **build)
+    except torch.cuda.OutOfMemoryError:
+        pass  # retried below, outside this block: its traceback would keep the failed graph alive
+    if step is None:
+        torch.cuda.empty_cache()
+        step = StaticStep(lm, kv, **build)
+    return step

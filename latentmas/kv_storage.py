@@ -39,7 +39,7 @@ class KVStorage:
 
     Separate tensors per layer (not views of one), so a compiled step sees no aliased inputs.
     `grow` moves everything into bigger buffers; whoever holds the old ones (a step's recorded
-    graph, a restore point) keeps valid but stale copies, so check `data_of` before reuse.
+    graph) keeps valid but stale copies, so a step checks `StaticKV.current()` before reuse.
     """
 
     def __init__(self, lm, batch: int, capacity: int):

@@ -198,6 +198,7 @@ class SharedCache:
         finally:
             for layer, saved in layers:
                 vars(layer).update(saved)
+                layer.set_length(layer.length)  # views of the buffers as they are now (they may have grown)
             vars(self).update(state)
             self.segments = segments
 

@@ -9,7 +9,8 @@ unrepeated keys, with the mask broadcast over the rows. Same maths, no copies.
 
 On CUDA (with triton) the step attends through `kernels.decode_attention` instead, a split-KV
 (flash-decoding) kernel that reads only the slots written so far: the step passes a `StepMask`
-(the slot mask and how many slots are written) where transformers passes the mask. Elsewhere,
+(the slot mask and how many slots are written) under its own keyword (`STEP_MASK`), which models
+pass through to their attention layers. Elsewhere,
 or with LATENTMAS_DECODE_KERNEL=0, it is the SDPA call above.
 
 `fast_decode.StaticStep` switches a model to it around its own forward passes only.
@@ -32,6 +33,7 @@ from .kernels import available as kernel_available
 from .kernels import decode_attention
 
 NAME = "latentmas_grouped_step"
+STEP_MASK = "latentmas_step_mask"  # the keyword a static step's `StepMask` travels under
 
 
 class StepMask(NamedTuple):
@@ -53,12 +55,16 @@ def grouped_step_attention(module, query, key, value, attention_mask, scaling=No
 
     query `[batch, heads, 1, head_dim]`; key, value `[batch, kv_heads, capacity, head_dim]`
     (head h reads kv head h // (heads / kv_heads), as in `repeat_kv`); attention_mask a
-    `StepMask`, or bool `[batch, 1, 1, capacity]`, True where a slot may be attended.
+    `StepMask` (or one under the `STEP_MASK` keyword, which wins), or bool `[batch, 1, 1, capacity]`,
+    True where a slot may be attended.
     Returns `[batch, 1, heads, head_dim]` (transformers' layout) and no weights.
     """
     batch, heads, length, dim = query.shape
     if length != 1:
         raise ValueError(f"grouped_step_attention takes one token per row, got {length}")
+    attention_mask = kwargs.get(STEP_MASK, attention_mask)
+    if attention_mask is None:
+        raise ValueError("grouped_step_attention needs the step's mask; it got none")
     if isinstance(attention_mask, StepMask):
         if use_kernel(query.device):
             scale = scaling if scaling is not None else dim ** -0.5

@@ -354,3 +354,45 @@ def test_out_of_memory_while_building_is_retried_once(tiny_lm, monkeypatch):
     assert len(built) == 2 and built[0] is built[1] is step.kv and emptied == [1]
     assert step.run(torch.randn(1, tiny_lm.hidden_size)).shape == (1, tiny_lm.hidden_size)
     tiny_lm.static_steps.clear()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fast_decode_matches_plain_on_other_families(tiny_lm, family):
+    """Models that build their own attention masks (Llama) still get the step's mask: the fast path
+    decodes what the plain loop decodes, left padding included."""
+    from test_similarity_modes import tiny_other
+
+    lm = tiny_other(tiny_lm, family)
+    lm.model.config._attn_implementation = "sdpa"
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [3, 4, 5, 6, 7, 9]])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, :2] = False
+    outputs = []
+    for fast in (False, True):
+        shared = SharedCache(lm, 2, capacity=64)
+        sampling = decoding.Sampling(12, temperature=0.0, ignore_eos=True, fast=fast)
+        outputs.append(decoding.generate(shared, ids, mask, "judger", sampling,
+                                         decoding.problem_generators([1, 2], 0, lm.device)))
+        del shared
+    assert outputs[1] == outputs[0]
+
+
+def test_what_an_earlier_batch_left_in_the_storage_is_never_read(tiny_lm):
+    """Slots past a cache's columns may hold anything (NaN included) from an earlier batch; the fast
+    path decodes as if they were empty."""
+    import gc
+
+    ids, mask = _judger_prompts(tiny_lm, "What is 2 + 3?")
+    outputs = []
+    for fast in (False, True):
+        tiny_lm.static_steps.clear()
+        gc.collect()
+        shared = SharedCache(tiny_lm, 1, capacity=300)
+        for buffer in (*shared.storage.keys, *shared.storage.values):
+            buffer.fill_(float("nan"))
+        outputs.append(_greedy_decode(tiny_lm, shared, ids, mask, 10, None) if not fast else
+                       decoding.generate(shared, ids, mask, "judger",
+                                         decoding.Sampling(10, temperature=0.0, ignore_eos=True, fast=True),
+                                         decoding.problem_generators([1], 0, tiny_lm.device)))
+        del shared
+    assert outputs[1] == outputs[0]

@@ -327,6 +327,7 @@ def test_scoring_pass_restores_the_cache_and_matches_the_prefill(tiny_lm, fake_p
     before = {name: getattr(shared, name).clone() for name in ("mask", "positions", "token_ids", "segment_ids",
                                                                 "next_position")}
     keys = [(layer.keys, layer.values) for layer in shared.cache.layers]
+    contents = [(k.clone(), v.clone()) for k, v in keys]
     segments = list(shared.segments)
     middle = lm.num_layers // 2
     embeds = lm.model.get_input_embeddings()(ids)
@@ -334,8 +335,9 @@ def test_scoring_pass_restores_the_cache_and_matches_the_prefill(tiny_lm, fake_p
     for name, value in before.items():
         assert torch.equal(getattr(shared, name), value), name
     assert shared.segments == segments
-    for layer, (k, v) in zip(shared.cache.layers, keys):
-        assert layer.keys is k and layer.values is v
+    for layer, (k, v), (k_was, v_was) in zip(shared.cache.layers, keys, contents):
+        assert layer.keys.shape == k.shape and layer.values.shape == v.shape
+        assert torch.equal(layer.keys, k_was) and torch.equal(layer.values, v_was)
     assert shared.cache.get_seq_length() == shared.length
     full = probed_prefill(lm, shared, ids, mask, mode)
     torch.testing.assert_close(scores, full[:, middle], atol=1e-6, rtol=0)
