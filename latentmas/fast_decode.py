@@ -24,7 +24,7 @@ import torch
 
 from .sampling import Sampler, sample_tokens
 from .shared_cache import SharedCache, cache_kwarg
-from .step_attention import STEP_MASK, StepMask, grouped_step
+from .step_attention import STEP_MASK, StepMask, grouped_step, use_kernel
 
 
 class StaticKV:
@@ -61,13 +61,14 @@ class StaticKV:
     @torch.no_grad()
     def load(self, shared: SharedCache) -> None:
         """Step on from `shared`'s last column (its columns are already in these buffers; the slots
-        after them are cleared)."""
+        after them are cleared unless the split-KV kernel, which never reads them, attends)."""
         if shared.storage is not self.storage or not self.current():
             raise RuntimeError("a static step runs on the storage of the cache it continues")
         length = shared.length
-        for keys, values in zip(self.keys, self.values):  # whatever an earlier batch left there: SDPA
-            keys[:, :, length:].zero_()  # weighs hidden slots by 0, and 0 x NaN would be NaN
-            values[:, :, length:].zero_()
+        if not use_kernel(self.storage.device):  # SDPA weighs hidden slots by 0, and 0 x NaN is NaN:
+            for keys, values in zip(self.keys, self.values):  # clear what an earlier batch left there
+                keys[:, :, length:].zero_()  # (the kernel never reads them)
+                values[:, :, length:].zero_()
         self.write_index.fill_(length)
         self.mask.zero_()
         self.mask[:, :length] = shared.mask

@@ -145,3 +145,17 @@ def test_fused_query_capture_equals_eager(cuda_lm, fake_problems, tmp_path, monk
     monkeypatch.setattr(similarity, "FUSED_DEVICE_TYPES", ())
     solve_and_capture(cuda_lm, problems, cfg, tmp_path / "eager.h5", 3, capture_dtype="float32")
     assert_same_handoffs(tmp_path / "fused.h5", tmp_path / "eager.h5", atol=1e-5)
+
+
+def test_graph_steps_never_read_what_an_earlier_batch_left(cuda_lm, fake_problems, tmp_path):
+    """With the split-KV kernel the slots past a cache are not cleared: NaN left there changes nothing."""
+    import gc
+
+    problems = fake_problems()[:2]
+    cuda_lm.static_steps.clear()
+    fresh = _capture(cuda_lm, problems, tmp_path / "fresh.h5", 2, fast_decode=True)
+    gc.collect()
+    for buffer in (*cuda_lm.kv_storage.keys, *cuda_lm.kv_storage.values):
+        buffer.fill_(float("nan"))  # the storage the next batch borrows
+    again = _capture(cuda_lm, problems, tmp_path / "again.h5", 2, fast_decode=True)
+    assert again == fresh
