@@ -289,12 +289,16 @@ def _built(lm, kv: StaticKV, shared: SharedCache, build: dict) -> StaticStep:
     graph writes only past the cache); once more after emptying the allocator's cache when it runs
     out of GPU memory."""
     kv.load(shared)
-    step = None
-    try:
-        step = StaticStep(lm, kv, **build)
-    except torch.cuda.OutOfMemoryError:
-        pass  # retried below, outside this block: its traceback would keep the failed graph alive
-    if step is None:
+    step = _step_or_none(lm, kv, build)
+    if step is None:  # out of memory; its traceback (which held the failed graph) is gone by now
         torch.cuda.empty_cache()
         step = StaticStep(lm, kv, **build)
     return step
+
+
+def _step_or_none(lm, kv: StaticKV, build: dict) -> StaticStep | None:
+    """`StaticStep(lm, kv, **build)`, or None when it runs out of GPU memory."""
+    try:
+        return StaticStep(lm, kv, **build)
+    except torch.cuda.OutOfMemoryError:
+        return None
