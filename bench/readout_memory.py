@@ -15,6 +15,7 @@ import json
 import resource
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import click
@@ -35,8 +36,6 @@ def _lm(device: torch.device, dtype: torch.dtype):
 
 def _measure(device_name: str, batch: int, realign: bool, at_once: bool) -> dict:
     """One readout in this process: {'peak_mib': growth of the peak during it, 'seconds': ...}."""
-    import time
-
     device = torch.device(device_name)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     lm = _lm(device, dtype)

@@ -67,6 +67,7 @@ NaN where a column had none) and reads into the same `LatentReadout`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -921,17 +922,13 @@ def _close_quietly(file: h5py.File) -> None:
                 for _ in range(8):
                     if not oid.valid:
                         break
-                    try:
+                    with contextlib.suppress(Exception):  # the write error was already reported in one line
                         h5py.h5i.dec_ref(oid)
-                    except Exception:  # noqa: BLE001 - the write error was already reported in one line
-                        pass
             for _ in range(8):
                 if not fid.valid:
                     break
-                try:
+                with contextlib.suppress(Exception):
                     fid.close()
-                except Exception:  # noqa: BLE001
-                    pass
         gc.collect()
     finally:
         sys.unraisablehook = hook
@@ -971,12 +968,10 @@ def _hdf5_end(fd: int) -> int:
 
 def _trim_reserved(fd: int) -> None:
     """Give back reserved space past the HDF5 end of a cleanly closed file."""
-    try:
+    with contextlib.suppress(OSError):
         end = _hdf5_end(fd)
         if 0 < end < os.fstat(fd).st_size:
             os.ftruncate(fd, end)
-    except OSError:
-        pass
 
 
 def sync_folder(folder: Path) -> None:
@@ -987,9 +982,8 @@ def sync_folder(folder: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -1722,7 +1716,7 @@ def _checked_texts(values: np.ndarray, where: str) -> np.ndarray:
     try:
         b"\x1f".join(flat).decode("utf-8")
     except TypeError:  # str values (already text)
-        pass
+        return values
     except UnicodeDecodeError:
         _decode_all(flat, where)
     return values

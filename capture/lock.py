@@ -13,6 +13,7 @@ taken. Needs the standard library only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -78,10 +79,8 @@ class WriterLock:
     def release(self) -> None:
         if self._fd is None:
             return
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(self.path)  # while still locked, so no one locks the file we delete
-        except OSError:
-            pass
         os.close(self._fd)
         self._fd = None
 

@@ -18,6 +18,7 @@ hand-off's latent columns then carry their step's readout (`LatentReadout`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as dt
 import weakref
@@ -236,8 +237,7 @@ class CaptureRecorder:
 
     def _stage(self) -> None:
         """Stage the batch's hand-offs now (finishing what `while_decoding` began, if anything)."""
-        for _ in self._staging or self._stage_in_pieces():
-            pass
+        collections.deque(self._staging or self._stage_in_pieces(), maxlen=0)  # every piece, in order
 
     def _stage_in_pieces(self) -> Iterator[None]:
         """Copies to the host, then each problem's hand-offs, then the write: a piece between yields.

@@ -197,8 +197,6 @@ class StaticStep:
                 raise ValueError(f"this step samples with {self.sampling}; start it with a Sampler of those settings")
             self.row_keys.copy_(sampler.keys)
             self.counter.copy_(sampler.step)
-        if shared.batch_size != self.kv.mask.shape[0]:
-            raise ValueError(f"a batch of {shared.batch_size} does not fit a step built for {self.kv.mask.shape[0]}")
         if shared.length >= self.kv.capacity:
             raise ValueError(f"a {shared.length}-column cache does not fit a {self.kv.capacity}-slot step")
         self.kv.load(shared)

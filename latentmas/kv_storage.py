@@ -90,20 +90,17 @@ def storage_for(lm, batch: int, needed: int, owner) -> KVStorage:
     it, are dropped first, so the two are never allocated at once).
     """
     pooled = lm.kv_storage
-    if pooled is not None and not pooled.lent and pooled.fits(lm, batch, needed):
-        return pooled.lend_to(owner)
     if pooled is not None and not pooled.lent:
+        if pooled.fits(lm, batch, needed):
+            return pooled.lend_to(owner)
         lm.kv_storage = None
         lm.static_steps.clear()
         del pooled
         if lm.device.type == "cuda":
             torch.cuda.empty_cache()
-        storage = KVStorage(lm, batch, capacity_for(needed))
+    storage = KVStorage(lm, batch, capacity_for(needed))
+    if lm.kv_storage is None:  # the model's, unless another cache still holds the model's
         lm.kv_storage = storage
-    else:
-        storage = KVStorage(lm, batch, capacity_for(needed))
-        if lm.kv_storage is None:
-            lm.kv_storage = storage
     return storage.lend_to(owner)
 
 

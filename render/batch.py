@@ -15,7 +15,6 @@ import multiprocessing
 import os
 import re
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from .colormaps import DEFAULT_SINGLE_CMAP, ModeScale, UnknownColormap, as_mode_
 from .figures import DEFAULT_DPI, X_AXES, pretty_handoff, save_figure
 from .kinds import get_kind, kind_names
 from .layout import max_labelled_tokens
-from .output_files import write_atomically
+from .output_files import unwritable_reason, write_atomically
 
 KINDS = ("multi", "single")  # the seed's two figures, drawn by default
 FORMATS = ("png", "svg", "pdf")
@@ -296,14 +295,9 @@ def check_options(kinds: Sequence[str], cmaps: dict[str, str], vmin: float | Non
 def _check_writable(out_dir: Path) -> None:
     """Make `out_dir` and create (and drop) a file in it, or raise RenderError (one line): before any
     figure is drawn, not once per figure."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as error:
-        blocker = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
-        reason = f"{blocker} is a file, not a folder" if blocker is not None else error.strerror or str(error)
-        raise RenderError(f"cannot write to output folder {out_dir}: {reason}") from None
+    reason = unwritable_reason(out_dir)
+    if reason is not None:
+        raise RenderError(f"cannot write to output folder {out_dir}: {reason}")
 
 
 def render_capture(

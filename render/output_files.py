@@ -16,6 +16,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def unwritable_reason(folder: Path) -> str | None:
+    """Make `folder` (and its parents) and create (and drop) a file in it: None when both work, else
+    why not, in a few words (e.g. "<path> is a file, not a folder")."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        return f"{blocker} is a file, not a folder" if blocker is not None else error.strerror or str(error)
+    return None
+
+
 def _file_mode() -> int:
     """The mode a newly created file gets here (0o666 less the umask), read without changing the
     umask where Linux shows it (setting it to read it would race with other threads)."""
