@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import Sampler, sample_tokens
+from .sampling import Sampler, compiled_sampler, sample_tokens
 from .shared_cache import SharedCache, cache_kwarg
 from .step_attention import STEP_MASK, StepMask, grouped_step, use_kernel
 
@@ -178,8 +178,9 @@ class StaticStep:
         self.output = None
         self.graph = None
         self.compiled = use_compiled(device, compiled)
-        self._step = model_step
+        self._step, self._sample = model_step, sample_tokens
         if self.compiled:
+            self._sample = compiled_sampler()  # apart from the model step (see `_forward`)
             self.kv.mark_dynamic()
             if batch > 1:
                 torch._dynamo.mark_dynamic(self.input, 0)
@@ -209,9 +210,9 @@ class StaticStep:
         output = self._step(self.lm.model, self.kv, self.input, self.position, self.tokens, self._cache_kwarg)
         if self.sampling is None:
             return output
-        # Sampling stays out of torch.compile, in the graph all the same: inductor (torch 2.11)
-        # fails to generate top-p's cumulative sum over [batch > 1, vocab] (seen on an H200).
-        token = sample_tokens(output, self.row_keys, self.counter, *self.sampling)
+        # Sampling is compiled apart, with a graph break at top-p's cumulative sum, which inductor
+        # (torch 2.11) fails to generate over [batch > 1, vocab] (seen on an H200); it is in the graph all the same.
+        token = self._sample(output, self.row_keys, self.counter, *self.sampling)
         self.counter.add_(1)
         return token
 

@@ -113,10 +113,18 @@ def warp_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         logits.masked_fill_(logits < kth, -float("inf"))
     if top_p < 1.0:
         ordered, order = torch.sort(logits, descending=False)
-        drop_sorted = ordered.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop_sorted = _cumulative_sum(ordered.softmax(dim=-1)) <= 1 - top_p
         drop_sorted[..., -1:] = False
         logits.masked_fill_(drop_sorted.scatter(1, order, drop_sorted), -float("inf"))
     return logits
+
+
+@torch.compiler.disable
+def _cumulative_sum(x: torch.Tensor) -> torch.Tensor:
+    """`x.cumsum(-1)`, run eagerly under torch.compile: inductor (torch 2.11) fails to generate a
+    cumulative sum over `[batch > 1, 151936]` (`SplitScan`, seen on an H200), so `compiled_sampler`
+    compiles around it."""
+    return x.cumsum(dim=-1)
 
 
 def sample_tokens(
@@ -146,6 +154,18 @@ def sample_tokens(
     probs = warp_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
     race = counter_uniform(row_keys, step, logits.shape[-1]).log_().neg_()  # E = -log(u) ~ Exp(1), finite, > 0
     return probs.div_(race).argmax(dim=-1)
+
+
+_COMPILED: list = []
+
+
+def compiled_sampler():
+    """`sample_tokens` through torch.compile, made on first use: the noise, the race and the warpers'
+    elementwise work become a few fused kernels (eagerly, ~15 full-vocabulary int64 and float passes
+    per step); the cumulative sum of top-p stays eager (`_cumulative_sum`)."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(sample_tokens, dynamic=False))
+    return _COMPILED[0]
 
 
 def row_keys_of(generators: list[torch.Generator]) -> torch.Tensor:

@@ -18,12 +18,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .handoff import LATENT, PAD
 from .kv_storage import BufferCache, storage_for
 from .models import LoadedModel
 
 __all__ = ["LATENT", "PAD", "SegmentKey", "SharedCache", "cache_kwarg"]
+
+
+# The SDPA kernels a prefill may use (None: torch's choice). torch picks cuDNN's on an H200, and cuDNN
+# builds a graph for every new shape, which every batch of prompts brings (bench/prefill_probe.py).
+PREFILL_BACKENDS: list | None = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(frozen=True)
@@ -120,10 +126,11 @@ class SharedCache:
             self._cache_kwarg: self.cache,
             "use_cache": True,
         }
-        if logits:
-            result = self.lm.model(**kwargs, logits_to_keep=1).logits[:, -1, :]
-        else:
-            result = self._decoder(**kwargs).last_hidden_state[:, -1, :]
+        with sdpa_kernel(PREFILL_BACKENDS) if PREFILL_BACKENDS else contextlib.nullcontext():
+            if logits:
+                result = self.lm.model(**kwargs, logits_to_keep=1).logits[:, -1, :]
+            else:
+                result = self._decoder(**kwargs).last_hidden_state[:, -1, :]
         self._note(mask, positions, token_ids, segment)
         return result
 

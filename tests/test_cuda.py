@@ -159,3 +159,21 @@ def test_graph_steps_never_read_what_an_earlier_batch_left(cuda_lm, fake_problem
         buffer.fill_(float("nan"))  # the storage the next batch borrows
     again = _capture(cuda_lm, problems, tmp_path / "again.h5", 2, fast_decode=True)
     assert again == fresh
+
+
+def test_fused_projections_compute_what_separate_ones_compute(cuda_lm, tiny_lm_cache_env):
+    """On CUDA models load with q/k/v and gate/up fused (`latentmas.fused_projections`); unfused, the
+    same weights give the same logits."""
+    from latentmas.fused_projections import GroupMember
+    from latentmas.models import load_model
+
+    separate = load_model("tiny-qwen3", "cuda", fuse_projections=False)
+    separate.model.float()
+    assert isinstance(cuda_lm.model.model.layers[0].self_attn.k_proj, GroupMember)
+    assert not isinstance(separate.model.model.layers[0].self_attn.k_proj, GroupMember)
+    ids = torch.randint(0, 200, (3, 21), device="cuda")
+    with torch.no_grad():
+        fused = cuda_lm.model(input_ids=ids).logits
+        plain = separate.model(input_ids=ids).logits
+    torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)
+    assert plain.std() > 0.05

@@ -206,6 +206,8 @@ def test_a_cast_model_gets_steps_of_its_new_dtype(tiny_lm, fake_problems):
     tiny_lm.static_steps.clear()
     solve(tiny_lm, fake_problems()[:1], task, cfg)
     assert {step.kv.keys[0].dtype for step in tiny_lm.static_steps.values()} == {torch.float32}
+    tensors = dict(tiny_lm.model.named_parameters()) | dict(tiny_lm.model.named_buffers())  # RoPE's inv_freq too
+    saved = {name: tensor.detach().clone() for name, tensor in tensors.items()}  # bf16 rounds them
     try:
         tiny_lm.model.to(torch.bfloat16)
         latent_mas._LATENT_INPUT[:] = [None, None, None]
@@ -213,6 +215,9 @@ def test_a_cast_model_gets_steps_of_its_new_dtype(tiny_lm, fake_problems):
         assert {step.kv.keys[0].dtype for step in tiny_lm.static_steps.values()} == {torch.bfloat16}
     finally:
         tiny_lm.model.to(torch.float32)
+        with torch.no_grad():  # the session's model as it was, for the tests after this one
+            for name, tensor in (dict(tiny_lm.model.named_parameters()) | dict(tiny_lm.model.named_buffers())).items():
+                tensor.copy_(saved[name])
         latent_mas._LATENT_INPUT[:] = [None, None, None]
         tiny_lm.static_steps.clear()
 

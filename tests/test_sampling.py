@@ -249,14 +249,21 @@ def _has_cpp_compiler() -> bool:
 
 
 @pytest.mark.skipif(not _has_cpp_compiler(), reason="inductor needs a C++ compiler on the CPU")
-def test_compiled_fullgraph_draws_what_eager_draws():
-    """fullgraph forbids graph breaks (host syncs such as .item(), Python loops over data);
-    a new step value must not recompile (the step is read from the tensor)."""
+def test_compiled_sampler_draws_what_eager_draws():
+    """The compiled sampler breaks its graph once, at top-p's cumulative sum (inductor cannot generate it
+    at the vocabulary's size), and nowhere else (no host syncs such as .item(), no Python loops over
+    data); a new step value must not recompile (the step is read from the tensor)."""
+    from latentmas.sampling import compiled_sampler
+
     torch._dynamo.reset()
     logits = tied_logits(8, 64, seed=9)
     keys = torch.arange(8, dtype=torch.int64) * 3 - 5
-    compiled = torch.compile(sample_tokens, fullgraph=True, dynamic=False)
     step = torch.tensor([0])
+    breaks = torch._dynamo.explain(sample_tokens)(logits, keys, step, 0.7, 5, 0.9).break_reasons
+    assert breaks and all("_cumulative_sum" in b.reason for b in breaks)  # (counted once per frame it crosses)
+    assert torch._dynamo.explain(sample_tokens)(logits, keys, step, 0.7, 5, 1.0).graph_break_count == 0
+    torch._dynamo.reset()
+    compiled = compiled_sampler()
     with torch._dynamo.config.patch(error_on_recompile=True):
         for _ in range(4):
             assert torch.equal(compiled(logits, keys, step, 0.7, 5, 0.9), sample_tokens(logits, keys, step, 0.7, 5, 0.9))

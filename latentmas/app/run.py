@@ -171,7 +171,8 @@ class _Run:
         with group.quiet_if_not_main():
             problems = load_problems(task, cfg.data_file, cfg.max_samples, cfg.seed)
         device = distributed.rank_device(cfg.device, group.local_rank)
-        lm = load_model(cfg.model_name, device, random_weights=cfg.random_weights, seed=cfg.seed)
+        lm = load_model(cfg.model_name, device, random_weights=cfg.random_weights, seed=cfg.seed,
+                        fuse_projections=cfg.fast_decode)  # goes with the fast path (None: on CUDA)
         return task, problems, lm
 
     @property
