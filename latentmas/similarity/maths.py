@@ -91,14 +91,15 @@ def layer_similarities(keys: Sequence[torch.Tensor], query: torch.Tensor) -> tor
     Returns float32 `[batch, num_layers, T]` in [-1, 1], computed on the keys'
     device in fp32 with no host synchronisation.
 
-    Keys are averaged over heads, the query reduced to head_dim (`reduce_query`).
+    Keys are averaged over heads, the query reduced to head_dim (`reduce_query`). One layer at a
+    time: the fp32 head means of every layer at once (`[B, L, T, D]`, 1.3 GB at 64 problems × 1,131
+    columns of Qwen3-4B) were most of the capture's extra GPU memory (bench/similarity_memory.py).
     """
     if not keys:
         raise ValueError("layer_similarities needs at least one layer of keys")
     head_dim = keys[0].shape[-1]
-    head_mean_keys = torch.stack([k.mean(dim=1, dtype=torch.float32) for k in keys], dim=1)  # [B, L, T, D]
-    q = reduce_query(query.to(head_mean_keys.device), head_dim)  # [B, D]
-    return F.cosine_similarity(head_mean_keys, q[:, None, None, :], dim=-1)
+    q = reduce_query(query.to(keys[0].device), head_dim)[:, None, :]  # [B, 1, D]
+    return torch.stack([F.cosine_similarity(k.mean(dim=1, dtype=torch.float32), q, dim=-1) for k in keys], dim=1)
 
 
 def _check_shapes(queries: torch.Tensor, keys: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[int, int, int]:
