@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from .fused_projections import forget_kept_outputs
 from .sampling import Sampler, compiled_sampler, sample_tokens
 from .shared_cache import SharedCache, cache_kwarg
 from .step_attention import STEP_MASK, StepMask, grouped_step, use_kernel
@@ -290,6 +291,7 @@ def _built(lm, kv: StaticKV, shared: SharedCache, build: dict) -> StaticStep:
     kv.load(shared)
     step = _step_or_none(lm, kv, build)
     if step is None:  # out of memory; its traceback (which held the failed graph) is gone by now
+        forget_kept_outputs(lm.model)  # what a forward stopped between siblings kept, in that graph's pool
         torch.cuda.empty_cache()
         step = StaticStep(lm, kv, **build)
     return step

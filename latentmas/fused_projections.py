@@ -8,12 +8,14 @@ took 15.1 µs each for 5 MB of weights, q_proj 8.1 µs, the three fused 11.4 µs
 
 `fuse_projections(model)` concatenates each group's weights into one `ProjectionGroup` (the
 originals are freed, so memory does not grow) and puts a `GroupMember` in each sibling's place.
-The modeling code is left as it is: it still calls q_proj(x), k_proj(x), v_proj(x) in turn. The
-first member called on an input computes every member's output in one product and keeps them;
-the others hand out theirs, the last one clears the group. A member called on any other input
-(another order, another tensor) computes the whole product again, so results never depend on
-the order of calls. `member.weight` is a view of the group's weight: reading or changing it in
-place reads or changes what the member computes.
+The modeling code is left as it is: it still calls q_proj(x), k_proj(x), v_proj(x) in turn. A
+member computes every member's output in one product and keeps them; the next sibling in order,
+called on the same tensor right after, hands out its own, and the last one clears the group. Any
+other call (another order, another tensor, a call skipped) computes the whole product again, so
+results never depend on the order of calls. Code that needs one projection alone uses
+`F.linear(x, member.weight)`, which keeps nothing. `member.weight` is a view of the group's weight:
+reading or changing it in place reads or changes what the member computes. The state dict names
+the groups (`qkv_proj.weight`), not the members.
 """
 
 from __future__ import annotations
@@ -36,17 +38,23 @@ class ProjectionGroup(nn.Module):
         biased = linears[0].bias is not None
         self.bias = (nn.Parameter(torch.cat([linear.bias.detach() for linear in linears]), requires_grad=False)
                      if biased else None)
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget the kept input and outputs (after a forward pass that stopped between siblings)."""
         self._input: torch.Tensor | None = None
         self._outputs: tuple[torch.Tensor, ...] = ()
+        self._next = 0  # the member whose output may be handed out without a product
 
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Member `index`'s projection of `x` `[..., in_features]` -> `[..., sizes[index]]`."""
-        if index == 0 or self._input is not x:
+        if index != self._next or self._input is not x:
             self._input = x
             self._outputs = F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
         output = self._outputs[index]
-        if index == len(self.sizes) - 1:
-            self._input, self._outputs = None, ()
+        self._next = index + 1
+        if self._next == len(self.sizes):
+            self.clear()
         return output
 
     def rows(self, index: int) -> slice:
@@ -77,6 +85,13 @@ class GroupMember(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fused with its siblings"
+
+
+def forget_kept_outputs(model: nn.Module) -> None:
+    """Clear every group of `model` (e.g. after an error in the middle of a forward pass)."""
+    for module in model.modules():
+        if isinstance(module, ProjectionGroup):
+            module.clear()
 
 
 def _fusable(linears: list) -> bool:

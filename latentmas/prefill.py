@@ -33,6 +33,7 @@ from functools import cached_property, partial
 
 import torch
 
+from .fused_projections import GroupMember
 from .similarity import PrefillMode, get_mode
 from .similarity.maths import attention_bias
 
@@ -190,7 +191,7 @@ class PrefillProbe:
         return exc_type is ProbeDone and self.stop_after_last
 
     def _keep_queries(self, index: int, module, args, output) -> None:
-        self._queries[index] = output
+        self._queries[index] = output.contiguous()  # a fused q_proj's output is a view of q, k and v
 
     def _hook(self, index: int, module, args, kwargs, output) -> None:
         if index in self._done or any(index == g[0] for g in self._group):
@@ -267,7 +268,11 @@ class PrefillProbe:
 def _pre_rope_queries(module: torch.nn.Module, hidden_states: torch.Tensor, head_dim: int) -> torch.Tensor:
     """q_proj then q_norm (if any) of `hidden_states` [batch, n, hidden] -> [batch, n, heads, head_dim]."""
     batch, n, _ = hidden_states.shape
-    q = module.q_proj(hidden_states)
+    q_proj = module.q_proj
+    if isinstance(q_proj, GroupMember):  # its product alone: called, it would keep k and v for siblings never called
+        q = torch.nn.functional.linear(hidden_states, q_proj.weight, q_proj.bias)
+    else:
+        q = q_proj(hidden_states)
     q_norm = getattr(module, "q_norm", None)
     if isinstance(q_norm, torch.nn.Module):
         per_head = getattr(q_norm, "weight", None) is not None and q_norm.weight.numel() == head_dim

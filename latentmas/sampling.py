@@ -3,7 +3,8 @@
 Each row's noise is a pure function of (row key, step, token index) through a splitmix64 hash
 written in torch int64 ops (multiplications wrap, right shifts are made logical by masking), so
 one step is a fixed set of tensor ops: no Python loop over rows, no host sync, no
-data-dependent shapes. It runs in eager on the CPU and CUDA, under `torch.compile(fullgraph=True)`
+data-dependent shapes. It runs in eager on the CPU and CUDA, under `torch.compile` (whole graph
+but for top-p's cumulative sum, see `compiled_sampler`)
 and inside a captured CUDA graph (the step counter is a device tensor the graph reads).
 
 A row's key comes from its problem's generator seed (`row_keys_of`), so a problem's draws never
@@ -140,7 +141,7 @@ def sample_tokens(
     argmax_i p_i / E_i with E_i = -log(u_i), u = `counter_uniform(row_keys, step, vocab)`.
 
     row_keys: int64 `[batch]`; step: int64 `[1]` or `[batch]` device tensor. Pure tensor ops,
-    fixed shapes: safe under torch.compile(fullgraph=True) and CUDA graph capture.
+    fixed shapes: safe under torch.compile (one graph break, at top-p's cumulative sum) and CUDA graph capture.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {list(logits.shape)}")

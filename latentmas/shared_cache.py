@@ -27,8 +27,9 @@ from .models import LoadedModel
 __all__ = ["LATENT", "PAD", "SegmentKey", "SharedCache", "cache_kwarg"]
 
 
-# The SDPA kernels a prefill may use (None: torch's choice). torch picks cuDNN's on an H200, and cuDNN
-# builds a graph for every new shape, which every batch of prompts brings (bench/prefill_probe.py).
+# The SDPA kernels `extend` may use (prompt prefills, and the plain path's one-token steps; None:
+# torch's choice). With torch's choice an H200 paid for every new shape, which every batch of prompts
+# brings; without cuDNN it did not (bench/prefill_probe.py, docs/performance.md, session 15).
 PREFILL_BACKENDS: list | None = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 

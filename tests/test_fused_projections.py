@@ -108,3 +108,46 @@ def test_compiled_step_on_a_fused_model_matches_the_eager_one(fused_lm):
         drawn[compiled] = torch.stack([token := step.run(token).clone() for _ in range(6)])
     assert torch.equal(drawn[True], drawn[False])
     assert len(set(drawn[False].flatten().tolist())) > 2
+
+
+def test_nothing_is_kept_after_a_forward_pass_or_a_lone_call(fused_lm):
+    from latentmas.prefill import _pre_rope_queries
+
+    groups = [m for m in fused_lm.model.modules() if isinstance(m, ProjectionGroup)]
+    ids, mask = _prompts(fused_lm, "What is 2 + 3?")
+    with torch.no_grad():
+        fused_lm.model(input_ids=ids)
+        assert groups and all(g._input is None and g._outputs == () for g in groups)
+        attention = fused_lm.model.model.layers[0].self_attn
+        hidden = torch.randn(1, 5, fused_lm.hidden_size)
+        queries = _pre_rope_queries(attention, hidden, fused_lm.head_dim)
+        assert attention.qkv_proj._input is None  # the query alone keeps nothing behind
+        expected = attention.q_norm((hidden @ attention.q_proj.weight.T).view(1, 5, -1, fused_lm.head_dim))
+        torch.testing.assert_close(queries, expected)
+
+
+def test_a_sibling_out_of_turn_computes_afresh():
+    torch.manual_seed(1)
+    linears = [torch.nn.Linear(4, 3, bias=False) for _ in range(3)]
+    group = ProjectionGroup(linears)
+    members = [GroupMember(group, i) for i in range(3)]
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        members[0](x)
+        x.mul_(3.0)  # changed in place between calls: a sibling in turn would hand out the old product
+        torch.testing.assert_close(members[2](x), linears[2](x))  # out of turn (1 was skipped): afresh
+
+
+def test_prefills_run_without_cudnn_attention(tiny_lm):
+    """`SharedCache.extend` runs the model with `PREFILL_BACKENDS` (cuDNN's SDPA off), and only there."""
+    seen = []
+    layer = tiny_lm.model.model.layers[0]
+    handle = layer.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    try:
+        ids, mask = _prompts(tiny_lm, "What is 2 + 3?")
+        SharedCache(tiny_lm, 1).extend(tiny_lm.model.get_input_embeddings()(ids), mask, ids,
+                                       SegmentKey("planner", "prompt"))
+    finally:
+        handle.remove()
+    assert seen == [False]
+    assert torch.backends.cuda.cudnn_sdp_enabled()
