@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import click
 import torch
-from common import sync  # first: puts the repository on the path
+from common import graph_seconds  # first: puts the repository on the path
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from latentmas.kernels.decode_attention import (
@@ -79,24 +79,8 @@ def _variants(scale: float, device) -> dict[str, tuple[Callable, object]]:
 
 def _time_cuda(fn, layers, mask, length, replays: int) -> tuple[float, torch.Tensor]:
     """(µs per call, first layer's output) of `fn` over all layers in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up: triton compiles, cuDNN plans
-        for query, keys, values in layers:
-            fn(query, keys, values, mask, length)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = [fn(query, keys, values, mask, length) for query, keys, values in layers]
-    graph.replay()
-    sync(mask.device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / (replays * len(layers)), outputs[0].clone()
+    seconds, outputs = graph_seconds(lambda: [fn(q, k, v, mask, length) for q, k, v in layers], replays)
+    return seconds * 1e6 / len(layers), outputs[0].clone()
 
 
 def _time_cpu(fn, layers, mask, length, replays: int) -> tuple[float, torch.Tensor]:

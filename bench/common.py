@@ -23,6 +23,48 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def graph_seconds(function, replays: int):
+    """(seconds per replay, output) of `function()` recorded once in a CUDA graph (after a warm-up on a
+    side stream: triton compiles, cuDNN plans, cuBLAS workspaces) and replayed `replays` times."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        function()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = function()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / replays, output
+
+
+def peak_bytes(device) -> int:
+    """The peak memory so far: torch's peak allocated bytes on CUDA, the process's peak RSS elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child_result(script: str, *args: str) -> dict:
+    """Run `python script *args` in a fresh process (its peak memory its own) and return the JSON object
+    its last output line prints."""
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def rotations(items: list, repeats: int) -> list[list]:
     """Each repeat runs every item once; the order rotates so no item always follows the same one."""
     return [items[r % len(items):] + items[: r % len(items)] for r in range(repeats)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import click
 import torch
 import torch.nn.functional as F
+from common import graph_seconds
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 2560, 32, 8, 128, 9728
 SHAPES = {  # name -> (out features, in features)
@@ -25,27 +26,6 @@ SHAPES = {  # name -> (out features, in features)
     "down": (HIDDEN, INTERMEDIATE),
 }
 LAYERS = 36
-
-
-def time_graph(function, replays: int = 20) -> float:
-    """Seconds per replay of a CUDA graph recording `function()`."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        function()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        function()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / replays
 
 
 @click.command()
@@ -67,7 +47,7 @@ def main(batch_sizes):
                 if backend:
                     torch.backends.cuda.preferred_blas_library(backend)
                 try:
-                    seconds = time_graph(lambda: [F.linear(x, w) for w in weights]) / LAYERS
+                    seconds = graph_seconds(lambda: [F.linear(x, w) for w in weights], 20)[0] / LAYERS
                 finally:
                     torch.backends.cuda.preferred_blas_library(saved)
                 gbps = out_features * in_features * 2 / seconds / 1e9

@@ -12,15 +12,12 @@ readout was before it was chunked.
 from __future__ import annotations
 
 import json
-import resource
-import subprocess
-import sys
 import time
 from types import SimpleNamespace
 
 import click
 import torch
-from common import machine  # first: puts the repository on the path
+from common import child_result, machine, peak_bytes  # first: puts the repository on the path
 
 from capture import readout
 
@@ -47,18 +44,11 @@ def _measure(device_name: str, batch: int, realign: bool, at_once: bool) -> dict
         readout.CHUNK_ELEMENTS = batch * STEPS * VOCAB
     readout.latent_readout(lm, hidden[:1, :1], None if fed is None else fed[:1, :1], 5, norms)  # warm-up
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.max_memory_allocated(device)
-    else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = peak_bytes(device)
     start = time.perf_counter()
     readout.latent_readout(lm, hidden, fed, 5, norms)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        after = torch.cuda.max_memory_allocated(device)
-    else:
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after = peak_bytes(device)
     return {"peak_mib": (after - before) / 2**20, "seconds": time.perf_counter() - start}
 
 
@@ -75,10 +65,8 @@ def main(device, batch, child):
           f"{batch} x {STEPS} steps, top-k 5; chunks of {readout.CHUNK_ELEMENTS:,} values")
     for realign in (False, True):
         for at_once in (True, False):
-            out = subprocess.run([sys.executable, __file__, "--device", device, "--batch", str(batch),
-                                  "--child", json.dumps([realign, at_once])], capture_output=True, text=True,
-                                 check=True)
-            figures = json.loads(out.stdout.strip().splitlines()[-1])
+            figures = child_result(__file__, "--device", device, "--batch", str(batch),
+                                   "--child", json.dumps([realign, at_once]))
             print(f"  realign {'on ' if realign else 'off'} {'at once ' if at_once else 'in chunks'}: peak "
                   f"+{figures['peak_mib']:8.1f} MiB, {figures['seconds']:.2f} s", flush=True)
 

@@ -13,16 +13,13 @@ The two results are compared too.
 from __future__ import annotations
 
 import json
-import resource
-import subprocess
-import sys
 import time
 from types import SimpleNamespace
 
 import click
 import torch
 import torch.nn.functional as F
-from common import machine  # first: puts the repository on the path
+from common import child_result, machine, peak_bytes  # first: puts the repository on the path
 
 from latentmas.similarity.maths import layer_similarities, reduce_query
 
@@ -36,13 +33,6 @@ def stacked(keys, query):
     return F.cosine_similarity(head_mean_keys, q[:, None, None, :], dim=-1)
 
 
-def _peak(device) -> int:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _measure(device_name: str, batch: int, columns: int, way: str) -> dict:
     device = torch.device(device_name)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -54,10 +44,10 @@ def _measure(device_name: str, batch: int, columns: int, way: str) -> dict:
     function([k[:1, :, :4] for k in keys], query[:1])  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    before = _peak(device)
+    before = peak_bytes(device)
     start = time.perf_counter()
     result = function(keys, query)
-    after = _peak(device)
+    after = peak_bytes(device)
     seconds = time.perf_counter() - start
     other = (layer_similarities if way == "stacked" else stacked)(keys[:4], query)
     difference = (other - result[:, :4]).abs().max().item()
@@ -77,9 +67,8 @@ def main(device, batch, columns, child):
           f"x {HEAD_DIM}, {batch} problems x {columns} columns")
     print("\n| layers | peak growth MiB | seconds | largest difference from the other way |\n|---|---|---|---|")
     for way in ("stacked", "per layer"):
-        out = subprocess.run([sys.executable, __file__, "--device", device, "--batch", str(batch), "--columns",
-                              str(columns), "--child", way], capture_output=True, text=True, check=True)
-        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row = child_result(__file__, "--device", device, "--batch", str(batch), "--columns", str(columns),
+                           "--child", way)
         print(f"| {way} | {row['peak_mib']:,.1f} | {row['seconds']:.3f} | {row['max_difference']:.1e} |", flush=True)
 
 

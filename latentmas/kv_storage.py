@@ -116,7 +116,6 @@ class BufferLayer(DynamicLayer):
         super().__init__()
         self.storage = storage
         self.index = index
-        self.length = 0
         self.device = storage.device
         self.is_initialized = True
         self.set_length(0)

@@ -10,8 +10,8 @@ unrepeated keys, with the mask broadcast over the rows. Same maths, no copies.
 On CUDA (with triton) the step attends through `kernels.decode_attention` instead, a split-KV
 (flash-decoding) kernel that reads only the slots written so far: the step passes a `StepMask`
 (the slot mask and how many slots are written) under its own keyword (`STEP_MASK`), which models
-pass through to their attention layers. Elsewhere,
-or with LATENTMAS_DECODE_KERNEL=0, it is the SDPA call above.
+pass through to their attention layers. Elsewhere, or with LATENTMAS_DECODE_KERNEL=0, it is the
+SDPA call above.
 
 `fast_decode.StaticStep` switches a model to it around its own forward passes only.
 (`flex_attention` in its place, compiled, was slower on an H200: 8.8 against 5.7 ms per

@@ -6,6 +6,7 @@ so test files that never touch a model (render, tasks) stay torch-free.
   LATENTMAS_CACHE to it for the session and returns {"LATENTMAS_CACHE": folder}
   (pass it to subprocesses).
 - `tiny_lm`: the built model loaded on CPU with `load_model("tiny-qwen3", "cpu")`.
+- `fused_lm`: the same with its projections fused (`fuse_projections=True`), as on CUDA.
 - `make_problems` / `fake_problems`: a list of `latentmas.tasks.Problem`.
 - `workdir`: tmp_path as the working directory, offline, with tiny-qwen3 built (CLI runs).
 """
@@ -54,6 +55,14 @@ def tiny_lm(tiny_lm_cache_env):
     from latentmas.models import load_model
 
     return load_model("tiny-qwen3", "cpu")
+
+
+@pytest.fixture(scope="session")
+def fused_lm(tiny_lm_cache_env):
+    """`tiny_lm` with its q/k/v and gate/up projections fused (`latentmas.fused_projections`), as models load on CUDA."""
+    from latentmas.models import load_model
+
+    return load_model("tiny-qwen3", "cpu", fuse_projections=True)
 
 
 @pytest.fixture

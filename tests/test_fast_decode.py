@@ -39,9 +39,10 @@ def _judger_prompts(lm, *questions):
     return ids, mask
 
 
-def _greedy_decode(lm, shared, ids, mask, max_new_tokens, while_decoding):
-    """Plain-loop greedy decoding of `max_new_tokens` (EOS ignored) for one row; returns its tokens."""
-    sampling = decoding.Sampling(max_new_tokens, temperature=0.0, ignore_eos=True, fast=False)
+def _greedy_decode(lm, shared, ids, mask, max_new_tokens, while_decoding, fast=False):
+    """Greedy decoding of `max_new_tokens` (EOS ignored) for one row, by the plain loop unless `fast`;
+    returns its tokens."""
+    sampling = decoding.Sampling(max_new_tokens, temperature=0.0, ignore_eos=True, fast=fast)
     return decoding.generate(shared, ids, mask, "judger", sampling, decoding.problem_generators([1], 0, lm.device),
                              while_decoding=while_decoding)
 
@@ -206,8 +207,10 @@ def test_a_cast_model_gets_steps_of_its_new_dtype(tiny_lm, fake_problems):
     tiny_lm.static_steps.clear()
     solve(tiny_lm, fake_problems()[:1], task, cfg)
     assert {step.kv.keys[0].dtype for step in tiny_lm.static_steps.values()} == {torch.float32}
-    tensors = dict(tiny_lm.model.named_parameters()) | dict(tiny_lm.model.named_buffers())  # RoPE's inv_freq too
-    saved = {name: tensor.detach().clone() for name, tensor in tensors.items()}  # bf16 rounds them
+    def tensors():  # parameters and buffers (RoPE's inv_freq too); casting replaces the buffers
+        return dict(tiny_lm.model.named_parameters()) | dict(tiny_lm.model.named_buffers())
+
+    saved = {name: tensor.detach().clone() for name, tensor in tensors().items()}  # bf16 rounds them
     try:
         tiny_lm.model.to(torch.bfloat16)
         latent_mas._LATENT_INPUT[:] = [None, None, None]
@@ -216,7 +219,7 @@ def test_a_cast_model_gets_steps_of_its_new_dtype(tiny_lm, fake_problems):
     finally:
         tiny_lm.model.to(torch.float32)
         with torch.no_grad():  # the session's model as it was, for the tests after this one
-            for name, tensor in (dict(tiny_lm.model.named_parameters()) | dict(tiny_lm.model.named_buffers())).items():
+            for name, tensor in tensors().items():
                 tensor.copy_(saved[name])
         latent_mas._LATENT_INPUT[:] = [None, None, None]
         tiny_lm.static_steps.clear()
@@ -291,21 +294,24 @@ def test_compiled_step_matches_eager_and_serves_every_size(tiny_lm):
     torch.testing.assert_close(larger, eager, atol=1e-4, rtol=1e-4)
 
 
-def test_compiled_sampling_step_draws_what_the_eager_one_draws(tiny_lm):
-    """A decoding step that samples inside itself, compiled, draws the tokens the eager step draws."""
+@pytest.mark.parametrize("model", ["tiny_lm", "fused_lm"])
+def test_compiled_sampling_step_draws_what_the_eager_one_draws(model, request):
+    """A decoding step that samples inside itself, compiled, draws the tokens the eager step draws; on a
+    fused model too, whose projection groups keep outputs between member calls (torch.compile traces that)."""
     from latentmas.fast_decode import StaticKV, StaticStep
     from latentmas.sampling import Sampler
 
-    ids, mask = _judger_prompts(tiny_lm, "What is 2 + 3?", "Add 17 and 25.")
-    shared = SharedCache(tiny_lm, 2)
-    logits = shared.extend(tiny_lm.model.get_input_embeddings()(ids), mask, ids, SegmentKey("judger", "prompt"),
+    lm = request.getfixturevalue(model)
+    ids, mask = _judger_prompts(lm, "What is 2 + 3?", "Add 17 and 25.")
+    shared = SharedCache(lm, 2)
+    logits = shared.extend(lm.model.get_input_embeddings()(ids), mask, ids, SegmentKey("judger", "prompt"),
                            logits=True)
     kv = StaticKV(shared.storage)
     drawn = {}
     for compiled in (False, True):
         sampler = Sampler(decoding.Sampling(temperature=1.5, top_p=0.9), decoding.problem_generators([4, 9], 0, "cpu"))
         token = sampler(logits)
-        step = StaticStep(tiny_lm, kv, use_graph=False, compiled=compiled, sampling=sampler.settings)
+        step = StaticStep(lm, kv, use_graph=False, compiled=compiled, sampling=sampler.settings)
         step.start(shared, sampler)
         tokens = []
         for _ in range(6):
@@ -395,9 +401,6 @@ def test_what_an_earlier_batch_left_in_the_storage_is_never_read(tiny_lm):
         shared = SharedCache(tiny_lm, 1, capacity=300)
         for buffer in (*shared.storage.keys, *shared.storage.values):
             buffer.fill_(float("nan"))
-        outputs.append(_greedy_decode(tiny_lm, shared, ids, mask, 10, None) if not fast else
-                       decoding.generate(shared, ids, mask, "judger",
-                                         decoding.Sampling(10, temperature=0.0, ignore_eos=True, fast=True),
-                                         decoding.problem_generators([1], 0, tiny_lm.device)))
+        outputs.append(_greedy_decode(tiny_lm, shared, ids, mask, 10, None, fast=fast))
         del shared
     assert outputs[1] == outputs[0]

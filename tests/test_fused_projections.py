@@ -5,16 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latentmas import decoding
 from latentmas.fused_projections import GroupMember, ProjectionGroup, fuse_projections
 from latentmas.shared_cache import SegmentKey, SharedCache
-
-
-@pytest.fixture(scope="module")
-def fused_lm(tiny_lm_cache_env):
-    from latentmas.models import load_model
-
-    return load_model("tiny-qwen3", "cpu", fuse_projections=True)
 
 
 def _prompts(lm, *questions):
@@ -87,27 +79,6 @@ def test_fast_decode_on_a_fused_model_matches_the_plain_loop(tiny_lm, fused_lm, 
     assert outputs["fused fast"] == outputs["plain"]
     if temperature > 0:
         assert len(set(outputs["plain"])) > 1  # sampled apart: a comparison that could fail
-
-
-def test_compiled_step_on_a_fused_model_matches_the_eager_one(fused_lm):
-    """The group keeps its outputs between member calls; torch.compile (fullgraph) traces that."""
-    from latentmas.fast_decode import StaticKV, StaticStep
-    from latentmas.sampling import Sampler
-
-    ids, mask = _prompts(fused_lm, "What is 2 + 3?", "Add 17 and 25.")
-    shared = SharedCache(fused_lm, 2)
-    logits = shared.extend(fused_lm.model.get_input_embeddings()(ids), mask, ids, SegmentKey("judger", "prompt"),
-                           logits=True)
-    kv = StaticKV(shared.storage)
-    drawn = {}
-    for compiled in (False, True):
-        sampler = Sampler(decoding.Sampling(temperature=1.5, top_p=0.9), decoding.problem_generators([4, 9], 0, "cpu"))
-        token = sampler(logits)
-        step = StaticStep(fused_lm, kv, use_graph=False, compiled=compiled, sampling=sampler.settings)
-        step.start(shared, sampler)
-        drawn[compiled] = torch.stack([token := step.run(token).clone() for _ in range(6)])
-    assert torch.equal(drawn[True], drawn[False])
-    assert len(set(drawn[False].flatten().tolist())) > 2
 
 
 def test_nothing_is_kept_after_a_forward_pass_or_a_lone_call(fused_lm):
