@@ -30,9 +30,9 @@ from latentmas.tasks import get_task, load_problems
 KINDS = [  # (kind, pattern on the kernel's name), first match wins
     ("GEMM", r"nvjet|gemm|cutlass.*(?:gemm|Kernel)|splitKreduce|cublas"),
     ("step attention (split-KV)", r"^split_kernel|^combine_kernel"),
+    ("fused triton", r"^triton_"),  # before attention: inductor names kernels after the ops they fuse
     ("prefill attention", r"fmha|flash|sdpa|attention|efficient"),
     ("sort (top-p)", r"radix_sort|RadixSort|sort"),
-    ("fused triton", r"^triton_"),
     ("copies", r"[Cc]opy|Memcpy|Memset|cat_|CatArray"),
 ]
 

@@ -2,11 +2,13 @@
 
     python bench/prefill_probe.py --model_name .gpu_inputs/qwen3-4b-arch --random_weights --batch_sizes 1,16,64
 
-For each batch size and each choice of SDPA kernels (`shared_cache.PREFILL_BACKENDS`), a cache of T columns is prefilled and then an
+For each batch size and each choice of SDPA kernels (`shared_cache.PREFILL_BACKENDS`), and for ours
+compiled too (`--compiled`, `latentmas.compiled_prefill`), a cache of T columns is prefilled and then an
 n-token, left-padded prompt is prefilled on it (`SharedCache.extend`, as an agent's prompt).
 Lengths are drawn afresh for every timed prefill (as every batch of problems brings new
 shapes) and, apart, kept the same (shapes seen before). Reported: wall ms per prefill (device
-synced), and the host's ms to queue it (until `extend` returns, before the sync).
+synced), and the host's ms to queue it (until `extend` returns, before the sync); for a compiled
+variant also the seconds its warm-up took (the compiling).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ BACKENDS = {  # name -> `shared_cache.PREFILL_BACKENDS` for the run
     "cuDNN only": [SDPBackend.CUDNN_ATTENTION],
     "efficient only": [SDPBackend.EFFICIENT_ATTENTION],
 }
+COMPILED = "ours (PREFILL_BACKENDS)"  # timed compiled too with --compiled (a compiled forward keeps the
+# kernels it was traced with, so other backends would need a process each)
 
 
 def prompt(lm, batch: int, n: int, rng: random.Random):
@@ -40,9 +44,9 @@ def prompt(lm, batch: int, n: int, rng: random.Random):
     return lm.model.get_input_embeddings()(ids), mask, ids
 
 
-def one_prefill(lm, batch: int, cached: int, n: int, rng: random.Random) -> tuple[float, float]:
+def one_prefill(lm, batch: int, cached: int, n: int, rng: random.Random, compiled: bool) -> tuple[float, float]:
     """(wall s, host s) of an n-token prompt prefilled on a cache of `cached` columns."""
-    shared = SharedCache(lm, batch, capacity=cached + n + 16)
+    shared = SharedCache(lm, batch, capacity=cached + n + 16, compiled=compiled)
     shared.extend(*prompt(lm, batch, cached, rng), SegmentKey("planner", "prompt"))
     embeds, mask, ids = prompt(lm, batch, n, rng)
     sync(lm.device)
@@ -58,30 +62,36 @@ def one_prefill(lm, batch: int, cached: int, n: int, rng: random.Random) -> tupl
 @click.option("--random_weights", is_flag=True)
 @click.option("--batch_sizes", default="1,16,64", show_default=True)
 @click.option("--repeats", default=6, show_default=True)
+@click.option("--compiled", is_flag=True, help=f"also time {COMPILED} compiled (compiles for minutes)")
 @click.option("--device", default="auto", show_default=True)
-def main(model_name, random_weights, batch_sizes, repeats, device):
+def main(model_name, random_weights, batch_sizes, repeats, compiled, device):
     lm = load_model(model_name, device, random_weights=random_weights)
     print(f"machine: {machine(lm)}; model {model_name}")
-    print("\n| batch | SDPA backends | shapes | wall ms per prefill | host ms |\n|---|---|---|---|---|")
+    print("\n| batch | SDPA backends | forward | shapes | wall ms per prefill | host ms |\n|---|---|---|---|---|---|")
+    variants = [(name, False) for name in BACKENDS] + [(COMPILED, True)] * compiled
     for batch in (int(b) for b in batch_sizes.split(",")):
-        for name, backends in BACKENDS.items():
+        for name, compiling in variants:
             rng = random.Random(batch)
-            shared_cache.PREFILL_BACKENDS = backends
+            shared_cache.PREFILL_BACKENDS = BACKENDS[name]
+            forward = "compiled" if compiling else "eager"
             with torch.no_grad():
+                start = time.perf_counter()
                 try:
-                    one_prefill(lm, batch, 400, 200, rng)  # warm-up
+                    one_prefill(lm, batch, 400, 200, rng, compiling)  # warm-up: an empty cache, then 400 columns
                 except RuntimeError as error:  # no such kernel on this device
-                    print(f"| {batch} | {name} | - | not available: {str(error).splitlines()[0][:60]} | |")
+                    print(f"| {batch} | {name} | {forward} | - | not available: {str(error).splitlines()[0][:60]} | |")
                     continue
+                if compiling:
+                    print(f"| {batch} | {name} | compiled | warm-up | {time.perf_counter() - start:.1f} s | |")
                 for shapes in ("fresh", "repeated"):
                     times = []
                     for _ in range(repeats):
                         cached, n = (rng.randint(300, 900), rng.randint(150, 260)) if shapes == "fresh" else (600, 200)
-                        times.append(one_prefill(lm, batch, cached, n, rng))
+                        times.append(one_prefill(lm, batch, cached, n, rng, compiling))
                     wall = statistics.median(t[0] for t in times)
                     host = statistics.median(t[1] for t in times)
-                    print(f"| {batch} | {name} | {shapes} | {wall * 1e3:.1f} | {host * 1e3:.1f} |", flush=True)
-
+                    print(f"| {batch} | {name} | {forward} | {shapes} | {wall * 1e3:.1f} | {host * 1e3:.1f} |",
+                          flush=True)
 
 if __name__ == "__main__":
     main()

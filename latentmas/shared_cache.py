@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .compiled_prefill import compiled_forward
 from .handoff import LATENT, PAD
 from .kv_storage import BufferCache, storage_for
 from .models import LoadedModel
@@ -57,9 +58,10 @@ class SharedCache:
 
     capacity: columns to make room for at once (e.g. every prompt, latent step and decoded token
     of a problem); without it the buffers start small and grow as needed.
+    compiled: run `extend`'s forward passes compiled (`compiled_prefill`) where nothing hooks the model.
     """
 
-    def __init__(self, lm: LoadedModel, batch_size: int, capacity: int | None = None):
+    def __init__(self, lm: LoadedModel, batch_size: int, capacity: int | None = None, compiled: bool = False):
         other = sorted(set(getattr(lm.config, "layer_types", None) or ["full_attention"]) - {"full_attention"})
         if other:
             raise ValueError(f"model {lm.name!r} has {', '.join(other)} layers; the shared cache supports "
@@ -77,6 +79,7 @@ class SharedCache:
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.segments: list[SegmentKey] = []
         self._decoder = lm.model.base_model
+        self.compiled = compiled
         self._cache_kwarg = cache_kwarg(self._decoder)
 
     @property
@@ -128,9 +131,10 @@ class SharedCache:
             "use_cache": True,
         }
         with sdpa_kernel(PREFILL_BACKENDS) if PREFILL_BACKENDS else contextlib.nullcontext():
-            if logits:
+            result = compiled_forward(self.lm.model, self._decoder, kwargs, logits) if self.compiled else None
+            if result is None and logits:
                 result = self.lm.model(**kwargs, logits_to_keep=1).logits[:, -1, :]
-            else:
+            elif result is None:
                 result = self._decoder(**kwargs).last_hidden_state[:, -1, :]
         self._note(mask, positions, token_ids, segment)
         return result

@@ -177,3 +177,21 @@ def test_fused_projections_compute_what_separate_ones_compute(cuda_lm, tiny_lm_c
         plain = separate.model(input_ids=ids).logits
     torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)
     assert plain.std() > 0.05
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)])
+def test_inductor_compiled_prefills_compute_what_eager_ones_do(tiny_lm_cache_env, dtype, atol):
+    """Prompt prefills through the inductor-compiled decoder (`compiled_prefill`), left padding and
+    logits included, against eager ones on the same cache contents."""
+    from test_compiled_prefill import _prefills
+
+    from latentmas.models import load_model
+
+    lm = load_model("tiny-qwen3", "cuda")
+    lm.model.to(dtype)
+    with torch.no_grad():
+        want, want_keys = _prefills(lm, compiled=False, logits=True, batch=3)
+        got, got_keys = _prefills(lm, compiled=True, logits=True, batch=3)
+    for a, b in zip(got + got_keys, want + want_keys):
+        torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=atol)
+    assert want[-1].float().std() > 0.05

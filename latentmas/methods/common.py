@@ -99,7 +99,8 @@ def sampling_of(cfg, lm=None) -> Sampling:
 def write_turn(lm, agent: str, prompts: list[Prompt], cfg, generators) -> list[AgentTurn]:
     """An agent that writes text: prefill its prompt on a cache of its own and decode."""
     texts, ids, mask = encode(lm, prompts, thinking_of(cfg))
-    shared = SharedCache(lm, len(prompts), capacity=ids.shape[1] + cfg.max_new_tokens)
+    shared = SharedCache(lm, len(prompts), capacity=ids.shape[1] + cfg.max_new_tokens,
+                         compiled=cfg.compile_prefill)
     return decode_turn(lm, shared, agent, texts, ids, mask, cfg, generators)
 
 

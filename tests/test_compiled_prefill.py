@@ -1,0 +1,85 @@
+"""Compiled prompt prefills (`latentmas.compiled_prefill`): the shared cache's `extend` through a
+torch.compile'd decoder computes what the eager forward computes, and a hooked model runs eagerly.
+
+The compiler here is dynamo with a counting, eager backend (`CompileCounterWithBackend("eager")`): the
+graphs dynamo captures run op for op, so results must be equal, and the count says the compiled path
+ran (and was not compiled again for new lengths). Inductor's own numerics are checked on CUDA
+(`tests/test_cuda.py`, compiled cases)."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+
+from latentmas import compiled_prefill
+from latentmas.shared_cache import SegmentKey, SharedCache
+
+LENGTHS = (9, 13, 11, 12)  # prompt lengths of the prefills in turn (the first on an empty cache)
+
+
+@pytest.fixture
+def counter(monkeypatch):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counting = CompileCounterWithBackend("eager")
+    monkeypatch.setattr(compiled_prefill, "BACKEND", counting)
+    monkeypatch.setattr(compiled_prefill, "_COMPILED", weakref.WeakKeyDictionary())
+    torch._dynamo.reset()
+    yield counting
+    torch._dynamo.reset()
+
+
+def _prefills(lm, compiled: bool, logits: bool = False, batch: int = 2):
+    """Each prefill's output and, at the end, the cache's keys: prompts left padded in row 0."""
+    generator = torch.Generator().manual_seed(3)
+    shared = SharedCache(lm, batch, capacity=sum(LENGTHS) + 8, compiled=compiled)
+    outputs = []
+    for index, n in enumerate(LENGTHS):
+        ids = torch.randint(0, 100, (batch, n), generator=generator).to(lm.device)
+        mask = torch.ones(batch, n, dtype=torch.bool, device=lm.device)
+        mask[0, : index + 2] = False
+        embeds = lm.model.get_input_embeddings()(ids)
+        outputs.append(shared.extend(embeds, mask, ids, SegmentKey(f"agent{index}", "prompt"),
+                                     logits=logits and index == len(LENGTHS) - 1))
+    return outputs, [keys.clone() for keys in shared.layer_keys()]
+
+
+@pytest.mark.parametrize("model", ["tiny_lm", "fused_lm"])
+def test_compiled_prefills_compute_what_eager_ones_do(request, counter, model):
+    lm = request.getfixturevalue(model)
+    want, want_keys = _prefills(lm, compiled=False, logits=True)
+    got, got_keys = _prefills(lm, compiled=True, logits=True)
+    assert got[-1].shape == (2, lm.model.config.vocab_size)  # the last one asked for logits
+    for a, b in zip(got + got_keys, want + want_keys):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert 1 <= counter.frame_count <= 3  # compiled: the empty cache, then any length (and logits: no new frame)
+    frames = counter.frame_count
+    _prefills(lm, compiled=True)
+    assert counter.frame_count == frames  # other lengths, same graphs
+
+
+def test_a_hooked_model_prefills_eagerly(tiny_lm, counter):
+    """Hooks (capture's prefill probes) see every prefill; the compiled forward is not used meanwhile."""
+    calls = []
+    handle = tiny_lm.model.model.layers[1].self_attn.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        got, _ = _prefills(tiny_lm, compiled=True)
+    finally:
+        handle.remove()
+    assert len(calls) == len(LENGTHS)
+    assert counter.frame_count == 0
+    want, _ = _prefills(tiny_lm, compiled=False)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_head_that_does_more_than_the_output_embedding_prefills_eagerly(tiny_lm, counter, monkeypatch):
+    monkeypatch.setattr(tiny_lm.model.config, "final_logit_softcapping", 30.0, raising=False)
+    assert compiled_prefill.plain_head(tiny_lm.model) is None
+    shared = SharedCache(tiny_lm, 1, capacity=16, compiled=True)
+    ids = torch.arange(5)[None]
+    embeds = tiny_lm.model.get_input_embeddings()(ids)
+    shared.extend(embeds, torch.ones(1, 5, dtype=torch.bool), ids, SegmentKey("judger", "prompt"), logits=True)
+    assert counter.frame_count == 0
