@@ -68,7 +68,7 @@ def main(model_name, random_weights, batch_sizes, repeats, compiled, device):
     lm = load_model(model_name, device, random_weights=random_weights)
     print(f"machine: {machine(lm)}; model {model_name}")
     print("\n| batch | SDPA backends | forward | shapes | wall ms per prefill | host ms |\n|---|---|---|---|---|---|")
-    variants = [(name, False) for name in BACKENDS] + [(COMPILED, True)] * compiled
+    variants = [(name, False) for name in BACKENDS] + ([(COMPILED, True)] if compiled else [])
     for batch in (int(b) for b in batch_sizes.split(",")):
         for name, compiling in variants:
             rng = random.Random(batch)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from .compiled_prefill import allow_recompiles
 from .fused_projections import forget_kept_outputs
 from .sampling import Sampler, compiled_sampler, sample_tokens
 from .shared_cache import SharedCache, cache_kwarg
@@ -117,14 +118,11 @@ def model_step(model, kv: StaticKV, inputs: torch.Tensor, position: torch.Tensor
 _COMPILED: list = []  # torch.compile(model_step), made on first use
 
 
-RECOMPILE_LIMIT = 32  # compiled entries kept per process (models x kinds x batch size 1 or more)
-
-
 def compiled_model_step():
     """`model_step` compiled once per process (inductor, whole graph; dynamo keeps one entry per
     model, kind of step and batch size 1 or more, sizes left dynamic by `StaticKV.mark_dynamic`)."""
     if not _COMPILED:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        allow_recompiles()
         _COMPILED.append(torch.compile(model_step, fullgraph=True, dynamic=False))
     return _COMPILED[0]
 
