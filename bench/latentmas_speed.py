@@ -36,9 +36,10 @@ REFERENCE = {"H100": (12.0, 14.0), "H200": (10.0, 15.0)}
 @click.option("--max_new_tokens", default=256, show_default=True)
 @click.option("--plain", is_flag=True, help="also time the plain (eager) decode loop at batch size 1")
 @click.option("--compile_step", is_flag=True, help="compile the static step (torch.compile) in every variant")
+@click.option("--compile_prefill", is_flag=True, help="compile the prompt prefills' layers (latentmas.compiled_prefill)")
 @click.option("--device", default="auto", show_default=True)
 def main(model_name, random_weights, data_file, batch_sizes, problems_bs1, batches, repeats, max_new_tokens,
-         plain, compile_step, device):
+         plain, compile_step, compile_prefill, device):
     task = get_task("gsm8k")
     sizes = [int(b) for b in batch_sizes.split(",")]
     most = max(max(sizes) * batches, problems_bs1)
@@ -47,7 +48,7 @@ def main(model_name, random_weights, data_file, batch_sizes, problems_bs1, batch
     print(f"machine: {machine(lm)}; model {model_name} ({lm.num_layers} layers, {lm.dtype})")
     print("settings: latent_mas, sequential, latent_steps 10, max_new_tokens "
           f"{max_new_tokens} (EOS ignored), temperature 0.6, top_p 0.95; step "
-          f"{'compiled' if compile_step else 'eager'}")
+          f"{'compiled' if compile_step else 'eager'}; prefills {'compiled' if compile_prefill else 'eager'}")
     rows = []
     variants = [(bs, fast) for bs in sizes for fast in ([True, False] if plain and bs == 1 else [None])]
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,7 +56,7 @@ def main(model_name, random_weights, data_file, batch_sizes, problems_bs1, batch
         for bs, fast in variants:
             cfg = speed_config(model_name=model_name, random_weights=random_weights, data_file=data_file,
                                max_new_tokens=max_new_tokens, generate_bs=bs, device=device, fast_decode=fast,
-                               compile_step=compile_step)
+                               compile_step=compile_step, compile_prefill=compile_prefill)
             subset = problems[: problems_bs1 if bs == 1 else bs * batches]
             passes = alternating_passes(lm, subset, task, {False: (cfg, None), True: (cfg, capture_path)}, repeats)
             for capture in (False, True):

@@ -68,16 +68,19 @@ class PhaseTimer:
 @click.option("--data_file", default=None)
 @click.option("--batch_size", default=64, show_default=True)
 @click.option("--compile_step", is_flag=True, help="compile the static step (torch.compile)")
+@click.option("--compile_prefill", is_flag=True, help="compile the prompt prefills' layers (latentmas.compiled_prefill)")
 @click.option("--top", default=25, show_default=True, help="kernels listed")
 @click.option("--device", default="auto", show_default=True)
-def main(model_name, random_weights, data_file, batch_size, compile_step, top, device):
+def main(model_name, random_weights, data_file, batch_size, compile_step, compile_prefill, top, device):
     task = get_task("gsm8k")
     problems = load_problems(task, data_file, 2 * batch_size)
     lm = load_model(model_name, device, random_weights=random_weights)
     cfg = speed_config(model_name=model_name, random_weights=random_weights, data_file=data_file,
-                       max_new_tokens=256, generate_bs=batch_size, device=device, compile_step=compile_step)
+                       max_new_tokens=256, generate_bs=batch_size, device=device, compile_step=compile_step,
+                       compile_prefill=compile_prefill)
     solve = get_method("latent_mas")
-    print(f"machine: {machine(lm)}; batch size {batch_size}; step {'compiled' if compile_step else 'eager'}")
+    print(f"machine: {machine(lm)}; batch size {batch_size}; step {'compiled' if compile_step else 'eager'}; "
+          f"prefills {'compiled' if compile_prefill else 'eager'}")
     solve(lm, problems[batch_size:], task, cfg)  # warm-up: compiles, records graphs
     batch = problems[:batch_size]
 

@@ -1,16 +1,22 @@
 """Prompt prefills through torch.compile (`--compile_prefill`, off by default).
 
 An eager prefill on Qwen3-4B is bound by the host at small batches: transformers' forward
-issues each layer's many small ops from Python. On an H200 at batch size 1 the four prompt
-prefills of a problem took 290 ms of wall time (`bench/phase_profile.py --batch_size 1`,
-session 16) while the whole problem kept the GPU busy for 1,007 of its 1,341 ms. Compiled, the
-decoder runs as fused kernels launched from generated code; how much faster that is has not been
-measured yet (the device time ran out while it compiled).
+issues each layer's many small ops from Python (about 70 per layer: the four RMSNorms, RoPE,
+SiLU-mul and residual adds op by op). On an H200 at batch size 1 the four prompt prefills of a
+problem took 290 ms of wall time (`bench/phase_profile.py --batch_size 1`, session 16) while the
+whole problem kept the GPU busy for 1,007 of its 1,341 ms.
 
-One compiled decoder per model (`compiled_decoder`), with dynamic shapes: the prompt's length,
-the cache's length and the batch size vary from prefill to prefill (batch size 1 and an empty
-cache compile apart). The cache is transformers' API over the shared storage
-(`kv_storage.BufferCache`), which dynamo traces; its writes land in the storage as in eager mode.
+Compiled regionally: the decoder layers share one compiled forward (`compiled_layer_forward`,
+dynamic shapes), which `compiled_layers` puts in place of each layer's own for one forward pass
+and takes away after. The layers are one code, so they share the compiled graphs; a layer's own
+index is not baked in (`allow_unspec_int_on_nn_module`) and its cache write
+(`kv_storage.BufferCache.update`) runs eagerly between the layer's two compiled pieces, so
+nothing compiles once per layer. What compiles apart is what makes other graphs: batch size 1
+against more, the first prefill on an empty cache (no mask) against the others. Compiling the
+whole decoder instead (session 16) took about 2 to 2.5 min per graph for Qwen3-4B on an H200, so
+a layer's graphs should compile in a small part of that; neither the compile time nor the speed
+of this regional version has been measured on a GPU yet (`bench/prefill_probe.py --compiled`
+times both).
 
 A forward with hooks on any module (capture's prefill probes for the `query` and `attention`
 modes, `latentmas.prefill`) runs eagerly: the compiled forward would have to trace the hooks,
@@ -21,7 +27,9 @@ them; a model whose head does more (`UNPLAIN_HEAD`) prefills eagerly when logits
 
 from __future__ import annotations
 
-import weakref
+import contextlib
+import functools
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -30,7 +38,7 @@ BACKEND = "inductor"  # tests swap in a counting backend
 RECOMPILE_LIMIT = 32  # compiled entries dynamo keeps per code object (its default is 8)
 UNPLAIN_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # config keys of heads that do more
 
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder -> its compiled forward
+_COMPILED: dict = {}  # decoder layer class -> its compiled forward
 
 
 def allow_recompiles() -> None:
@@ -39,12 +47,30 @@ def allow_recompiles() -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
 
 
-def compiled_decoder(decoder: nn.Module):
-    """`decoder` (a model's base model) compiled with dynamic shapes, once per decoder."""
-    if decoder not in _COMPILED:
+def compiled_layer_forward(layer_class: type):
+    """`layer_class.forward` compiled with dynamic shapes, once per class; called as `(layer, *args)`."""
+    if layer_class not in _COMPILED:
         allow_recompiles()
-        _COMPILED[decoder] = torch.compile(decoder, backend=BACKEND, dynamic=True)
-    return _COMPILED[decoder]
+        _COMPILED[layer_class] = torch.compile(layer_class.forward, backend=BACKEND, dynamic=True)
+    return _COMPILED[layer_class]
+
+
+@contextlib.contextmanager
+def compiled_layers(decoder: nn.Module) -> Iterator[None]:
+    """Inside the block, every layer of `decoder.layers` runs the compiled forward of its class."""
+    layers = list(decoder.layers)
+    own = [vars(layer).get("forward") for layer in layers]  # a forward set on the layer itself, if any
+    for layer in layers:
+        layer.forward = functools.partial(compiled_layer_forward(type(layer)), layer)
+    try:
+        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+            yield
+    finally:
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward  # the class's own again
+            else:
+                layer.forward = forward
 
 
 def hooked(model: nn.Module) -> bool:
@@ -65,9 +91,11 @@ def plain_head(model: nn.Module) -> nn.Module | None:
 
 def compiled_forward(model: nn.Module, decoder: nn.Module, kwargs: dict, logits: bool) -> torch.Tensor | None:
     """The last column's final hidden state `[batch, hidden]` (or logits `[batch, vocab]`) of
-    `decoder(**kwargs)` compiled; None where the forward must run eagerly (hooks, a head that does more)."""
+    `decoder(**kwargs)` with compiled layers; None where the forward must run eagerly (hooks, a head
+    that does more)."""
     head = plain_head(model) if logits else None
     if hooked(model) or (logits and head is None):
         return None
-    hidden = compiled_decoder(decoder)(**kwargs).last_hidden_state[:, -1:, :]
+    with compiled_layers(decoder):
+        hidden = decoder(**kwargs).last_hidden_state[:, -1:, :]
     return head(hidden)[:, -1, :] if logits else hidden[:, -1, :]

@@ -127,10 +127,10 @@ class RunConfig:
                                  "recording it: ~3 ms faster per Qwen3-4B step on an H200, but each kind of "
                                  "step compiles for 60-85 s, so it pays off on long runs only.",
                                  "benchmark-only")
-    compile_prefill: bool = setting(False, "Run the prompt prefills through a torch.compile'd decoder (dynamic "
-                                    "shapes) where nothing hooks the model. Experimental, not timed on a GPU yet: "
-                                    "Qwen3-4B prefill graphs compiled for minutes each on an H200; batch size 1 and "
-                                    "an empty cache each compile apart.", "benchmark-only")
+    compile_prefill: bool = setting(False, "Run the prompt prefills' decoder layers through one torch.compile'd "
+                                    "forward (dynamic shapes, shared by every layer) where nothing hooks the "
+                                    "model. Experimental: neither its compile time nor its speed has been "
+                                    "measured on a GPU yet.", "benchmark-only")
 
     def knn_settings(self) -> dict | None:
         if not self.knn_filter:

@@ -147,3 +147,9 @@ class BufferCache(Cache):
     def __init__(self, storage: KVStorage, num_layers: int):
         super().__init__(layers=[BufferLayer(storage, i) for i in range(num_layers)])
         self.storage = storage
+
+    @torch.compiler.disable
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """`Cache.update`, never traced: a compiled layer (`compiled_prefill`) leaves the write to run
+        eagerly between its pieces, so the layer's index and the cache's length are no part of its graphs."""
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)

@@ -181,7 +181,7 @@ def test_fused_projections_compute_what_separate_ones_compute(cuda_lm, tiny_lm_c
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)])
 def test_inductor_compiled_prefills_compute_what_eager_ones_do(tiny_lm_cache_env, dtype, atol):
-    """Prompt prefills through the inductor-compiled decoder (`compiled_prefill`), left padding and
+    """Prompt prefills through inductor-compiled decoder layers (`compiled_prefill`), left padding and
     logits included, against eager ones on the same cache contents."""
     from test_compiled_prefill import _prefills
 

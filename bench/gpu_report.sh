@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The speed figures of the README and docs/performance.md, in parts that each fit one 10-minute
+# device call on an H200 (times below are estimates from earlier sessions' runs of the same benches):
+#
+#   bash bench/gpu_report.sh probe     # compiled prefills: compile time, ms per prefill; their CUDA tests (~5 min)
+#   bash bench/gpu_report.sh table     # the bench table, batch sizes 1/16/64/128, capture off and on (~7 min)
+#   bash bench/gpu_report.sh modes     # capture overhead per similarity mode at batch sizes 1 and 16 (~5 min)
+#   bash bench/gpu_report.sh profile   # time per phase and GPU time by kind of kernel, batch sizes 1 and 64 (~5 min)
+#
+# Several parts may be named at once. Each writes PART.txt into $OUT (default: runs/gpu_report).
+# MODEL is a folder with the Qwen3-4B config and tokenizer (weights are seeded random), DATA the
+# GSM8K jsonl; COMPILE_PREFILL=1 adds --compile_prefill to the table and the profile.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+MODEL=${MODEL:-.gpu_inputs/qwen3-4b-arch}
+DATA=${DATA:-.gpu_inputs/gsm8k_test.jsonl}
+OUT=${OUT:-runs/gpu_report}
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+M=(--model_name "$MODEL" --random_weights)
+A=("${M[@]}" --data_file "$DATA")
+PREFILL=()
+[ "${COMPILE_PREFILL:-0}" = 1 ] && PREFILL=(--compile_prefill)
+NOISE='^Warning|Online softmax|regex'  # lines of library chatter, nothing of ours
+
+run() {  # run SECONDS COMMAND...: the command under a time limit, chatter left out
+    local limit=$1
+    shift
+    echo "\$ $*"
+    timeout "$limit" "$@" 2>&1 | grep -vE "$NOISE"
+    echo "(exit ${PIPESTATUS[0]}, $(date +%T))"
+}
+
+for part in "$@"; do
+    case $part in
+        probe)
+            { run 200 python bench/prefill_probe.py "${M[@]}" --batch_sizes 1,16,64 --repeats 4 --backends ours --compiled
+              run 100 python -m pytest -q -p no:logging tests/test_cuda.py -k compiled_prefill; } ;;
+        table)
+            run 580 python bench/latentmas_speed.py "${A[@]}" --batch_sizes 1,16,64,128 --problems_bs1 3 --repeats 2 \
+                --compile_step "${PREFILL[@]}" ;;
+        modes)
+            { run 170 python bench/capture_overhead.py "${A[@]}" --problems 3 --repeats 3 --similarity seed,query,attention
+              run 130 python bench/capture_overhead.py "${A[@]}" --problems 16 --generate_bs 16 --repeats 2 \
+                  --similarity seed,query,attention; } ;;
+        profile)
+            { run 150 python bench/phase_profile.py "${A[@]}" --batch_size 1 --compile_step "${PREFILL[@]}"
+              run 150 python bench/phase_profile.py "${A[@]}" --batch_size 64 --compile_step "${PREFILL[@]}"; } ;;
+        *) echo "unknown part '$part' (probe, table, modes, profile)" >&2; exit 2 ;;
+    esac 2>&1 | tee "$OUT/$part.txt"
+done
