@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The speed figures of the README and docs/performance.md, in parts that each fit one 10-minute
-# device call on an H200 (times below are estimates from earlier sessions' runs of the same benches):
+# device call on an H200 (each command runs under a time limit; a part's limits add up to at most 580 s):
 #
-#   bash bench/gpu_report.sh probe     # compiled prefills: compile time, ms per prefill; their CUDA tests (~5 min)
-#   bash bench/gpu_report.sh table     # the bench table, batch sizes 1/16/64/128, capture off and on (~7 min)
-#   bash bench/gpu_report.sh modes     # capture overhead per similarity mode at batch sizes 1 and 16 (~5 min)
-#   bash bench/gpu_report.sh profile   # time per phase and GPU time by kind of kernel, batch sizes 1 and 64 (~5 min)
+#   bash bench/gpu_report.sh probe     # compiled prefills: compile time, ms per prefill; their CUDA tests
+#   bash bench/gpu_report.sh table     # the bench table, batch sizes 1/16/64/128, capture off and on
+#   bash bench/gpu_report.sh modes     # capture overhead per similarity mode at batch sizes 1 and 16
+#   bash bench/gpu_report.sh profile   # time per phase and GPU time by kind of kernel, batch sizes 1 and 64
 #
 # Several parts may be named at once. Each writes PART.txt into $OUT (default: runs/gpu_report).
 # MODEL is a folder with the Qwen3-4B config and tokenizer (weights are seeded random), DATA the
@@ -21,6 +21,10 @@ M=(--model_name "$MODEL" --random_weights)
 A=("${M[@]}" --data_file "$DATA")
 PREFILL=()
 [ "${COMPILE_PREFILL:-0}" = 1 ] && PREFILL=(--compile_prefill)
+PARTS=" probe table modes profile "
+for part in "$@"; do
+    [[ $PARTS == *" $part "* ]] || { echo "unknown part '$part' (probe, table, modes, profile)" >&2; exit 2; }
+done
 NOISE='^Warning|Online softmax|regex'  # lines of library chatter, nothing of ours
 
 run() {  # run SECONDS COMMAND...: the command under a time limit, chatter left out
@@ -34,7 +38,7 @@ run() {  # run SECONDS COMMAND...: the command under a time limit, chatter left 
 for part in "$@"; do
     case $part in
         probe)
-            { run 200 python bench/prefill_probe.py "${M[@]}" --batch_sizes 1,16,64 --repeats 4 --backends ours --compiled
+            { run 200 python bench/prefill_probe.py "${M[@]}" --batch_sizes 1,16,64 --repeats 4 --backend ours --compiled
               run 100 python -m pytest -q -p no:logging tests/test_cuda.py -k compiled_prefill; } ;;
         table)
             run 580 python bench/latentmas_speed.py "${A[@]}" --batch_sizes 1,16,64,128 --problems_bs1 3 --repeats 2 \
@@ -46,6 +50,5 @@ for part in "$@"; do
         profile)
             { run 150 python bench/phase_profile.py "${A[@]}" --batch_size 1 --compile_step "${PREFILL[@]}"
               run 150 python bench/phase_profile.py "${A[@]}" --batch_size 64 --compile_step "${PREFILL[@]}"; } ;;
-        *) echo "unknown part '$part' (probe, table, modes, profile)" >&2; exit 2 ;;
     esac 2>&1 | tee "$OUT/$part.txt"
 done

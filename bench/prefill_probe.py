@@ -8,7 +8,7 @@ n-token, left-padded prompt is prefilled on it (`SharedCache.extend`, as an agen
 Lengths are drawn afresh for every timed prefill (as every batch of problems brings new
 shapes) and, apart, kept the same (shapes seen before). Reported: wall ms per prefill (device
 synced), and the host's ms to queue it (until `extend` returns, before the sync); for a compiled
-variant also the seconds its warm-up took (the compiling). `--backends ours --compiled` times ours
+variant also the seconds its warm-up took (the compiling). `--backend ours --compiled` times ours
 eager and compiled only.
 """
 
@@ -33,7 +33,7 @@ BACKENDS = {  # name -> `shared_cache.PREFILL_BACKENDS` for the run
     "cuDNN only": [SDPBackend.CUDNN_ATTENTION],
     "efficient only": [SDPBackend.EFFICIENT_ATTENTION],
 }
-SHORT = dict(zip(("torch", "ours", "cudnn", "efficient"), BACKENDS))  # --backends' names
+SHORT = dict(zip(("torch", "ours", "cudnn", "efficient"), BACKENDS))  # --backend's names
 COMPILED = "ours (PREFILL_BACKENDS)"  # timed compiled too with --compiled (a compiled forward keeps the
 # kernels it was traced with, so other backends would need a process each)
 
@@ -64,19 +64,16 @@ def one_prefill(lm, batch: int, cached: int, n: int, rng: random.Random, compile
 @click.option("--random_weights", is_flag=True)
 @click.option("--batch_sizes", default="1,16,64", show_default=True)
 @click.option("--repeats", default=6, show_default=True)
-@click.option("--backends", default=",".join(SHORT), show_default=True,
-              help=f"eager variants timed, of {', '.join(f'{k} ({v})' for k, v in SHORT.items())}")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(list(SHORT)), default=list(SHORT),
+              show_default=True, help=f"an eager variant to time (repeat for more): "
+                                      f"{', '.join(f'{k} = {v}' for k, v in SHORT.items())}")
 @click.option("--compiled", is_flag=True, help=f"also time {COMPILED} with compiled layers")
 @click.option("--device", default="auto", show_default=True)
 def main(model_name, random_weights, batch_sizes, repeats, backends, compiled, device):
-    unknown = set(backends.split(",")) - set(SHORT) - {""}
-    if unknown:
-        raise click.BadParameter(f"unknown {', '.join(sorted(unknown))}; choose from {', '.join(SHORT)}",
-                                 param_hint="--backends")
     lm = load_model(model_name, device, random_weights=random_weights)
     print(f"machine: {machine(lm)}; model {model_name}")
     print("\n| batch | SDPA backends | forward | shapes | wall ms per prefill | host ms |\n|---|---|---|---|---|---|")
-    variants = [(SHORT[key], False) for key in backends.split(",") if key] + ([(COMPILED, True)] if compiled else [])
+    variants = [(SHORT[key], False) for key in backends] + ([(COMPILED, True)] if compiled else [])
     for batch in (int(b) for b in batch_sizes.split(",")):
         for name, compiling in variants:
             rng = random.Random(batch)

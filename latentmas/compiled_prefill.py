@@ -1,8 +1,8 @@
 """Prompt prefills through torch.compile (`--compile_prefill`, off by default).
 
 An eager prefill on Qwen3-4B is bound by the host at small batches: transformers' forward
-issues each layer's many small ops from Python (about 70 per layer: the four RMSNorms, RoPE,
-SiLU-mul and residual adds op by op). On an H200 at batch size 1 the four prompt prefills of a
+issues each layer's many small ops from Python (about 50 that run kernels per layer: the four
+RMSNorms, RoPE, SiLU-mul and residual adds op by op). On an H200 at batch size 1 the four prompt prefills of a
 problem took 290 ms of wall time (`bench/phase_profile.py --batch_size 1`, session 16) while the
 whole problem kept the GPU busy for 1,007 of its 1,341 ms.
 
