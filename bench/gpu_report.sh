@@ -4,7 +4,7 @@
 #
 #   bash bench/gpu_report.sh probe     # compiled prefills: compile time, ms per prefill; their CUDA tests
 #   bash bench/gpu_report.sh table     # the bench table, batch sizes 1/16/64/128, capture off and on
-#   bash bench/gpu_report.sh modes     # capture overhead per similarity mode at batch sizes 1 and 16
+#   bash bench/gpu_report.sh modes     # capture overhead per similarity mode at batch sizes 1 and 16, seed at 64
 #   bash bench/gpu_report.sh profile   # time per phase and GPU time by kind of kernel, batch sizes 1 and 64
 #
 # Several parts may be named at once. Each writes PART.txt into $OUT (default: runs/gpu_report).
@@ -17,6 +17,8 @@ DATA=${DATA:-.gpu_inputs/gsm8k_test.jsonl}
 OUT=${OUT:-runs/gpu_report}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+# inductor's multi-line notes on online softmax and TF32, which the line filter below cannot catch
+export PYTHONWARNINGS=ignore::UserWarning:torch._inductor.lowering,ignore::UserWarning:torch._inductor.compile_fx
 M=(--model_name "$MODEL" --random_weights)
 A=("${M[@]}" --data_file "$DATA")
 PREFILL=()
@@ -44,11 +46,12 @@ for part in "$@"; do
             run 580 python bench/latentmas_speed.py "${A[@]}" --batch_sizes 1,16,64,128 --problems_bs1 3 --repeats 2 \
                 --compile_step "${PREFILL[@]}" ;;
         modes)
-            { run 170 python bench/capture_overhead.py "${A[@]}" --problems 3 --repeats 3 --similarity seed,query,attention
-              run 130 python bench/capture_overhead.py "${A[@]}" --problems 16 --generate_bs 16 --repeats 2 \
-                  --similarity seed,query,attention; } ;;
+            { run 220 python bench/capture_overhead.py "${A[@]}" --problems 3 --repeats 3 --similarity seed,query,attention
+              run 100 python bench/capture_overhead.py "${A[@]}" --problems 16 --generate_bs 16 --repeats 2 \
+                  --similarity seed,query,attention
+              run 110 python bench/capture_overhead.py "${A[@]}" --problems 64 --generate_bs 64 --repeats 2 --similarity seed; } ;;
         profile)
             { run 150 python bench/phase_profile.py "${A[@]}" --batch_size 1 --compile_step "${PREFILL[@]}"
-              run 150 python bench/phase_profile.py "${A[@]}" --batch_size 64 --compile_step "${PREFILL[@]}"; } ;;
+              run 280 python bench/phase_profile.py "${A[@]}" --batch_size 64 --compile_step "${PREFILL[@]}"; } ;;
     esac 2>&1 | tee "$OUT/$part.txt"
 done
