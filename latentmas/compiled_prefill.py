@@ -17,8 +17,8 @@ whole decoder instead (session 16) took about 2 to 2.5 min per graph for Qwen3-4
 a layer's graphs should compile in a small part of that. Measured on an H200 (session 18,
 `bench/prefill_probe.py --compiled`, ms per prefill, eager against compiled): 43-55 against 32-36
 at batch size 1, 92-94 against 109-124 at 16, 334-346 against 396-471 at 64; the first compile
-took 16 to 24 s. The host time falls at every batch size, but above batch size 1 inductor's
-kernels cost the GPU more than the eager ones save the host, so this stays off by default.
+took 16 to 24 s. The host time falls at every batch size, but above batch size 1 the wall time
+rises, so the GPU's work grew (which kernels was not profiled); this stays off by default.
 
 A forward with hooks on any module (capture's prefill probes for the `query` and `attention`
 modes, `latentmas.prefill`) runs eagerly: the compiled forward would have to trace the hooks,

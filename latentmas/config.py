@@ -129,7 +129,7 @@ class RunConfig:
                                  "benchmark-only")
     compile_prefill: bool = setting(False, "Run the prompt prefills' decoder layers through one torch.compile'd "
                                     "forward (dynamic shapes, shared by every layer) where nothing hooks the "
-                                    "model. Experimental: on an H200 it saved ~10 ms per Qwen3-4B prefill at batch "
+                                    "model. Experimental: on an H200 it saved 7-23 ms per Qwen3-4B prefill at batch "
                                     "size 1 but was 18-36% slower at 16 and 64 (first compile 16-24 s).",
                                     "benchmark-only")
 
