@@ -167,6 +167,14 @@ def run_pass(lm, problems, task, cfg, capture_path: Path | None = None, timed: b
     return Pass(elapsed / n, peak, judger_seconds[0] / n, inside / n, decoded)
 
 
+def prefill_kind(compiled: bool, eager: bool, batch: int) -> str:
+    """How the benches' prompt prefills of `batch` rows run: "compiled" (layers), "eager" (asked for, or
+    more rows than `graph_prefill.BATCH_LIMIT`), else "graphed" (chunks, where nothing hooks the model)."""
+    from latentmas.graph_prefill import BATCH_LIMIT
+
+    return "compiled" if compiled else "eager" if eager or batch > BATCH_LIMIT else "graphed"
+
+
 def speed_config(**settings):
     """The speed benchmark's `RunConfig`: latent_mas, latent_steps 10, EOS ignored, temperature 0.6,
     top_p 0.95, then `settings` (model, data, batch size, max_new_tokens, similarity, ...)."""

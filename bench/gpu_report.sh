@@ -2,14 +2,16 @@
 # The speed figures of the README and docs/performance.md, in parts that each fit one 10-minute
 # device call on an H200 (each command runs under a time limit; a part's limits add up to at most 580 s):
 #
-#   bash bench/gpu_report.sh probe     # compiled prefills: compile time, ms per prefill; their CUDA tests
+#   bash bench/gpu_report.sh probe     # prefills eager and in graphed chunks, ms per prefill; the CUDA tests
 #   bash bench/gpu_report.sh table     # the bench table, batch sizes 1/16/64/128, capture off and on
 #   bash bench/gpu_report.sh modes     # capture overhead per similarity mode at batch sizes 1 and 16, seed at 64
-#   bash bench/gpu_report.sh profile   # time per phase and GPU time by kind of kernel, batch sizes 1 and 64
+#   bash bench/gpu_report.sh profile   # time per phase and GPU time by kind of kernel, batch size 1
+#   bash bench/gpu_report.sh profile64 # the same at batch size 64
 #
 # Several parts may be named at once. Each writes PART.txt into $OUT (default: runs/gpu_report).
 # MODEL is a folder with the Qwen3-4B config and tokenizer (weights are seeded random), DATA the
-# GSM8K jsonl; COMPILE_PREFILL=1 adds --compile_prefill to the table and the profile.
+# GSM8K jsonl; COMPILE_PREFILL=1 adds --compile_prefill to the table and the profiles, EAGER_PREFILL=1
+# --eager_prefill.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-.gpu_inputs/qwen3-4b-arch}
@@ -23,9 +25,10 @@ M=(--model_name "$MODEL" --random_weights)
 A=("${M[@]}" --data_file "$DATA")
 PREFILL=()
 [ "${COMPILE_PREFILL:-0}" = 1 ] && PREFILL=(--compile_prefill)
-PARTS=" probe table modes profile "
+[ "${EAGER_PREFILL:-0}" = 1 ] && PREFILL+=(--eager_prefill)
+PARTS=" probe table modes profile profile64 "
 for part in "$@"; do
-    [[ $PARTS == *" $part "* ]] || { echo "unknown part '$part' (probe, table, modes, profile)" >&2; exit 2; }
+    [[ $PARTS == *" $part "* ]] || { echo "unknown part '$part' (probe, table, modes, profile, profile64)" >&2; exit 2; }
 done
 NOISE='^Warning|Online softmax|regex'  # lines of library chatter, nothing of ours
 
@@ -40,10 +43,10 @@ run() {  # run SECONDS COMMAND...: the command under a time limit, chatter left 
 for part in "$@"; do
     case $part in
         probe)
-            { run 200 python bench/prefill_probe.py "${M[@]}" --batch_sizes 1,16,64 --repeats 4 --backend ours --compiled
-              run 100 python -m pytest -q -p no:logging tests/test_cuda.py -k compiled_prefill; } ;;
+            { run 200 python bench/prefill_probe.py "${M[@]}" --batch_sizes 1,16,64 --repeats 4 --backend ours --graphed
+              run 250 python -m pytest -q -p no:logging tests/test_cuda.py tests/test_graph_prefill.py; } ;;
         table)
-            run 580 python bench/latentmas_speed.py "${A[@]}" --batch_sizes 1,16,64,128 --problems_bs1 3 --repeats 2 \
+            run 580 python bench/latentmas_speed.py "${A[@]}" --batch_sizes 1,4,16,64,128 --problems_bs1 3 --repeats 2 --eager_prefill_at 1,4 \
                 --compile_step "${PREFILL[@]}" ;;
         modes)
             { run 220 python bench/capture_overhead.py "${A[@]}" --problems 3 --repeats 3 --similarity seed,query,attention
@@ -51,7 +54,8 @@ for part in "$@"; do
                   --similarity seed,query,attention
               run 110 python bench/capture_overhead.py "${A[@]}" --problems 64 --generate_bs 64 --repeats 2 --similarity seed; } ;;
         profile)
-            { run 150 python bench/phase_profile.py "${A[@]}" --batch_size 1 --compile_step "${PREFILL[@]}"
-              run 280 python bench/phase_profile.py "${A[@]}" --batch_size 64 --compile_step "${PREFILL[@]}"; } ;;
+            run 150 python bench/phase_profile.py "${A[@]}" --batch_size 1 --compile_step "${PREFILL[@]}" ;;
+        profile64)
+            run 400 python bench/phase_profile.py "${A[@]}" --batch_size 64 --compile_step "${PREFILL[@]}" ;;
     esac 2>&1 | tee "$OUT/$part.txt"
 done

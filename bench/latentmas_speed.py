@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import click
-from common import alternating_passes, machine, run_pass, speed_config
+from common import alternating_passes, machine, prefill_kind, run_pass, speed_config
 
 from latentmas.models import load_model
 from latentmas.tasks import get_task, load_problems
@@ -37,9 +37,13 @@ REFERENCE = {"H100": (12.0, 14.0), "H200": (10.0, 15.0)}
 @click.option("--plain", is_flag=True, help="also time the plain (eager) decode loop at batch size 1")
 @click.option("--compile_step", is_flag=True, help="compile the static step (torch.compile) in every variant")
 @click.option("--compile_prefill", is_flag=True, help="compile the prompt prefills' layers (latentmas.compiled_prefill)")
+@click.option("--eager_prefill", is_flag=True, help="prefill prompts eagerly, not in chunks replayed as CUDA graphs "
+                                                   "(latentmas.graph_prefill)")
+@click.option("--eager_prefill_at", default="", help="batch sizes (e.g. 1,16) also timed with eager prefills, side by "
+                                                     "side with the others")
 @click.option("--device", default="auto", show_default=True)
 def main(model_name, random_weights, data_file, batch_sizes, problems_bs1, batches, repeats, max_new_tokens,
-         plain, compile_step, compile_prefill, device):
+         plain, compile_step, compile_prefill, eager_prefill, eager_prefill_at, device):
     task = get_task("gsm8k")
     sizes = [int(b) for b in batch_sizes.split(",")]
     most = max(max(sizes) * batches, problems_bs1)
@@ -48,15 +52,19 @@ def main(model_name, random_weights, data_file, batch_sizes, problems_bs1, batch
     print(f"machine: {machine(lm)}; model {model_name} ({lm.num_layers} layers, {lm.dtype})")
     print("settings: latent_mas, sequential, latent_steps 10, max_new_tokens "
           f"{max_new_tokens} (EOS ignored), temperature 0.6, top_p 0.95; step "
-          f"{'compiled' if compile_step else 'eager'}; prefills {'compiled' if compile_prefill else 'eager'}")
+          f"{'compiled' if compile_step else 'eager'}; prefills per row below (graphed: chunks replayed as CUDA "
+          "graphs where nothing hooks the model)")
     rows = []
-    variants = [(bs, fast) for bs in sizes for fast in ([True, False] if plain and bs == 1 else [None])]
+    eager_too = {int(b) for b in eager_prefill_at.split(",") if b}
+    variants = [(bs, fast, eager_prefill) for bs in sizes for fast in ([True, False] if plain and bs == 1 else [None])]
+    variants += [(bs, None, True) for bs in sizes
+                 if bs in eager_too and prefill_kind(compile_prefill, eager_prefill, bs) == "graphed"]
     with tempfile.TemporaryDirectory() as tmp:
         capture_path = Path(tmp) / "speed.h5"
-        for bs, fast in variants:
+        for bs, fast, eager in variants:
             cfg = speed_config(model_name=model_name, random_weights=random_weights, data_file=data_file,
                                max_new_tokens=max_new_tokens, generate_bs=bs, device=device, fast_decode=fast,
-                               compile_step=compile_step, compile_prefill=compile_prefill)
+                               compile_step=compile_step, compile_prefill=compile_prefill, graph_prefill=not eager)
             subset = problems[: problems_bs1 if bs == 1 else bs * batches]
             passes = alternating_passes(lm, subset, task, {False: (cfg, None), True: (cfg, capture_path)}, repeats)
             for capture in (False, True):
@@ -65,20 +73,21 @@ def main(model_name, random_weights, data_file, batch_sizes, problems_bs1, batch
                 tokens_per_problem = passes[capture][0].decoded_tokens / len(subset)
                 rows.append({
                     "bs": bs, "decode": "plain" if fast is False else "fast", "capture": capture,
+                    "prefill": prefill_kind(compile_prefill, eager, bs),
                     "s/problem": per_problem, "problems/s": 1 / per_problem,
                     "decode tok/s": tokens_per_problem / per_problem,
                     "latent phase s": timed.per_problem - timed.judger, "judger s": timed.judger,
                     "peak MiB": max(p.peak_mib for p in passes[capture]),
                 })
-                print(f"  bs {bs:2d} {rows[-1]['decode']:5s} capture {'on ' if capture else 'off'}: "
+                print(f"  bs {bs:2d} {rows[-1]['decode']:5s} {rows[-1]['prefill']:8s} capture {'on ' if capture else 'off'}: "
                       f"{per_problem:.3f} s/problem", flush=True)
-    header = ("bs", "decode", "capture", "s/problem", "problems/s", "decode tok/s", "latent phase s", "judger s",
+    header = ("bs", "decode", "prefill", "capture", "s/problem", "problems/s", "decode tok/s", "latent phase s", "judger s",
               "peak MiB")
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for r in rows:
-        cells = [str(r["bs"]), r["decode"], "on" if r["capture"] else "off"] + [
+        cells = [str(r["bs"]), r["decode"], r["prefill"], "on" if r["capture"] else "off"] + [
             f"{r[k]:.3f}" if k in ("s/problem", "problems/s", "latent phase s", "judger s") else f"{r[k]:.0f}"
-            for k in header[3:]]
+            for k in header[4:]]
         print("| " + " | ".join(cells) + " |")
     gpu = machine(lm)
     kind = next((k for k in REFERENCE if k in gpu), None)
@@ -86,13 +95,19 @@ def main(model_name, random_weights, data_file, batch_sizes, problems_bs1, batch
         low, high = REFERENCE[kind]
         for r in rows:
             if r["decode"] == "fast" and not r["capture"]:
-                print(f"bs {r['bs']}: {low / r['s/problem']:.1f}x to {high / r['s/problem']:.1f}x the reference's "
+                print(f"bs {r['bs']} ({r['prefill']} prefills): {low / r['s/problem']:.1f}x to {high / r['s/problem']:.1f}x the reference's "
                       f"problems/s on {kind} (reference {low:g}-{high:g} s/problem at bs 1)")
-        by = {(r["bs"], r["decode"], r["capture"]): r for r in rows}
-        for bs in sizes:
-            if (bs, "fast", True) in by:
-                off, on = by[(bs, "fast", False)], by[(bs, "fast", True)]
-                print(f"bs {bs}: capture overhead {(on['s/problem'] / off['s/problem'] - 1) * 100:+.2f}%")
+    by = {(r["bs"], r["decode"], r["prefill"], r["capture"]): r for r in rows}
+    for bs, decode, prefill, capture in list(by):
+        if decode == "fast" and capture:
+            off, on = by[(bs, decode, prefill, False)], by[(bs, decode, prefill, True)]
+            print(f"bs {bs} ({prefill} prefills): capture overhead "
+                  f"{(on['s/problem'] / off['s/problem'] - 1) * 100:+.2f}%")
+    for bs in sorted(eager_too):
+        graphed, eager = by.get((bs, "fast", "graphed", False)), by.get((bs, "fast", "eager", False))
+        if graphed and eager:
+            print(f"bs {bs}: graphed prefills take {graphed['s/problem'] / eager['s/problem']:.3f}x the time "
+                  f"per problem of eager ones (capture off)")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     python bench/phase_profile.py --model_name .gpu_inputs/qwen3-4b-arch --random_weights \
         --data_file .gpu_inputs/gsm8k_test.jsonl --batch_size 64 --compile_step
 
-One warm-up batch first (compiles, records the graphs), then one batch timed phase by phase
+Two warm-up batches first (another batch, then the timed one: compiles, records the graphs, the
+prompt prefills' chunks of every size the timed batch needs), then one batch timed phase by phase
 (device synced around each: prompt prefills, latent steps, the judger's prefill and decode),
 then the same batch under the torch profiler, its kernels summed by kind (GEMMs, prefill
 attention, step attention, fused triton, sort, other) with the top kernels by GPU time.
@@ -19,7 +20,7 @@ from unittest import mock
 
 import click
 import torch
-from common import machine, speed_config, sync
+from common import machine, prefill_kind, speed_config, sync
 
 from latentmas.methods import common, get_method
 from latentmas.methods import latent_mas as method
@@ -69,20 +70,23 @@ class PhaseTimer:
 @click.option("--batch_size", default=64, show_default=True)
 @click.option("--compile_step", is_flag=True, help="compile the static step (torch.compile)")
 @click.option("--compile_prefill", is_flag=True, help="compile the prompt prefills' layers (latentmas.compiled_prefill)")
+@click.option("--eager_prefill", is_flag=True, help="prefill prompts eagerly, not in chunks replayed as CUDA graphs "
+                                                   "(latentmas.graph_prefill)")
 @click.option("--top", default=25, show_default=True, help="kernels listed")
 @click.option("--device", default="auto", show_default=True)
-def main(model_name, random_weights, data_file, batch_size, compile_step, compile_prefill, top, device):
+def main(model_name, random_weights, data_file, batch_size, compile_step, compile_prefill, eager_prefill, top, device):
     task = get_task("gsm8k")
     problems = load_problems(task, data_file, 2 * batch_size)
     lm = load_model(model_name, device, random_weights=random_weights)
     cfg = speed_config(model_name=model_name, random_weights=random_weights, data_file=data_file,
                        max_new_tokens=256, generate_bs=batch_size, device=device, compile_step=compile_step,
-                       compile_prefill=compile_prefill)
+                       compile_prefill=compile_prefill, graph_prefill=not eager_prefill)
     solve = get_method("latent_mas")
     print(f"machine: {machine(lm)}; batch size {batch_size}; step {'compiled' if compile_step else 'eager'}; "
-          f"prefills {'compiled' if compile_prefill else 'eager'}")
-    solve(lm, problems[batch_size:], task, cfg)  # warm-up: compiles, records graphs
+          f"prefills {prefill_kind(compile_prefill, eager_prefill, batch_size)}")
     batch = problems[:batch_size]
+    solve(lm, problems[batch_size:], task, cfg)  # warm-up: compiles, records graphs
+    solve(lm, batch, task, cfg)  # and the prefill chunks of the sizes the timed batch needs
 
     timer = PhaseTimer(lm.device)
     extend = SharedCache.extend

@@ -20,13 +20,18 @@ columns are already in the cache (`SharedCache.adopt` only counts them in).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .compiled_prefill import allow_recompiles
 from .fused_projections import forget_kept_outputs
+from .kv_storage import cache_kwarg
 from .sampling import Sampler, compiled_sampler, sample_tokens
-from .shared_cache import SharedCache, cache_kwarg
 from .step_attention import STEP_MASK, StepMask, grouped_step, use_kernel
+
+if TYPE_CHECKING:  # the shared cache prefills through `graph_prefill`, which builds on this module
+    from .shared_cache import SharedCache
 
 
 class StaticKV:
@@ -130,7 +135,7 @@ def compiled_model_step():
 _CAPTURE: dict = {}  # device -> (side stream, graph memory pool), shared by every capture
 
 
-def _capture_resources(device: torch.device):
+def capture_resources(device: torch.device):
     """One warm-up stream and one graph memory pool per device, reused by every capture.
 
     A fresh stream per capture would leave a cuBLAS workspace behind each time
@@ -222,7 +227,7 @@ class StaticStep:
         The warm-up steps write at the buffers' write index, which `static_step` has set to the
         cache's end (`StaticKV.load`): the first real step overwrites that slot, so they change
         nothing that is read."""
-        stream, pool = _capture_resources(self.lm.device)
+        stream, pool = capture_resources(self.lm.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
@@ -269,35 +274,46 @@ def static_step(lm, shared: SharedCache, extra: int, tokens: bool = True, use_gr
     shared.reserve(extra)
     sampling = sampler.settings if sampler is not None and tokens else None
     build = dict(tokens=tokens, use_graph=graph, compiled=compiled, sampling=sampling)
-    if shared.storage is not lm.kv_storage:  # a cache on storage of its own (another holds the model's):
-        return _built(lm, StaticKV(shared.storage), shared, build).start(shared, sampler)  # a step for it alone
+    kv = model_kv(lm, shared)
+    if kv is None:  # a cache on storage of its own (another holds the model's): a step for it alone
+        return built(StaticStep, lm, StaticKV(shared.storage), shared, build).start(shared, sampler)
+    key = (tokens, graph, compiled, sampling)
+    if key not in lm.static_steps:
+        lm.static_steps[key] = built(StaticStep, lm, kv, shared, build)
+    return lm.static_steps[key].start(shared, sampler)
+
+
+def model_kv(lm, shared: SharedCache) -> StaticKV | None:
+    """The `StaticKV` that the model's kept steps (`lm.static_steps`, anything with a `.kv`) share, over
+    `shared`'s storage; those recorded on other or outgrown buffers are dropped first. None when
+    `shared` is not on the model's storage."""
+    if shared.storage is not lm.kv_storage:
+        return None
     steps = lm.static_steps
     kv = next(iter(steps.values())).kv if steps else None
     if kv is None or kv.storage is not shared.storage or not kv.current():
         steps.clear()
-        kv = None
-    key = (tokens, graph, compiled, sampling)
-    if key not in steps:
-        steps[key] = _built(lm, kv or StaticKV(shared.storage), shared, build)
-    return steps[key].start(shared, sampler)
+        kv = StaticKV(shared.storage)
+    return kv
 
 
-def _built(lm, kv: StaticKV, shared: SharedCache, build: dict) -> StaticStep:
-    """A `StaticStep(lm, kv, **build)` with `kv` pointed at `shared`'s end first (so that recording a
-    graph writes only past the cache); once more after emptying the allocator's cache when it runs
-    out of GPU memory."""
+def built(kind, lm, kv: StaticKV, shared: SharedCache, build: dict):
+    """`kind(lm, kv, **build)` (a step that records its graph when made) with `kv` pointed at `shared`'s
+    end first (so that recording writes only past the cache); once more after emptying the allocator's
+    cache when it runs out of GPU memory."""
     kv.load(shared)
-    step = _step_or_none(lm, kv, build)
+    step = _built_or_none(kind, lm, kv, build)
     if step is None:  # out of memory; its traceback (which held the failed graph) is gone by now
         forget_kept_outputs(lm.model)  # what a forward stopped between siblings kept, in that graph's pool
         torch.cuda.empty_cache()
-        step = StaticStep(lm, kv, **build)
+        kv.load(shared)
+        step = kind(lm, kv, **build)
     return step
 
 
-def _step_or_none(lm, kv: StaticKV, build: dict) -> StaticStep | None:
-    """`StaticStep(lm, kv, **build)`, or None when it runs out of GPU memory."""
+def _built_or_none(kind, lm, kv: StaticKV, build: dict):
+    """`kind(lm, kv, **build)`, or None when it runs out of GPU memory."""
     try:
-        return StaticStep(lm, kv, **build)
+        return kind(lm, kv, **build)
     except torch.cuda.OutOfMemoryError:
         return None

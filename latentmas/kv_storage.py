@@ -15,6 +15,7 @@ reference to it): while that one is alive, another cache gets storage of its own
 
 from __future__ import annotations
 
+import inspect
 import weakref
 
 import torch
@@ -22,6 +23,12 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 GRANULE = 128  # buffers grow in steps of this many columns
 SMALLEST = 256
+
+
+def cache_kwarg(module: torch.nn.Module) -> str:
+    """transformers renamed `past_key_values` to `cache` during 5.x; use whichever this version takes."""
+    parameters = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def capacity_for(needed: int) -> int:

@@ -20,6 +20,11 @@ layers are reduced a few at a time as their hooks fire, on the device, with no h
 no extra model work (no second forward pass, no recomputed projection). On CUDA the `query`
 reduction, RoPE included, is one compiled function (`similarity.query.rotated_query_similarities`).
 
+A cache whose prefills run in graphed chunks (`latentmas.graph_prefill`) can hand the probe every
+layer's queries after the prefill instead (`SharedCache.watch`, `PrefillProbe.take_prefill`): the
+same reduction, fed from a buffer the chunks' graphs copy the queries into, since hooks do not run in
+a replayed graph.
+
 `score_prompt` is the kNN scoring pass: the prompt runs on the cache up to one layer, that
 layer's scores are kept, and the cache is put back as it was (`SharedCache.restored`).
 """
@@ -107,7 +112,7 @@ def attention_modules(lm) -> list[torch.nn.Module]:
     return [layer.self_attn for layer in layers]
 
 
-def _query_source(module: torch.nn.Module) -> torch.nn.Module:
+def query_source(module: torch.nn.Module) -> torch.nn.Module:
     """The submodule whose output is the pre-RoPE query: q_norm where the model has one, else q_proj."""
     q_norm = getattr(module, "q_norm", None)
     if isinstance(q_norm, torch.nn.Module):
@@ -159,7 +164,7 @@ class PrefillProbe:
         if not self.layers or not all(0 <= i < len(self._modules) for i in self.layers):
             raise ValueError(f"layers {layers} are not within the model's {len(self._modules)} layers")
         self.stop_after_last = stop_after_last
-        self._sources = {i: _query_source(self._modules[i]) for i in self.layers}
+        self._sources = {i: query_source(self._modules[i]) for i in self.layers}
         for i in self.layers:
             mode.check_layer(self._modules[i], i)
         module = self._modules[self.layers[0]]
@@ -178,17 +183,30 @@ class PrefillProbe:
         self._mask_cache: dict[int, StackedMasks] = {}
 
     def __enter__(self) -> PrefillProbe:
+        if self.stop_after_last or not self.shared.watch(self):  # else the prefill hands its queries over
+            self.add_hooks()
+        return self
+
+    def add_hooks(self) -> None:
+        """Read the next forward pass through hooks (see the class's docstring)."""
         for i in self.layers:
             self._handles.append(self._sources[i].register_forward_hook(partial(self._keep_queries, i)))
             self._handles.append(self._modules[i].register_forward_hook(partial(self._hook, i), with_kwargs=True))
-        return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        self.shared.unwatch(self)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._queries.clear()
         return exc_type is ProbeDone and self.stop_after_last
+
+    def take_prefill(self, queries: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """The prefill's queries handed over instead of hooked (`graph_prefill`), once its keys are cached:
+        queries `[num_layers, batch, n, heads, head_dim]` (every layer's pre-RoPE queries, from the same
+        module the hooks read), cos, sin `[batch, n, head_dim]`."""
+        for i in self.layers:
+            self._take(i, self._modules[i], queries[i], cos, sin)
 
     def _keep_queries(self, index: int, module, args, output) -> None:
         self._queries[index] = output.contiguous()  # a fused q_proj's output is a view of q, k and v
@@ -204,12 +222,17 @@ class PrefillProbe:
         queries = self._queries.pop(index, None)
         if queries is None:  # the query projection ran outside a module call: rebuild it
             queries = _pre_rope_queries(module, hidden, self._head_dim)
+        self._take(index, module, queries, *self._position_embeddings(module, hidden, args, kwargs))
+
+    def _take(self, index: int, module, queries: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """One layer's pre-RoPE queries `[batch, n, heads, head_dim]` and RoPE `[batch, n, head_dim]`, with the
+        layer's keys now in the cache: reduced with the waiting ones when the group is full."""
+        n = self.prompt_mask.shape[1]
         keys = self.shared.cache.layers[getattr(module, "layer_idx", index)].keys
         T = self.width
         if keys.shape[2] != T + n:
             raise RuntimeError(f"layer {index}: the cache holds {keys.shape[2]} columns, expected the {T} cached "
                                f"and the prompt's {n}")
-        cos, sin = self._position_embeddings(module, hidden, args, kwargs)
         scaling = getattr(module, "scaling", None) or self._head_dim ** -0.5
         key = (cos, sin, float(scaling))
         if self._group and not (key[0] is self._group_key[0] and key[1] is self._group_key[1]

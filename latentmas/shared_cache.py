@@ -13,16 +13,16 @@ step on too, so the cache is held once.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .compiled_prefill import compiled_forward
+from . import graph_prefill
+from .compiled_prefill import compiled_forward, hooked, plain_head
 from .handoff import LATENT, PAD
-from .kv_storage import BufferCache, storage_for
+from .kv_storage import BufferCache, cache_kwarg, storage_for
 from .models import LoadedModel
 
 __all__ = ["LATENT", "PAD", "SegmentKey", "SharedCache", "cache_kwarg"]
@@ -42,12 +42,6 @@ class SegmentKey:
     kind: str
 
 
-def cache_kwarg(module: torch.nn.Module) -> str:
-    """transformers renamed `past_key_values` to `cache` during 5.x; use whichever this version takes."""
-    parameters = inspect.signature(module.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
 class SharedCache:
     """A cache (`kv_storage.BufferCache`) plus per-column state, all `[batch, T]`.
 
@@ -59,9 +53,12 @@ class SharedCache:
     capacity: columns to make room for at once (e.g. every prompt, latent step and decoded token
     of a problem); without it the buffers start small and grow as needed.
     compiled: run `extend`'s forward passes compiled (`compiled_prefill`) where nothing hooks the model.
+    graphed: run `extend`'s prompt prefills as replayed chunks (`graph_prefill`; CUDA graphs on GPUs)
+    where nothing hooks the model; `compiled` wins.
     """
 
-    def __init__(self, lm: LoadedModel, batch_size: int, capacity: int | None = None, compiled: bool = False):
+    def __init__(self, lm: LoadedModel, batch_size: int, capacity: int | None = None, compiled: bool = False,
+                 graphed: bool = False):
         other = sorted(set(getattr(lm.config, "layer_types", None) or ["full_attention"]) - {"full_attention"})
         if other:
             raise ValueError(f"model {lm.name!r} has {', '.join(other)} layers; the shared cache supports "
@@ -80,6 +77,8 @@ class SharedCache:
         self.segments: list[SegmentKey] = []
         self._decoder = lm.model.base_model
         self.compiled = compiled
+        self.graphed = graphed and not compiled
+        self.watchers: list = []  # prefill probes the next graphed prefill hands its queries to (`watch`)
         self._cache_kwarg = cache_kwarg(self._decoder)
 
     @property
@@ -98,6 +97,18 @@ class SharedCache:
     def reserve(self, extra: int) -> None:
         """Make room for `extra` more columns (a static step checks its buffers are still these)."""
         self.storage.grow(self.length + extra)
+
+    def watch(self, probe) -> bool:
+        """Hand the next prefill's queries to `probe` (a `prefill.PrefillProbe`) instead of its hooks, where
+        that prefill runs in graphed chunks (`graph_prefill.watchable`); False where the probe must hook it."""
+        if not (self.graphed and graph_prefill.watchable(self)):
+            return False
+        self.watchers.append(probe)
+        return True
+
+    def unwatch(self, probe) -> None:
+        if probe in self.watchers:
+            self.watchers.remove(probe)
 
     def _segment_index(self, segment: SegmentKey) -> int:
         if segment not in self.segments:
@@ -131,13 +142,29 @@ class SharedCache:
             "use_cache": True,
         }
         with sdpa_kernel(PREFILL_BACKENDS) if PREFILL_BACKENDS else contextlib.nullcontext():
-            result = compiled_forward(self.lm.model, self._decoder, kwargs, logits) if self.compiled else None
+            result = self._graphed(inputs_embeds, mask, positions, logits) if self.graphed else None
+            for probe in self.watchers if result is None else ():  # the chunks did not run: the probes hook
+                probe.add_hooks()                                    # the eager forward after all
+            self.watchers = []
+            if result is None and self.compiled:
+                result = compiled_forward(self.lm.model, self._decoder, kwargs, logits)
             if result is None and logits:
                 result = self.lm.model(**kwargs, logits_to_keep=1).logits[:, -1, :]
             elif result is None:
                 result = self._decoder(**kwargs).last_hidden_state[:, -1, :]
         self._note(mask, positions, token_ids, segment)
         return result
+
+    def _graphed(self, inputs_embeds, mask, positions, logits: bool) -> torch.Tensor | None:
+        """`extend`'s forward through `graph_prefill` (prompts only: one column goes eagerly), or None
+        where it must run eagerly (hooks on the model, a head that does more, another cache on the storage)."""
+        head = plain_head(self.lm.model) if logits else None
+        if inputs_embeds.shape[1] < 2 or hooked(self.lm.model) or (logits and head is None):
+            return None
+        hidden = graph_prefill.prefill(self, inputs_embeds, mask, positions, self.watchers)
+        if hidden is None or not logits:
+            return hidden
+        return head(hidden[:, None, :])[:, -1, :]
 
     def adopt(self, kv, count: int, token_id: int, segment: SegmentKey) -> None:
         """Take in `count` columns a static step (`fast_decode.StaticKV` on this cache's storage)

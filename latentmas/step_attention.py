@@ -13,7 +13,8 @@ On CUDA (with triton) the step attends through `kernels.decode_attention` instea
 pass through to their attention layers. Elsewhere, or with LATENTMAS_DECODE_KERNEL=0, it is the
 SDPA call above.
 
-`fast_decode.StaticStep` switches a model to it around its own forward passes only.
+`fast_decode.StaticStep` and `graph_prefill.PrefillChunk` switch a model to it around their own forward
+passes only; a chunk's n query rows per head are read the same way, as `groups * n` rows of their group.
 (`flex_attention` in its place, compiled, was slower on an H200: 8.8 against 5.7 ms per
 Qwen3-4B step at batch size 1, see docs/performance.md.)
 """
@@ -38,10 +39,13 @@ STEP_MASK = "latentmas_step_mask"  # the keyword a static step's `StepMask` trav
 
 class StepMask(NamedTuple):
     """What a static step attends: `allowed` bool `[batch, capacity]` (True where a slot may be read)
-    and `length`, int64 `[1]` on the device: slots at or past it hold nothing yet."""
+    and `length`, int64 `[1]` on the device: slots at or past it hold nothing yet. A chunk of n
+    columns (`graph_prefill`) also gives `rows`, the additive mask `[batch, 1, groups * n, capacity]`
+    of its query rows laid out as below (a GQA group's heads one after the other)."""
 
     allowed: torch.Tensor
     length: torch.Tensor
+    rows: torch.Tensor | None = None
 
 
 def use_kernel(device: torch.device) -> bool:
@@ -58,13 +62,17 @@ def grouped_step_attention(module, query, key, value, attention_mask, scaling=No
     `StepMask` (or one under the `STEP_MASK` keyword, which wins), or bool `[batch, 1, 1, capacity]`,
     True where a slot may be attended.
     Returns `[batch, 1, heads, head_dim]` (transformers' layout) and no weights.
+    A `StepMask` with `rows` (a prefill chunk, `graph_prefill`) takes n tokens per row instead:
+    query `[batch, heads, n, head_dim]` -> `[batch, n, heads, head_dim]`.
     """
     batch, heads, length, dim = query.shape
-    if length != 1:
-        raise ValueError(f"grouped_step_attention takes one token per row, got {length}")
     attention_mask = kwargs.get(STEP_MASK, attention_mask)
     if attention_mask is None:
         raise ValueError("grouped_step_attention needs the step's mask; it got none")
+    if isinstance(attention_mask, StepMask) and attention_mask.rows is not None:
+        return _chunk_attention(query, key, value, attention_mask.rows, scaling), None
+    if length != 1:
+        raise ValueError(f"grouped_step_attention takes one token per row without a chunk's mask, got {length}")
     if isinstance(attention_mask, StepMask):
         if use_kernel(query.device):
             scale = scaling if scaling is not None else dim ** -0.5
@@ -75,6 +83,17 @@ def grouped_step_attention(module, query, key, value, attention_mask, scaling=No
     rows = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     output = F.scaled_dot_product_attention(rows, key, value, attn_mask=attention_mask, scale=scaling)
     return output.reshape(batch, heads, 1, dim).transpose(1, 2), None
+
+
+def _chunk_attention(query, key, value, rows, scaling) -> torch.Tensor:
+    """n tokens per row: query `[batch, heads, n, head_dim]` read as `[batch, kv_heads, groups * n,
+    head_dim]`, one SDPA call on the unrepeated buffers with `rows` (`StepMask.rows`) as its mask.
+    Returns `[batch, n, heads, head_dim]`."""
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads * length, dim)
+    output = F.scaled_dot_product_attention(grouped, key, value, attn_mask=rows, scale=scaling)
+    return output.reshape(batch, heads, length, dim).transpose(1, 2)
 
 
 AttentionInterface.register(NAME, grouped_step_attention)

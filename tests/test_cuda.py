@@ -47,8 +47,10 @@ def test_graph_steps_decode_what_the_plain_loop_decodes(cuda_lm, fake_problems, 
                     temperature=temperature)
     assert fast == plain
     assert use_kernel(cuda_lm.device)
-    assert all(step.graph is not None and step.compiled == compiled for step in cuda_lm.static_steps.values())
-    assert any(step.sampling is not None for step in cuda_lm.static_steps.values())
+    steps = [step for key, step in cuda_lm.static_steps.items() if key[0] != "prefill"]
+    assert all(step.graph is not None and step.compiled == compiled for step in steps)
+    assert any(step.sampling is not None for step in steps)
+    assert any(key[0] == "prefill" for key in cuda_lm.static_steps)  # the prompts went through chunks
     assert_same_handoffs(tmp_path / "plain.h5", tmp_path / "fast.h5", atol=2e-3)
 
 
@@ -195,3 +197,46 @@ def test_inductor_compiled_prefills_compute_what_eager_ones_do(tiny_lm_cache_env
     for a, b in zip(got + got_keys, want + want_keys):
         torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=atol)
     assert want[-1].float().std() > 0.05
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_graph_replayed_prefill_chunks_compute_what_eager_prefills_do(tiny_lm_cache_env, monkeypatch, dtype, atol,
+                                                                      batch):
+    """Prompt prefills as replayed CUDA graphs of chunks (`graph_prefill`; several chunks, a partial last
+    one, left padding, logits) against eager prefills."""
+    from test_graph_prefill import _prefills
+
+    from latentmas import graph_prefill
+    from latentmas.models import load_model
+
+    monkeypatch.setattr(graph_prefill, "LARGEST", 32)
+    lm = load_model("tiny-qwen3", "cuda")
+    lm.model.to(dtype)
+    want, want_cached, want_books, _ = _prefills(lm, graphed=False, batch=batch)
+    got, got_cached, got_books, chunks = _prefills(lm, graphed=True, batch=batch)
+    assert chunks == [32]
+    assert lm.static_steps[("prefill", 32, False)].graph is not None
+    for a, b in zip(got_books, want_books):
+        assert torch.equal(a, b)
+    for a, b in zip(got + got_cached, want + want_cached):
+        torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=atol)
+    assert want[-1].float().std() > 0.05
+
+
+@pytest.mark.parametrize("similarity", ["query", "attention"])
+def test_probes_read_graph_replayed_chunks_as_they_read_hooked_prefills(cuda_lm, fake_problems, tmp_path,
+                                                                         monkeypatch, similarity):
+    """`query` and `attention` captures from prefills in graph-replayed chunks, whose graphs copy every
+    layer's queries out (`graph_prefill`, watched chunks), equal those of hooked eager prefills."""
+    from latentmas import graph_prefill
+
+    monkeypatch.setattr(graph_prefill, "WATCH_ON_CUDA", True)
+    problems = fake_problems()
+    plain = _capture(cuda_lm, problems, tmp_path / "plain.h5", 3, fast_decode=False, similarity=similarity)
+    cuda_lm.static_steps.clear()
+    fast = _capture(cuda_lm, problems, tmp_path / "fast.h5", 3, fast_decode=True, similarity=similarity)
+    assert fast == plain
+    assert any(key[0] == "prefill" and key[2] and step.graph is not None
+               for key, step in cuda_lm.static_steps.items())
+    assert_same_handoffs(tmp_path / "plain.h5", tmp_path / "fast.h5", atol=2e-3)

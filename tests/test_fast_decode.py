@@ -160,7 +160,7 @@ def test_reused_steps_forget_earlier_problems(tiny_lm, fake_problems):
     tiny_lm.static_steps.clear()
     fresh = solve(tiny_lm, problems[1:2], task, cfg)[0]
     built = dict(tiny_lm.static_steps)
-    assert {key[0] for key in built} == {True, False}  # a decode step and a latent step
+    assert {key[0] for key in built} == {True, False, "prefill"}  # decode and latent steps, prefill chunks
     tiny_lm.static_steps.clear()
     solve(tiny_lm, problems[2:3], task, cfg)  # a longer problem first: its columns stay in the buffers
     steps_before = {key: id(step) for key, step in tiny_lm.static_steps.items()}

@@ -310,7 +310,7 @@ def test_probe_variants_agree(tiny_lm, fake_problems, monkeypatch, mode, variant
     if variant == "layer by layer":
         monkeypatch.setattr(hooks, "LAYER_CHUNK_ELEMENTS", 1)
     else:
-        monkeypatch.setattr(hooks, "_query_source", lambda module: torch.nn.Identity())
+        monkeypatch.setattr(hooks, "query_source", lambda module: torch.nn.Identity())
     other = probed_prefill(lm, filled_cache(lm, problems, trim=True), ids, mask, mode)
     torch.testing.assert_close(other, grouped, atol=1e-6, rtol=0)
 

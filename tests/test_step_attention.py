@@ -34,11 +34,11 @@ def test_matches_sdpa_with_repeated_keys(heads, kv_heads, dtype):
     torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
 
 
-def test_refuses_more_than_one_token():
+def test_refuses_more_than_one_token_without_a_chunks_mask():
     query = torch.zeros(1, 4, 2, 8)
     kv = torch.zeros(1, 2, 5, 8)
     with pytest.raises(ValueError, match="one token"):
-        grouped_step_attention(None, query, kv, kv, None)
+        grouped_step_attention(None, query, kv, kv, torch.ones(1, 1, 1, 5, dtype=torch.bool))
 
 
 def test_switches_the_model_back(tiny_lm):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..decoding import Sampling, generate, problem_generators
+from ..fast_decode import use_fast
 from ..prompts import Prompt
 from ..shared_cache import SharedCache
 from ..tasks.scoring import original_correct, original_prediction
@@ -100,7 +101,8 @@ def write_turn(lm, agent: str, prompts: list[Prompt], cfg, generators) -> list[A
     """An agent that writes text: prefill its prompt on a cache of its own and decode."""
     texts, ids, mask = encode(lm, prompts, thinking_of(cfg))
     shared = SharedCache(lm, len(prompts), capacity=ids.shape[1] + cfg.max_new_tokens,
-                         compiled=cfg.compile_prefill)
+                         compiled=cfg.compile_prefill,
+                         graphed=use_fast(lm.device, cfg.fast_decode) and cfg.graph_prefill)
     return decode_turn(lm, shared, agent, texts, ids, mask, cfg, generators)
 
 

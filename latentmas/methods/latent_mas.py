@@ -126,7 +126,8 @@ def solve(lm, problems, task, cfg, observer: HandoffObserver | None = None):
     encoded = [encode(lm, [agent_prompt(agent, p.question, task.answer_instruction, cfg.prompt, "latent_mas")
                            for p in problems], thinking_of(cfg)) for agent in AGENTS]
     columns = sum(ids.shape[1] for _, ids, _ in encoded) + (len(AGENTS) - 1) * cfg.latent_steps + cfg.max_new_tokens
-    shared = SharedCache(lm, len(problems), capacity=columns, compiled=cfg.compile_prefill)
+    shared = SharedCache(lm, len(problems), capacity=columns, compiled=cfg.compile_prefill,
+                         graphed=fast and cfg.graph_prefill)
     turns: list[list[AgentTurn]] = [[] for _ in problems]
     previous = None
     for index, (agent, (texts, ids, mask)) in enumerate(zip(AGENTS, encoded)):
