@@ -135,7 +135,7 @@ def compiled_model_step():
 _CAPTURE: dict = {}  # device -> (side stream, graph memory pool), shared by every capture
 
 
-def capture_resources(device: torch.device):
+def _capture_resources(device: torch.device):
     """One warm-up stream and one graph memory pool per device, reused by every capture.
 
     A fresh stream per capture would leave a cuBLAS workspace behind each time
@@ -144,6 +144,22 @@ def capture_resources(device: torch.device):
     if device not in _CAPTURE:
         _CAPTURE[device] = (torch.cuda.Stream(device), torch.cuda.graph_pool_handle())
     return _CAPTURE[device]
+
+
+@torch.no_grad()
+def record(forward, device: torch.device) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """`forward()` warmed up twice on a side stream, then recorded into a CUDA graph in the shared pool
+    (`_capture_resources`); returns the graph and its static output."""
+    stream, pool = _capture_resources(device)
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
+        output = forward()
+    return graph, output
 
 
 class StaticStep:
@@ -220,22 +236,11 @@ class StaticStep:
         self.counter.add_(1)
         return token
 
-    @torch.no_grad()
     def _capture(self) -> None:
-        """Warm up on a side stream, then record one step into a CUDA graph.
-
-        The warm-up steps write at the buffers' write index, which `static_step` has set to the
-        cache's end (`StaticKV.load`): the first real step overwrites that slot, so they change
-        nothing that is read."""
-        stream, pool = capture_resources(self.lm.device)
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool, stream=stream):
-            self.output = self._forward()
+        """Record one step into a CUDA graph (`record`). The warm-up steps write at the buffers' write
+        index, which `static_step` has set to the cache's end (`StaticKV.load`): the first real step
+        overwrites that slot, so they change nothing that is read."""
+        self.graph, self.output = record(self._forward, self.lm.device)
 
     @torch.no_grad()
     def run(self, value: torch.Tensor) -> torch.Tensor:

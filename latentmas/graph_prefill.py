@@ -2,8 +2,8 @@
 
 An eager prefill at small batch sizes is bound by the host: transformers' forward issues about 50
 ops that run kernels per decoder layer, one by one from Python. On an H200 an eager 150 to 260-token
-prefill of Qwen3-4B at batch size 1 took 36 to 77 ms of wall time in different sessions, almost all
-of it the host's; in graphed chunks 13.6 to 14.0 ms (`bench/prefill_probe.py --graphed`,
+prefill of Qwen3-4B at batch size 1 took 65.7 to 77.0 ms, of which the host took 65.6 to 76.9; in
+graphed chunks 13.6 to 14.0 ms, 3.9 to 4.6 of them the host's (`bench/prefill_probe.py --graphed`,
 docs/performance.md, 2026-12-03). Here a prompt of n columns `[batch, n]` goes
 through the model in chunks of fixed sizes (multiples of `QUANTUM`, at most `largest_chunk`), and
 each chunk is one forward pass recorded once as a CUDA graph per size and replayed, the way
@@ -42,7 +42,7 @@ from functools import partial
 
 import torch
 
-from .fast_decode import StaticKV, built, capture_resources, model_kv, use_fast
+from .fast_decode import StaticKV, built, model_kv, record, use_fast
 from .kv_storage import cache_kwarg
 from .prefill import attention_modules, query_source
 from .step_attention import STEP_MASK, StepMask, grouped_step, use_kernel
@@ -113,7 +113,8 @@ class PrefillChunk:
         self._cache_kwarg = cache_kwarg(lm.model.base_model)
         self.graph = self.output = None
         if use_fast(device, use_graph):
-            self._capture()
+            # the warm-ups write only where the replay writes again: `kv` points at the cache's end
+            self.graph, self.output = record(self._forward, device)
 
     def _bias(self, slots: torch.Tensor) -> torch.Tensor:
         """The additive attention mask `[batch, 1, groups * size, capacity]` of the chunk's query rows
@@ -157,20 +158,6 @@ class PrefillChunk:
                 handle.remove()
 
     @torch.no_grad()
-    def _capture(self) -> None:
-        """Warm up on a side stream, then record one forward pass (the warm-ups write only where the
-        replay writes again: `kv` points at the cache's end)."""
-        stream, pool = capture_resources(self.lm.device)
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool, stream=stream):
-            self.output = self._forward()
-
-    @torch.no_grad()
     def run(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Prefill up to `size` columns (`embeds` `[batch, m, hidden]`, `positions` and `mask` `[batch, m]`,
         m ≤ size) at the write index; returns the final hidden states `[batch, size, hidden]`
@@ -205,8 +192,12 @@ def watchable(shared) -> bool:
     lm = shared.lm
     if lm.device.type == "cuda" and not WATCH_ON_CUDA:
         return False
-    return (shared.storage is lm.kv_storage and shared.batch_size <= BATCH_LIMIT
-            and getattr(lm.model.base_model, "rotary_emb", None) is not None)
+    return _in_chunks(shared) and getattr(lm.model.base_model, "rotary_emb", None) is not None
+
+
+def _in_chunks(shared) -> bool:
+    """Whether `prefill` runs `shared`'s prefills in chunks: on the model's storage, at most `BATCH_LIMIT` rows."""
+    return shared.storage is shared.lm.kv_storage and shared.batch_size <= BATCH_LIMIT
 
 
 def prefill(shared, inputs_embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
@@ -229,13 +220,11 @@ def prefill(shared, inputs_embeds: torch.Tensor, mask: torch.Tensor, positions: 
     each); the limit between is a choice, not a measurement.
     """
     lm, columns = shared.lm, inputs_embeds.shape[1]
-    if shared.batch_size > BATCH_LIMIT:
+    if not _in_chunks(shared):
         return None
     sizes = chunk_sizes(columns, shared.batch_size)
-    shared.reserve(sum(sizes))  # may move the storage, so the kv comes after
+    shared.reserve(sum(sizes))  # grows the storage in place (it stays the model's); the kv comes after
     kv = model_kv(lm, shared)
-    if kv is None:
-        return None
     watched = bool(probes)
     for size in sorted(set(sizes)):  # recorded before any runs: recording writes past the cache's end
         if ("prefill", size, watched) not in lm.static_steps:

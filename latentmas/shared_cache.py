@@ -143,8 +143,9 @@ class SharedCache:
         }
         with sdpa_kernel(PREFILL_BACKENDS) if PREFILL_BACKENDS else contextlib.nullcontext():
             result = self._graphed(inputs_embeds, mask, positions, logits) if self.graphed else None
-            for probe in self.watchers if result is None else ():  # the chunks did not run: the probes hook
-                probe.add_hooks()                                    # the eager forward after all
+            if result is None:  # the chunks did not run: the probes hook the eager forward after all
+                for probe in self.watchers:
+                    probe.add_hooks()
             self.watchers = []
             if result is None and self.compiled:
                 result = compiled_forward(self.lm.model, self._decoder, kwargs, logits)
