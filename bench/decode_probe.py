@@ -13,6 +13,7 @@ import click
 import torch
 from common import machine, sync
 
+from latentmas import sampling
 from latentmas.config import RunConfig
 from latentmas.decoding import Sampler, Sampling, problem_generators
 from latentmas.fast_decode import static_step
@@ -45,8 +46,11 @@ def _timed(fn, n, device):
               help="columns the single-step caches make room for (a batch of 64 GSM8K problems needs 1,131)")
 @click.option("--compile_step", is_flag=True, help="also time the compiled step (compiling takes minutes)")
 @click.option("--profile/--no-profile", default=True, help="profile the last sampling step timed")
+@click.option("--argmax_slices", default="", help="with --compile_step: also time the compiled sampling step with "
+              "each of these `sampling.ARGMAX_SLICES` (e.g. 128,1: the sampler's argmax in slices, then in one stage)")
 @click.option("--device", default="cuda")
-def main(model_name, random_weights, data_file, passes, batch_sizes, capacity, compile_step, profile, device):
+def main(model_name, random_weights, data_file, passes, batch_sizes, capacity, compile_step, profile, argmax_slices,
+         device):
     task = get_task("gsm8k")
     problems = load_problems(task, data_file, 1)
     from latentmas.models import load_model
@@ -91,6 +95,14 @@ def main(model_name, random_weights, data_file, passes, batch_sizes, capacity, c
                     fastest = (step, token)
         print(f"  sampler outside a graph (t 0.6, top-p 0.95): {_timed(lambda: sampler(logits), 50, device):.3f} ms",
               flush=True)
+        for slices in (int(n) for n in argmax_slices.split(",") if n and compile_step):
+            sampling.ARGMAX_SLICES = slices  # read while the sampler is traced (dynamo guards on it)
+            sampling._COMPILED.clear()
+            lm.static_steps.clear()
+            step = static_step(lm, shared, 200, compiled=True, sampler=sampler)
+            times = [_timed(lambda step=step: step.run(token), 100, device) for _ in range(3)]
+            print(f"  graph step compiled sampled, argmax in {slices} slice(s): "
+                  f"{' / '.join(f'{t:.3f}' for t in times)} ms/step", flush=True)
         del shared
         lm.static_steps.clear()
     if device.type == "cuda" and profile and fastest is not None:

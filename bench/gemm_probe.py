@@ -1,6 +1,7 @@
 """How fast the step's projections run: each Qwen3-4B linear shape at a few batch sizes, separate and fused.
 
     python bench/gemm_probe.py --batch_sizes 1,16,64
+    python bench/gemm_probe.py --batch_sizes 1,4,16 --skinny   # and latentmas.kernels.skinny_linear, with a sweep of its tiles
 
 Each case is 36 calls (one per layer, each on its own weight, as in a step) recorded in a CUDA
 graph and replayed; µs per call and the weight bandwidth (GB/s of weights read) are printed for
@@ -13,7 +14,10 @@ from __future__ import annotations
 import click
 import torch
 import torch.nn.functional as F
+import triton
 from common import graph_seconds
+
+from latentmas.kernels.skinny_linear import MAX_ROWS, Plan, _skinny_linear_triton, plan
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 2560, 32, 8, 128, 9728
 SHAPES = {  # name -> (out features, in features)
@@ -28,20 +32,47 @@ SHAPES = {  # name -> (out features, in features)
 LAYERS = 36
 
 
+SWEEP = [Plan(n, k, split, warps, stages) for n in (16, 32, 64) for k in (128, 256, 512) for split in (1, 2, 4, 8)
+         for warps in (4, 8) for stages in (3, 4)]
+
+
+def skinny_rows(name, weights, x, cublas_seconds):
+    """Rows for latentmas' skinny_linear: the tiles `plan` picks, and the best three of SWEEP."""
+    out_features, in_features = weights[0].shape
+    gigabytes = out_features * in_features * 2 / 1e9
+    timed = []
+    for tiles in [None, *SWEEP]:
+        try:
+            seconds = graph_seconds(lambda: [_skinny_linear_triton(x, w, None, tiles) for w in weights], 20)[0] / LAYERS
+        except triton.runtime.errors.OutOfResources as error:  # a tile that does not fit (shared memory, registers)
+            print(f"  ({tiles}: {type(error).__name__})")
+            continue
+        timed.append((seconds, tiles))
+    chosen = timed[0][0]
+    print(f"| {name} | {x.shape[0]} | skinny, plan {tuple(plan(*x.shape[:1], out_features, in_features))} | "
+          f"{chosen * 1e6:.1f} | {gigabytes / chosen:,.0f} | {cublas_seconds / chosen:.2f}x |")
+    for seconds, tiles in sorted(timed[1:])[:3]:
+        print(f"| {name} | {x.shape[0]} | skinny {tuple(tiles)} | {seconds * 1e6:.1f} | {gigabytes / seconds:,.0f} | "
+              f"{cublas_seconds / seconds:.2f}x |", flush=True)
+
+
 @click.command()
 @click.option("--batch_sizes", default="1,16,64", show_default=True)
-def main(batch_sizes):
+@click.option("--skinny", is_flag=True, help="Also time latentmas.kernels.skinny_linear (batch sizes up to "
+              f"{MAX_ROWS}) and sweep its tiles; the last column is cuBLAS's time over its.")
+def main(batch_sizes, skinny):
     device = torch.device("cuda")
     torch.manual_seed(0)
     backends = [torch.backends.cuda.preferred_blas_library()]
     other = {"cublas": "cublaslt", "cublaslt": "cublas"}.get(str(backends[0]).split(".")[-1].lower())
     print(f"{torch.cuda.get_device_name(device)}; torch {torch.__version__}; default BLAS {backends[0]}")
-    print("\n| shape (out x in) | batch | backend | µs per call | weight GB/s |\n|---|---|---|---|---|")
+    print("\n| shape (out x in) | batch | backend | µs per call | weight GB/s | speed-up |\n|---|---|---|---|---|---|")
     for name, (out_features, in_features) in SHAPES.items():
         weights = [torch.randn(out_features, in_features, device=device, dtype=torch.bfloat16) * 0.02
                    for _ in range(LAYERS)]
         for batch in (int(b) for b in batch_sizes.split(",")):
             x = torch.randn(batch, 1, in_features, device=device, dtype=torch.bfloat16)
+            timed = {}
             for backend in (None, other):
                 saved = torch.backends.cuda.preferred_blas_library()
                 if backend:
@@ -50,9 +81,12 @@ def main(batch_sizes):
                     seconds = graph_seconds(lambda: [F.linear(x, w) for w in weights], 20)[0] / LAYERS
                 finally:
                     torch.backends.cuda.preferred_blas_library(saved)
+                timed[backend] = seconds
                 gbps = out_features * in_features * 2 / seconds / 1e9
                 print(f"| {name} ({out_features} x {in_features}) | {batch} | {backend or 'default'} | "
-                      f"{seconds * 1e6:.1f} | {gbps:,.0f} |", flush=True)
+                      f"{seconds * 1e6:.1f} | {gbps:,.0f} | |", flush=True)
+            if skinny and batch <= MAX_ROWS and ("fused" in name or name in ("o", "down")):
+                skinny_rows(f"{name} ({out_features} x {in_features})", weights, x[:, 0], min(timed.values()))
 
 
 

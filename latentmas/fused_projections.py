@@ -16,16 +16,31 @@ results never depend on the order of calls. Code that needs one projection alone
 `F.linear(x, member.weight)`, which keeps nothing. `member.weight` is a view of the group's weight:
 reading or changing it in place reads or changes what the member computes. The state dict names
 the groups (`qkv_proj.weight`), not the members.
+
+The products go through `kernels.skinny_linear`: `F.linear` unless LATENTMAS_SKINNY_LINEAR=1 asks
+for its few-row kernels on CUDA (off by default, see that module). So that the switch covers every
+projection of a layer, the ones without siblings (`SINGLES`: o_proj, down_proj) become `SkinnyLinear`s;
+their parameters and state dict stay those of an `nn.Linear`.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .kernels.skinny_linear import skinny_linear
 
 # group name: the siblings, in the order the modeling code calls them
 GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+SINGLES = ("o_proj", "down_proj")  # a layer's projections without siblings
+
+
+class SkinnyLinear(nn.Linear):
+    """An `nn.Linear` whose product goes through `skinny_linear` (same parameters, same result to
+    the rounding of a different summation order)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return skinny_linear(x, self.weight, self.bias)
 
 
 class ProjectionGroup(nn.Module):
@@ -50,7 +65,7 @@ class ProjectionGroup(nn.Module):
         """Member `index`'s projection of `x` `[..., in_features]` -> `[..., sizes[index]]`."""
         if index != self._next or self._input is not x:
             self._input = x
-            self._outputs = F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+            self._outputs = skinny_linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
         output = self._outputs[index]
         self._next = index + 1
         if self._next == len(self.sizes):
@@ -105,13 +120,17 @@ def _fusable(linears: list) -> bool:
 
 
 def fuse_projections(model: nn.Module) -> int:
-    """Fuse every module's sibling projections (`GROUPS`) in place; returns how many groups were fused.
+    """Fuse every module's sibling projections (`GROUPS`) in place and make its `SINGLES`
+    `SkinnyLinear`s; returns how many groups were fused.
 
     The group is registered on the owner under its `GROUPS` name (`qkv_proj`, `gate_up_proj`).
     Modules that are already fused, or whose siblings differ in shape rules, are left alone.
     """
     fused = 0
     for owner in list(model.modules()):
+        for name in SINGLES:
+            if type(getattr(owner, name, None)) is nn.Linear:
+                getattr(owner, name).__class__ = SkinnyLinear
         for group_name, names in GROUPS.items():
             linears = [getattr(owner, name, None) for name in names]
             if not _fusable(linears):

@@ -28,9 +28,9 @@ Capture's `query` and `attention` probes (`prefill.PrefillProbe`) ask the cache 
 (`SharedCache.watch`): a watched prefill runs in chunks whose forward also copies every layer's
 pre-RoPE queries into a buffer (the copies are recorded into the graph), and once the keys are
 cached the probes take those queries (`PrefillProbe.take_prefill`); where the chunks do not run
-after all, the probes hook the eager forward. On CUDA watched chunks are off (`WATCH_ON_CUDA`)
-until their CUDA test has run on a GPU. On the CPU the chunks run eagerly (no graph), which is how
-the tests check them against the plain forward.
+after all, the probes hook the eager forward. On the CPU the chunks run eagerly (no graph), which is
+how the tests check them against the plain forward; on CUDA `tests/test_cuda.py` checks the
+replayed graphs' captures against hooked eager prefills.
 """
 
 from __future__ import annotations
@@ -48,10 +48,6 @@ from .prefill import attention_modules, query_source
 from .step_attention import STEP_MASK, StepMask, grouped_step, use_kernel
 
 BATCH_LIMIT = 4  # batches of more rows prefill eagerly (see `prefill`)
-# Watched chunks (which copy every layer's queries out for capture's prefill probes) on CUDA: off until
-# their CUDA test (`tests/test_cuda.py`, `test_probes_read_graph_replayed_chunks...`) has run on a GPU;
-# written after this session's device time was spent. Until then probes hook eager prefills there.
-WATCH_ON_CUDA = False
 QUANTUM = 32  # chunk sizes are multiples of this many columns
 LARGEST = 512  # and at most this many
 TOKENS = 16384  # nor more than this many rows x columns (the activations' size)
@@ -189,10 +185,7 @@ def watchable(shared) -> bool:
     """Whether `shared`'s next prefill can hand its queries to prefill probes (`SharedCache.watch`): it
     will run in chunks (the model's storage, at most `BATCH_LIMIT` rows) and the model has the rotary
     embedding the probes' RoPE comes from."""
-    lm = shared.lm
-    if lm.device.type == "cuda" and not WATCH_ON_CUDA:
-        return False
-    return _in_chunks(shared) and getattr(lm.model.base_model, "rotary_emb", None) is not None
+    return _in_chunks(shared) and getattr(shared.lm.model.base_model, "rotary_emb", None) is not None
 
 
 def _in_chunks(shared) -> bool:

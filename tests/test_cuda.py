@@ -225,13 +225,9 @@ def test_graph_replayed_prefill_chunks_compute_what_eager_prefills_do(tiny_lm_ca
 
 
 @pytest.mark.parametrize("similarity", ["query", "attention"])
-def test_probes_read_graph_replayed_chunks_as_they_read_hooked_prefills(cuda_lm, fake_problems, tmp_path,
-                                                                         monkeypatch, similarity):
+def test_probes_read_graph_replayed_chunks_as_they_read_hooked_prefills(cuda_lm, fake_problems, tmp_path, similarity):
     """`query` and `attention` captures from prefills in graph-replayed chunks, whose graphs copy every
     layer's queries out (`graph_prefill`, watched chunks), equal those of hooked eager prefills."""
-    from latentmas import graph_prefill
-
-    monkeypatch.setattr(graph_prefill, "WATCH_ON_CUDA", True)
     problems = fake_problems()
     plain = _capture(cuda_lm, problems, tmp_path / "plain.h5", 3, fast_decode=False, similarity=similarity)
     cuda_lm.static_steps.clear()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latentmas.fused_projections import GroupMember, ProjectionGroup, fuse_projections
+from latentmas.fused_projections import GroupMember, ProjectionGroup, SkinnyLinear, fuse_projections
 from latentmas.shared_cache import SegmentKey, SharedCache
 
 
@@ -18,6 +18,10 @@ def test_a_fused_model_computes_the_same_logits_with_the_same_parameters(tiny_lm
     attention = fused_lm.model.model.layers[0].self_attn
     assert isinstance(attention.q_proj, GroupMember) and isinstance(attention.qkv_proj, ProjectionGroup)
     assert isinstance(fused_lm.model.model.layers[0].mlp.up_proj, GroupMember)
+    assert type(attention.o_proj) is SkinnyLinear and type(fused_lm.model.model.layers[0].mlp.down_proj) is SkinnyLinear
+    names = {name.replace("qkv_proj", "q_proj").replace("gate_up_proj", "gate_proj") for name in fused_lm.model.state_dict()}
+    assert {n for n in names if "o_proj" in n or "down_proj" in n} == {
+        n for n in tiny_lm.model.state_dict() if "o_proj" in n or "down_proj" in n}  # singles keep their names
     assert sum(p.numel() for p in fused_lm.model.parameters()) == sum(p.numel() for p in tiny_lm.model.parameters())
     ids, mask = _prompts(tiny_lm, "What is 2 + 3?", "Add 17 and 25, then halve it.")
     with torch.no_grad():

@@ -292,3 +292,17 @@ def test_sampling_runs_inside_a_captured_cuda_graph():
         assert int(step) == expected_step + 1
     noise = counter_uniform(keys, torch.tensor([4], device=device), 1000)
     assert torch.equal(noise.cpu(), counter_uniform(keys.cpu(), torch.tensor([4]), 1000))  # same bits on both devices
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 130, 1000, 151936])
+@pytest.mark.parametrize("slices", [1, 3, 128, 5000])
+def test_first_argmax_is_argmax_ties_included(vocab, slices):
+    """The sliced argmax returns argmax's index (the first largest), also where values tie within and
+    across slices and where the vocabulary does not divide into the slices (padded with -inf)."""
+    from latentmas.sampling import first_argmax
+
+    generator = torch.Generator().manual_seed(vocab + slices)
+    for scores in (torch.randn(4, vocab, generator=generator),
+                   torch.randint(0, 3, (4, vocab), generator=generator).float(),  # ties everywhere
+                   torch.full((4, vocab), -2.5)):  # one value: index 0
+        assert torch.equal(first_argmax(scores, slices), scores.argmax(dim=-1))
