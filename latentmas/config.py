@@ -125,8 +125,9 @@ class RunConfig:
                                        "(default: on CUDA only).", "benchmark-only", negative="plain_decode")
     graph_prefill: bool = setting(True, "With the fast path, prefill the prompts of batches of up to 4 in chunks "
                                   "replayed as CUDA graphs where nothing hooks the model (on an H200, 0.89x the time "
-                                  "per Qwen3-4B problem at batch size 1); the query and attention similarities and "
-                                  "kNN scoring hook theirs eagerly. --eager_prefill: always eagerly.",
+                                  "per Qwen3-4B problem at batch size 1); kNN scoring hooks its prefill eagerly, and "
+                                  "the query and attention similarities read the chunks' queries. --eager_prefill: "
+                                  "always eagerly.",
                                   "benchmark-only", negative="eager_prefill")
     compile_step: bool = setting(False, "Compile that static step with torch.compile (inductor) before "
                                  "recording it: ~3 ms faster per Qwen3-4B step on an H200, but each kind of "

@@ -1,27 +1,18 @@
 """decode_attention: the split-KV triton kernels and the torch reference against SDPA on repeated keys.
 
-Without CUDA the kernels run in triton's interpreter on CPU tensors. TRITON_INTERPRET is read
-whenever `triton.jit` decorates a function, and triton's own library functions (tl.zeros,
-tl.max, tl.sum, ...) are decorated when `triton.language` is first imported; inside one pytest
-session that has already happened by the time this module is collected (importing
-latentmas.fast_decode imports triton). Kernels of ours run in the interpreter but calling
-those library functions from them then fails (checked with triton 3.9). So on CPU the kernel
-tests run in a child pytest of this module with TRITON_INTERPRET=1 set from the start
-(`test_kernels_in_the_triton_interpreter`); in this process they skip. On CUDA they run here.
+Without CUDA the kernels run in triton's interpreter on CPU tensors, in a child pytest
+(`test_kernels_in_the_triton_interpreter`, see tests/triton_interpreter.py); on CUDA they run here.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_interpreter import DEVICE, interpreter_child_test, kernels_fixture
 
 from latentmas.kernels import decode_attention, decode_attention_reference
 from latentmas.kernels.decode_attention import _decode_attention_triton, split_plan
@@ -29,41 +20,13 @@ from latentmas.kernels.decode_attention import _decode_attention_triton, split_p
 # the package's `decode_attention` is the function; the module of the same name is this
 module = importlib.import_module("latentmas.kernels.decode_attention")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRETED = DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 # bf16 outputs are rounded to bf16 (half an ulp is 2**-9 relative) and the kernel rounds the softmax
 # weights to bf16 before multiplying by the values, as flash attention does.
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    """The triton kernels, when they can run in this process (CUDA, or the interpreter from the start)."""
-    if module.triton is None:
-        pytest.skip("triton does not import")
-    if DEVICE == "cpu" and not INTERPRETED:
-        pytest.skip("on CPU the kernels run in test_kernels_in_the_triton_interpreter's child process")
-    built = module._kernels()
-    if INTERPRETED:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        assert isinstance(built[0], InterpretedFunction) and built[2], "kernels not built for the interpreter"
-        assert isinstance(module.tl.zeros, InterpretedFunction), "triton was imported before TRITON_INTERPRET=1"
-    return built
-
-
-@pytest.mark.skipif(DEVICE == "cuda" or INTERPRETED or module.triton is None,
-                    reason="the kernel tests run in this process (CUDA or interpreter), or triton is missing")
-def test_kernels_in_the_triton_interpreter():
-    """Every test of this module that takes the `kernels` fixture, in a child pytest under the interpreter."""
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "kernel and not in_the_triton_interpreter",
-                           str(Path(__file__).resolve())], cwd=repo, env=env, capture_output=True, text=True,
-                          timeout=240)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert " passed" in done.stdout and " skipped" not in done.stdout, done.stdout[-2000:]
+kernels = kernels_fixture(module)
+test_kernels_in_the_triton_interpreter = interpreter_child_test(__file__, module)
 
 
 @dataclass(frozen=True)

@@ -1,48 +1,25 @@
 """skinny_linear: the few-row projection kernels against an fp32 product, and the dispatch around them.
 
-On CPU the kernels run in triton's interpreter in a child pytest (TRITON_INTERPRET must be set
-before triton is first imported, see tests/test_decode_attention.py); on CUDA they run here.
+On CPU the kernels run in triton's interpreter in a child pytest (tests/triton_interpreter.py); on
+CUDA they run here.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_interpreter import DEVICE, interpreter_child_test, kernels_fixture
 
 from latentmas.kernels.skinny_linear import MAX_ROWS, Plan, plan, skinny_linear, usable
 
 module = importlib.import_module("latentmas.kernels.skinny_linear")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRETED = DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    if module.triton is None:
-        pytest.skip("triton does not import")
-    if DEVICE == "cpu" and not INTERPRETED:
-        pytest.skip("on CPU the kernels run in test_kernels_in_the_triton_interpreter's child process")
-    return module._kernels()
-
-
-@pytest.mark.skipif(DEVICE == "cuda" or INTERPRETED or module.triton is None,
-                    reason="the kernel tests run in this process (CUDA or interpreter), or triton is missing")
-def test_kernels_in_the_triton_interpreter():
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
-                           "kernel and not in_the_triton_interpreter", str(Path(__file__).resolve())],
-                          cwd=repo, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert " passed" in done.stdout and " skipped" not in done.stdout, done.stdout[-2000:]
+kernels = kernels_fixture(module)
+test_kernels_in_the_triton_interpreter = interpreter_child_test(__file__, module)
 
 
 @pytest.mark.parametrize("rows", [1, 3, MAX_ROWS])

@@ -55,22 +55,14 @@ class Plan(NamedTuple):
 
 
 def plan(rows: int, out_features: int, in_features: int) -> Plan:
-    """The launch for `[rows, in_features] @ [out_features, in_features].T`, from the shape alone: the
-    sweep's best tiles (module docstring). Few outputs (at most 4096: o_proj, down_proj) split the
+    """The launch for `[rows, in_features] @ [out_features, in_features].T`, from the shape alone: tiles
+    close to the sweep's best (module docstring). Few outputs (at most 4096: o_proj, down_proj) split the
     input features so that enough programs run; many (gate/up, q/k/v) take them whole."""
     few = out_features <= 4096
     if rows == 1:
         return Plan(16, 256 if in_features >= 4096 else 128, 4 if few else 1, warps=8 if few else 4,
                     stages=3 if few else 4)
     return Plan(32, 128, (8 if in_features <= 4096 else 4) if few else 1, stages=3)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def available() -> bool:
-    return triton is not None and torch.cuda.is_available()
 
 
 @functools.cache
@@ -164,20 +156,20 @@ def _skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         return out
     matmul_kernel, sum_kernel, interpreted = _kernels()
     split = tiles.split_k
-    k_per_split = triton_cdiv(triton_cdiv(in_features, split), tiles.block_k) * tiles.block_k
-    split = triton_cdiv(in_features, k_per_split)  # no empty slice
+    k_per_split = triton.cdiv(triton.cdiv(in_features, split), tiles.block_k) * tiles.block_k
+    split = triton.cdiv(in_features, k_per_split)  # no empty slice
     summed = split > 1 or bias is not None
     part = torch.empty(split, rows, out_features, dtype=torch.float32, device=x.device) if summed else out
     block_m = 1 if rows == 1 else 16
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        matmul_kernel[(triton_cdiv(out_features, tiles.block_n), split)](
+        matmul_kernel[(triton.cdiv(out_features, tiles.block_n), split)](
             x, weight, out, part, rows, out_features, in_features, k_per_split,
             x.stride(0), weight.stride(0), out.stride(0),
             BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PARTIAL=summed,
             UPCAST_DOT=interpreted, num_warps=tiles.warps, num_stages=tiles.stages)
         if summed:
             block = 1024
-            sum_kernel[(triton_cdiv(rows * out_features, block),)](
+            sum_kernel[(triton.cdiv(rows * out_features, block),)](
                 part, bias if bias is not None else part, out, rows, out_features, out.stride(0),
                 SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
     return out
