@@ -45,6 +45,24 @@ def graph_seconds(function, replays: int):
     return start.elapsed_time(end) / 1e3 / replays, output
 
 
+@contextlib.contextmanager
+def stop21_sampler():
+    """`sampling` as it was before 16-bit sort keys and the cumulative sum in slices (stop 21): top-p
+    sorts the float32 logits and takes one scan over the row. For side-by-side timings; compile (or
+    record) the sampler inside the block."""
+    from latentmas import sampling
+
+    warp = sampling.warp_logits
+
+    def float32_sort(logits, temperature, top_k, top_p, sort_keys=None):
+        return warp(logits, temperature, top_k, top_p)
+
+    one_scan = torch.compiler.disable(lambda x: x.cumsum(dim=-1))
+    with mock.patch.object(sampling, "warp_logits", float32_sort), \
+            mock.patch.object(sampling, "_cumulative_sum", one_scan):
+        yield
+
+
 def peak_bytes(device) -> int:
     """The peak memory so far: torch's peak allocated bytes on CUDA, the process's peak RSS elsewhere."""
     if device.type == "cuda":

@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 
 import click
+import common
 import torch
 from common import machine, sync
 
@@ -45,12 +47,14 @@ def _timed(fn, n, device):
 @click.option("--capacity", default=1131, show_default=True,
               help="columns the single-step caches make room for (a batch of 64 GSM8K problems needs 1,131)")
 @click.option("--compile_step", is_flag=True, help="also time the compiled step (compiling takes minutes)")
-@click.option("--profile/--no-profile", default=True, help="profile the last sampling step timed")
+@click.option("--profile/--no-profile", default=True, help="profile the fastest sampling step of each batch size")
 @click.option("--argmax_slices", default="", help="with --compile_step: also time the compiled sampling step with "
               "each of these `sampling.ARGMAX_SLICES` (e.g. 128,1: the sampler's argmax in slices, then in one stage)")
+@click.option("--stop21_sampler", is_flag=True, help="with --compile_step: also time the compiled sampling step "
+              "with today's top-p and stop 21's (float32 sort keys, one scan over the row), side by side")
 @click.option("--device", default="cuda")
 def main(model_name, random_weights, data_file, passes, batch_sizes, capacity, compile_step, profile, argmax_slices,
-         device):
+         stop21_sampler, device):
     task = get_task("gsm8k")
     problems = load_problems(task, data_file, 1)
     from latentmas.models import load_model
@@ -93,6 +97,9 @@ def main(model_name, random_weights, data_file, passes, batch_sizes, capacity, c
                       f"{_timed(lambda step=step: step.run(token), 100, device):.3f} ms/step", flush=True)
                 if with_sampler is not None and (fastest is None or compiled):
                     fastest = (step, token)
+        if device.type == "cuda" and profile and fastest is not None:
+            _profile(*fastest, device, batch)  # before the steps below replace it
+        fastest = None
         print(f"  sampler outside a graph (t 0.6, top-p 0.95): {_timed(lambda: sampler(logits), 50, device):.3f} ms",
               flush=True)
         for slices in (int(n) for n in argmax_slices.split(",") if n and compile_step):
@@ -103,16 +110,27 @@ def main(model_name, random_weights, data_file, passes, batch_sizes, capacity, c
             times = [_timed(lambda step=step: step.run(token), 100, device) for _ in range(3)]
             print(f"  graph step compiled sampled, argmax in {slices} slice(s): "
                   f"{' / '.join(f'{t:.3f}' for t in times)} ms/step", flush=True)
+        samplers = (("today's", contextlib.nullcontext), ("stop 21's", common.stop21_sampler))
+        for label, variant in samplers * 2 if stop21_sampler and compile_step else ():
+            sampling._COMPILED.clear()
+            lm.static_steps.clear()
+            with variant():
+                step = static_step(lm, shared, 200, compiled=True, sampler=sampler)
+            times = [_timed(lambda step=step: step.run(token), 100, device) for _ in range(3)]
+            print(f"  graph step compiled sampled, {label} top-p: {' / '.join(f'{t:.3f}' for t in times)} ms/step",
+                  flush=True)
         del shared
         lm.static_steps.clear()
-    if device.type == "cuda" and profile and fastest is not None:
-        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        step, token = fastest
-        with torch.profiler.profile(activities=activities) as prof:
-            for _ in range(10):
-                token = step.run(token)
-            sync(device)
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
+
+
+def _profile(step, token, device, batch: int, steps: int = 10) -> None:
+    """The top kernels of `steps` runs of `step` (the fastest sampling step of this batch size)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            token = step.run(token)
+        sync(device)
+    print(f"  profile of {steps} sampling steps at batch {batch}:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
 
 
 if __name__ == "__main__":

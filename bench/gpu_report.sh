@@ -3,8 +3,10 @@
 # device call on an H200 (each command runs under a time limit; a part's limits add up to at most 580 s):
 #
 #   bash bench/gpu_report.sh probe     # prefills eager and in graphed chunks, ms per prefill; the CUDA tests
-#   bash bench/gpu_report.sh kernels   # projections (cuBLAS, skinny_linear and its tiles), sampling; the
-#                                      # bench at 1 and 16 (step not compiled) with skinny_linear on, then off
+#   bash bench/gpu_report.sh kernels   # projections (cuBLAS, skinny_linear and its tiles), sampling today and as
+#                                      # in stop 21; the bench at 1 (step compiled) with skinny_linear on, then off
+#   bash bench/gpu_report.sh order     # the compiled step at 16 in a process that compiled batch size 1 first,
+#                                      # then in one that did not (kernel profiles of both)
 #   bash bench/gpu_report.sh table     # the bench table, batch sizes 1/16/64/128, capture off and on
 #   bash bench/gpu_report.sh modes     # capture overhead per similarity mode at batch sizes 1 and 16, seed at 64
 #   bash bench/gpu_report.sh profile   # time per phase and GPU time by kind of kernel, batch size 1
@@ -28,9 +30,9 @@ A=("${M[@]}" --data_file "$DATA")
 PREFILL=()
 [ "${COMPILE_PREFILL:-0}" = 1 ] && PREFILL=(--compile_prefill)
 [ "${EAGER_PREFILL:-0}" = 1 ] && PREFILL+=(--eager_prefill)
-PARTS=" probe kernels table modes profile profile64 "
+PARTS=" probe kernels order table modes profile profile64 "
 for part in "$@"; do
-    [[ $PARTS == *" $part "* ]] || { echo "unknown part '$part' (probe, kernels, table, modes, profile, profile64)" >&2; exit 2; }
+    [[ $PARTS == *" $part "* ]] || { echo "unknown part '$part' (probe, kernels, order, table, modes, profile, profile64)" >&2; exit 2; }
 done
 NOISE='^Warning|Online softmax|regex'  # lines of library chatter, nothing of ours
 
@@ -49,14 +51,17 @@ for part in "$@"; do
               run 250 python -m pytest -q -p no:logging tests/test_cuda.py tests/test_graph_prefill.py; } ;;
         kernels)
             { run 150 python bench/gemm_probe.py --batch_sizes 1,4,16 --skinny
-              run 80 python bench/sampling_probe.py --batch_sizes 1,16,64
+              run 80 python bench/sampling_probe.py --batch_sizes 1,16,64 --slices 128 --stop21
               for skinny in 1 0; do
                   export LATENTMAS_SKINNY_LINEAR=$skinny
                   echo "LATENTMAS_SKINNY_LINEAR=$skinny"
-                  run 90 python bench/latentmas_speed.py "${A[@]}" --batch_sizes 1,16 \
-                      --problems_bs1 3 --repeats 2 "${PREFILL[@]}"
+                  run 170 python bench/latentmas_speed.py "${A[@]}" --batch_sizes 1 \
+                      --problems_bs1 3 --repeats 2 --compile_step "${PREFILL[@]}"
               done
               unset LATENTMAS_SKINNY_LINEAR; } ;;
+        order)
+            { run 260 python bench/decode_probe.py "${A[@]}" --passes 0 --batch_sizes 1,16 --compile_step
+              run 200 python bench/decode_probe.py "${A[@]}" --passes 0 --batch_sizes 16 --compile_step --stop21_sampler; } ;;
         table)
             run 580 python bench/latentmas_speed.py "${A[@]}" --batch_sizes 1,4,16,64,128 --problems_bs1 3 --repeats 2 --eager_prefill_at 1,4 \
                 --compile_step "${PREFILL[@]}" ;;

@@ -99,33 +99,66 @@ def counter_uniform(row_keys: torch.Tensor, step: torch.Tensor, vocab: int) -> t
     return top.add_(0.5).mul_(2.0 ** -UNIT_BITS)  # as unit_from_bits, without its temporaries
 
 
-def warp_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+def warp_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                sort_keys: torch.Tensor | None = None) -> torch.Tensor:
     """transformers' temperature -> top-k -> top-p warpers on float32 logits `[batch, vocab]` -> `[batch, vocab]`,
     dropped tokens set to -inf; the same ops (and so the same ties) as `TemperatureLogitsWarper`,
-    `TopKLogitsWarper` and `TopPLogitsWarper` with their defaults (min_tokens_to_keep 1).
+    `TopKLogitsWarper` and `TopPLogitsWarper` with their defaults (min_tokens_to_keep 1), but for
+    top-p's cumulative sum, which is taken in slices (`_cumulative_sum`).
 
     top-k keeps every token whose score is >= the k-th largest (ties at the cut all stay); k is
     capped at the vocabulary; 0 = no cut. top-p sorts ascending and drops the tokens whose
     cumulative probability is <= 1 - top_p, always keeping the most likely one; 1.0 = no cut.
+
+    sort_keys: the bfloat16 or float16 logits `logits` was made from (`logits` = sort_keys.float()),
+    or None. top-p then sorts them instead: half the key bits, so half the radix passes of the
+    sort, and the same order with the same ties, so the same tokens dropped. (`x.float() / temperature`
+    is strictly increasing on 16-bit floats wherever the quotient neither overflows nor underflows:
+    neighbours are at least 2**-11 apart, relatively, and float32's division rounds by at most 2**-24.)
     """
+    if sort_keys is not None and sort_keys.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"sort_keys must be bfloat16 or float16 logits, got {sort_keys.dtype}")
     logits = logits / temperature  # a new tensor: the cuts below fill it in place
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]))[0][..., -1, None]
         logits.masked_fill_(logits < kth, -float("inf"))
+        if sort_keys is not None:
+            sort_keys = sort_keys.masked_fill(logits == -float("inf"), -float("inf"))
     if top_p < 1.0:
-        ordered, order = torch.sort(logits, descending=False)
+        if sort_keys is None:
+            ordered, order = torch.sort(logits, descending=False)
+        else:
+            ordered, order = torch.sort(sort_keys, descending=False)
+            ordered = ordered.float() / temperature  # = logits sorted: the same op on the same values
         drop_sorted = _cumulative_sum(ordered.softmax(dim=-1)) <= 1 - top_p
         drop_sorted[..., -1:] = False
         logits.masked_fill_(drop_sorted.scatter(1, order, drop_sorted), -float("inf"))
     return logits
 
 
+SCAN_WIDTH = 1024  # `_cumulative_sum`'s slice width
+
+
 @torch.compiler.disable
 def _cumulative_sum(x: torch.Tensor) -> torch.Tensor:
-    """`x.cumsum(-1)`, run eagerly under torch.compile: inductor (torch 2.11) fails to generate a
-    cumulative sum over `[batch > 1, 151936]` (`SplitScan`, seen on an H200), so `compiled_sampler`
-    compiles around it."""
-    return x.cumsum(dim=-1)
+    """`x.cumsum(-1)` for `[batch, vocab]` -> `[batch, vocab]`, taken in two levels: each slice of
+    SCAN_WIDTH columns on its own (the slices are the rows of one scan), then each slice's total
+    carried into the slices after it, so a row is summed the same way at every batch size. On CUDA
+    one scan over the whole row is slow at batch sizes above 1: in the compiled sampling step on an
+    H200, torch's `tensor_kernel_scan_innermost_dim` took 197 µs per step at batch size 16 and 245 µs
+    at 64 (at batch size 1 torch uses cub's scan, 3 µs, which rounds differently).
+
+    The sums round differently from one sequential scan, so a token whose cumulative probability lies
+    within float32 rounding of top-p's cut can fall the other way than in transformers' warper.
+    Run eagerly under torch.compile: inductor (torch 2.11) failed to generate a scan over
+    `[batch > 1, 151936]` (`SplitScan`, seen on an H200).
+    """
+    batch, vocab = x.shape
+    slices = -(-vocab // SCAN_WIDTH)
+    padded = torch.nn.functional.pad(x, (0, slices * SCAN_WIDTH - vocab)).view(batch, slices, SCAN_WIDTH)
+    within = padded.cumsum(dim=-1)  # [batch, slices, width]
+    before = torch.nn.functional.pad(within[:, :-1, -1].cumsum(dim=-1), (1, 0))  # [batch, slices]: earlier slices' mass
+    return (within + before[..., None]).view(batch, -1)[:, :vocab]
 
 
 def sample_tokens(
@@ -137,7 +170,8 @@ def sample_tokens(
     top_p: float = 1.0,
 ) -> torch.Tensor:
     """Next tokens `[batch]` long from logits `[batch, vocab]`: argmax when temperature <= 0,
-    else an exact draw from the warped softmax p (`warp_logits`) by an exponential race,
+    else an exact draw from the warped softmax p (`warp_logits`; bfloat16 / float16 logits are
+    top-p's sort keys) by an exponential race,
     argmax_i p_i / E_i with E_i = -log(u_i), u = `counter_uniform(row_keys, step, vocab)`.
 
     row_keys: int64 `[batch]`; step: int64 `[1]` or `[batch]` device tensor. Pure tensor ops,
@@ -145,6 +179,7 @@ def sample_tokens(
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {list(logits.shape)}")
+    sort_keys = logits if logits.dtype in (torch.bfloat16, torch.float16) else None
     logits = logits.float()
     if temperature <= 0:
         return logits.argmax(dim=-1)
@@ -152,7 +187,7 @@ def sample_tokens(
         raise ValueError(f"top_k must be an integer >= 0 (0 = no cut), got {top_k!r}")
     if not 0.0 <= top_p <= 1.0:
         raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")
-    probs = warp_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+    probs = warp_logits(logits, temperature, top_k, top_p, sort_keys).softmax(dim=-1)
     race = counter_uniform(row_keys, step, logits.shape[-1]).log_().neg_()  # E = -log(u) ~ Exp(1), finite, > 0
     return first_argmax(probs.div_(race))
 

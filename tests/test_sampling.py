@@ -10,6 +10,7 @@ import torch
 from scipy import stats
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from latentmas import sampling
 from latentmas.decoding import Sampling, problem_generators
 from latentmas.sampling import (
     Sampler,
@@ -141,6 +142,44 @@ def test_warp_keeps_what_transformers_keeps(temperature, top_k, top_p):
     ours = warp_logits(logits, temperature, top_k, top_p)
     assert torch.equal(ours, transformers_warp(logits, temperature, top_k, top_p))
     assert bool(torch.isfinite(ours).any(dim=-1).all())  # at least one token kept per row
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("vocab", [sampling.SCAN_WIDTH, 3000, 151936])
+def test_cumulative_sum_in_slices_is_a_cumulative_sum_row_by_row(vocab, device):
+    """The two-level scan against float64's cumsum, over widths that end inside a slice and on one;
+    each row of a batch is summed exactly as that row alone."""
+    x = torch.rand(5, vocab, generator=torch.Generator().manual_seed(vocab)).to(device)
+    x = x / x.sum(-1, keepdim=True)
+    ours = sampling._cumulative_sum(x)
+    assert ours.shape == x.shape
+    torch.testing.assert_close(ours.double(), x.double().cumsum(-1), rtol=0, atol=2e-6)
+    for row in range(5):
+        assert torch.equal(ours[row:row + 1], sampling._cumulative_sum(x[row:row + 1]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("dtype", "top_k"), [(torch.bfloat16, 0), (torch.bfloat16, 700), (torch.float16, 0)])
+def test_top_p_on_16_bit_sort_keys_drops_what_the_float32_sort_drops(dtype, top_k, device):
+    """Sorting the model's 16-bit logits gives top-p the order (ties included) of sorting the float32
+    warped ones: the same kept set, and so the same draws, on rows full of ties and -inf."""
+    logits = (torch.randn(6, 5000, generator=torch.Generator().manual_seed(7)) * 3).to(device, dtype)
+    logits[0, :300] = -float("inf")
+    logits[1] = logits[1].round()  # a row of few distinct values: ties at any cut
+    assert len(torch.unique(logits[2])) < 4500  # 16-bit logits tie everywhere
+    for temperature, top_p in ((0.6, 0.95), (1.3, 0.5), (0.9, 0.999)):
+        fp32 = warp_logits(logits.float(), temperature, top_k, top_p)
+        assert torch.equal(warp_logits(logits.float(), temperature, top_k, top_p, sort_keys=logits), fp32)
+        assert bool((torch.isinf(fp32) & torch.isfinite(logits.float())).any())  # the cut dropped some
+        keys = torch.arange(6, dtype=torch.int64, device=device) * 11 + 3
+        step = torch.tensor([5], device=device)
+        assert torch.equal(sample_tokens(logits, keys, step, temperature, top_k, top_p),
+                           sample_tokens(logits.float(), keys, step, temperature, top_k, top_p))
+    with pytest.raises(ValueError, match="sort_keys must be bfloat16 or float16"):
+        warp_logits(logits.float(), 0.6, 0, 0.9, sort_keys=logits.float())
 
 
 def test_warp_ties_and_cuts_by_hand():
