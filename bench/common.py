@@ -140,6 +140,7 @@ class Pass:
     judger: float = 0.0  # the judger's prefill + decode
     recorder: float = float("nan")  # inside the recorder (timed passes only)
     decoded_tokens: int = 0
+    writing: float = float("nan")  # in `write_batch` (the commit and its fsyncs), capture passes, no added syncs
 
 
 def run_pass(lm, problems, task, cfg, capture_path: Path | None = None, timed: bool = False) -> Pass:
@@ -168,13 +169,15 @@ def run_pass(lm, problems, task, cfg, capture_path: Path | None = None, timed: b
         if lm.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(lm.device)
         start = time.perf_counter()
-        decoded = 0
+        decoded, writing = 0, 0.0
         for i in range(0, len(problems), cfg.generate_bs):
             batch = problems[i:i + cfg.generate_bs]
             results = solve(lm, batch, task, cfg, observer=recorder)
             decoded += sum(r.generated_tokens for r in results)
             if recorder is not None:
+                written = time.perf_counter()
                 recorder.write_batch(results)
+                writing += time.perf_counter() - written
         sync(lm.device)
         elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(lm.device) / 2**20 if lm.device.type == "cuda" else float("nan")
@@ -182,7 +185,8 @@ def run_pass(lm, problems, task, cfg, capture_path: Path | None = None, timed: b
     if recorder is not None:
         recorder.close()
     n = len(problems)
-    return Pass(elapsed / n, peak, judger_seconds[0] / n, inside / n, decoded)
+    return Pass(elapsed / n, peak, judger_seconds[0] / n, inside / n, decoded,
+                writing / n if recorder is not None else float("nan"))
 
 
 def prefill_kind(compiled: bool, eager: bool, batch: int) -> str:

@@ -63,7 +63,7 @@ def main(batch_sizes, slices, dtype, profile, stop21):
             first = picks if first is None else first
             print(f"| {batch} | {label} | {seconds / DRAWS * 1e6:.1f} | {same} |", flush=True)
         if profile:
-            print(f"kernels of {2 * DRAWS} draws at batch {batch}, {cases[-1][0]} (warm-up, then one replay):")
+            print(f"kernels of {3 * DRAWS} draws at batch {batch}, {cases[-1][0]} (warm-up, then two replays):")
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=90))
 
 

@@ -143,13 +143,15 @@ SCAN_WIDTH = 1024  # `_cumulative_sum`'s slice width
 def _cumulative_sum(x: torch.Tensor) -> torch.Tensor:
     """`x.cumsum(-1)` for `[batch, vocab]` -> `[batch, vocab]`, taken in two levels: each slice of
     SCAN_WIDTH columns on its own (the slices are the rows of one scan), then each slice's total
-    carried into the slices after it, so a row is summed the same way at every batch size. On CUDA
-    one scan over the whole row is slow at batch sizes above 1: in the compiled sampling step on an
-    H200, torch's `tensor_kernel_scan_innermost_dim` took 197 µs per step at batch size 16 and 245 µs
-    at 64 (at batch size 1 torch uses cub's scan, 3 µs, which rounds differently).
+    carried into the slices after it. On CUDA one scan over whole rows is slow at batch sizes above
+    1: in the compiled sampling step on an H200, torch's `tensor_kernel_scan_innermost_dim` over the
+    batch's 151,936-token rows took 197 µs per step at batch size 16 and 245 µs at 64.
 
-    The sums round differently from one sequential scan, so a token whose cumulative probability lies
-    within float32 rounding of top-p's cut can fall the other way than in transformers' warper.
+    The sums round differently from one scan over the row (sequential on the CPU), so a token whose
+    cumulative probability lies within float32 rounding of top-p's cut can fall the other way than in
+    transformers' warper. On the CPU a row is summed the same way at every batch size; on CUDA torch
+    picks its scan kernel and chunking by the number of rows, so the rounding can depend on the batch
+    size (as other GPU kernels' does, docs/faithfulness.md).
     Run eagerly under torch.compile: inductor (torch 2.11) failed to generate a scan over
     `[batch > 1, 151936]` (`SplitScan`, seen on an H200).
     """
