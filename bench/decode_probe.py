@@ -52,9 +52,18 @@ def _timed(fn, n, device):
               "each of these `sampling.ARGMAX_SLICES` (e.g. 128,1: the sampler's argmax in slices, then in one stage)")
 @click.option("--stop21_sampler", is_flag=True, help="with --compile_step: also time the compiled sampling step "
               "with today's top-p and stop 21's (float32 sort keys, one scan over the row), side by side")
+@click.option("--as_stop21", is_flag=True, help="run everything with stop 21's top-p (`common.stop21_sampler`), "
+              "to tell its effect on the whole process from that on the sampling step")
 @click.option("--device", default="cuda")
 def main(model_name, random_weights, data_file, passes, batch_sizes, capacity, compile_step, profile, argmax_slices,
-         stop21_sampler, device):
+         stop21_sampler, as_stop21, device):
+    with common.stop21_sampler() if as_stop21 else contextlib.nullcontext():
+        probe(model_name, random_weights, data_file, passes, batch_sizes, capacity, compile_step, profile,
+              argmax_slices, stop21_sampler, device)
+
+
+def probe(model_name, random_weights, data_file, passes, batch_sizes, capacity, compile_step, profile, argmax_slices,
+          stop21_sampler, device):
     task = get_task("gsm8k")
     problems = load_problems(task, data_file, 1)
     from latentmas.models import load_model

@@ -6,7 +6,7 @@
 #   bash bench/gpu_report.sh kernels   # projections (cuBLAS, skinny_linear and its tiles), sampling today and as
 #                                      # in stop 21; the bench at 1 (step compiled) with skinny_linear on, then off
 #   bash bench/gpu_report.sh order     # the compiled step at 16 in a process that compiled batch size 1 first,
-#                                      # then in one that did not (kernel profiles of both)
+#                                      # in one that did not, and in one with stop 21's top-p (kernel profiles)
 #   bash bench/gpu_report.sh table     # the bench table, batch sizes 1/16/64/128, capture off and on
 #   bash bench/gpu_report.sh modes     # capture overhead per similarity mode at batch sizes 1 and 16, seed at 64
 #   bash bench/gpu_report.sh profile   # time per phase and GPU time by kind of kernel, batch size 1
@@ -60,8 +60,9 @@ for part in "$@"; do
               done
               unset LATENTMAS_SKINNY_LINEAR; } ;;
         order)
-            { run 260 python bench/decode_probe.py "${A[@]}" --passes 0 --batch_sizes 1,16 --compile_step
-              run 200 python bench/decode_probe.py "${A[@]}" --passes 0 --batch_sizes 16 --compile_step --stop21_sampler; } ;;
+            { run 230 python bench/decode_probe.py "${A[@]}" --passes 0 --batch_sizes 1,16 --compile_step
+              run 150 python bench/decode_probe.py "${A[@]}" --passes 0 --batch_sizes 16 --compile_step
+              run 190 python bench/decode_probe.py "${A[@]}" --passes 0 --batch_sizes 1,16 --compile_step --as_stop21; } ;;
         table)
             run 580 python bench/latentmas_speed.py "${A[@]}" --batch_sizes 1,4,16,64,128 --problems_bs1 3 --repeats 2 --eager_prefill_at 1,4 \
                 --compile_step "${PREFILL[@]}" ;;
