@@ -63,6 +63,11 @@ def stop21_sampler():
         yield
 
 
+def top_kernels(prof, rows: int) -> str:
+    """A torch profiler's table of its `rows` kernels with the most CUDA time."""
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90)
+
+
 def peak_bytes(device) -> int:
     """The peak memory so far: torch's peak allocated bytes on CUDA, the process's peak RSS elsewhere."""
     if device.type == "cuda":

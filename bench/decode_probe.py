@@ -113,23 +113,23 @@ def probe(model_name, random_weights, data_file, passes, batch_sizes, capacity, 
               flush=True)
         for slices in (int(n) for n in argmax_slices.split(",") if n and compile_step):
             sampling.ARGMAX_SLICES = slices  # read while the sampler is traced (dynamo guards on it)
-            sampling._COMPILED.clear()
-            lm.static_steps.clear()
-            step = static_step(lm, shared, 200, compiled=True, sampler=sampler)
-            times = [_timed(lambda step=step: step.run(token), 100, device) for _ in range(3)]
-            print(f"  graph step compiled sampled, argmax in {slices} slice(s): "
-                  f"{' / '.join(f'{t:.3f}' for t in times)} ms/step", flush=True)
+            _time_rebuilt_step(lm, shared, sampler, token, f"argmax in {slices} slice(s)")
         samplers = (("today's", contextlib.nullcontext), ("stop 21's", common.stop21_sampler))
         for label, variant in samplers * 2 if stop21_sampler and compile_step else ():
-            sampling._COMPILED.clear()
-            lm.static_steps.clear()
             with variant():
-                step = static_step(lm, shared, 200, compiled=True, sampler=sampler)
-            times = [_timed(lambda step=step: step.run(token), 100, device) for _ in range(3)]
-            print(f"  graph step compiled sampled, {label} top-p: {' / '.join(f'{t:.3f}' for t in times)} ms/step",
-                  flush=True)
+                _time_rebuilt_step(lm, shared, sampler, token, f"{label} top-p")
         del shared
         lm.static_steps.clear()
+
+
+def _time_rebuilt_step(lm, shared, sampler, token, label: str) -> None:
+    """Compile and record the sampling step afresh (the sampler traced again) and print three timings
+    of 100 steps."""
+    sampling._COMPILED.clear()
+    lm.static_steps.clear()
+    step = static_step(lm, shared, 200, compiled=True, sampler=sampler)
+    times = [_timed(lambda: step.run(token), 100, lm.device) for _ in range(3)]
+    print(f"  graph step compiled sampled, {label}: {' / '.join(f'{t:.3f}' for t in times)} ms/step", flush=True)
 
 
 def _profile(step, token, device, batch: int, steps: int = 10) -> None:
@@ -139,7 +139,7 @@ def _profile(step, token, device, batch: int, steps: int = 10) -> None:
             token = step.run(token)
         sync(device)
     print(f"  profile of {steps} sampling steps at batch {batch}:")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
+    print(common.top_kernels(prof, 25))
 
 
 if __name__ == "__main__":

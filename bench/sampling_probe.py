@@ -14,7 +14,7 @@ import contextlib
 
 import click
 import torch
-from common import graph_seconds, stop21_sampler
+from common import graph_seconds, stop21_sampler, top_kernels
 
 from latentmas import sampling
 
@@ -64,7 +64,7 @@ def main(batch_sizes, slices, dtype, profile, stop21):
             print(f"| {batch} | {label} | {seconds / DRAWS * 1e6:.1f} | {same} |", flush=True)
         if profile:
             print(f"kernels of {3 * DRAWS} draws at batch {batch}, {cases[-1][0]} (warm-up, then two replays):")
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=90))
+            print(top_kernels(prof, 15))
 
 
 if __name__ == "__main__":

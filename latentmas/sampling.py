@@ -121,9 +121,10 @@ def warp_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     logits = logits / temperature  # a new tensor: the cuts below fill it in place
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]))[0][..., -1, None]
-        logits.masked_fill_(logits < kth, -float("inf"))
+        cut = logits < kth
+        logits.masked_fill_(cut, -float("inf"))
         if sort_keys is not None:
-            sort_keys = sort_keys.masked_fill(logits == -float("inf"), -float("inf"))
+            sort_keys = sort_keys.masked_fill(cut, -float("inf"))
     if top_p < 1.0:
         if sort_keys is None:
             ordered, order = torch.sort(logits, descending=False)
@@ -156,11 +157,19 @@ def _cumulative_sum(x: torch.Tensor) -> torch.Tensor:
     `[batch > 1, 151936]` (`SplitScan`, seen on an H200).
     """
     batch, vocab = x.shape
-    slices = -(-vocab // SCAN_WIDTH)
-    padded = torch.nn.functional.pad(x, (0, slices * SCAN_WIDTH - vocab)).view(batch, slices, SCAN_WIDTH)
-    within = padded.cumsum(dim=-1)  # [batch, slices, width]
+    within = _in_slices(x, SCAN_WIDTH, 0.0).cumsum(dim=-1)  # [batch, slices, width]
     before = torch.nn.functional.pad(within[:, :-1, -1].cumsum(dim=-1), (1, 0))  # [batch, slices]: earlier slices' mass
     return (within + before[..., None]).view(batch, -1)[:, :vocab]
+
+
+def _in_slices(x: torch.Tensor, width: int, fill: float) -> torch.Tensor:
+    """`[batch, vocab]` -> `[batch, slices, width]`: each row cut into runs of `width`, the last padded
+    with `fill` (slices = vocab / width, rounded up)."""
+    batch, vocab = x.shape
+    slices = -(-vocab // width)
+    if slices * width != vocab:
+        x = torch.nn.functional.pad(x, (0, slices * width - vocab), value=fill)
+    return x.view(batch, slices, width)
 
 
 def sample_tokens(
@@ -207,12 +216,9 @@ def first_argmax(scores: torch.Tensor, slices: int | None = None) -> torch.Tenso
     whole row and took its argmax (91.7 µs per token on an H200, stop 20's profile). In slices that
     work spreads over batch * slices programs.
     """
-    batch, vocab = scores.shape
-    slices = max(1, min(slices or ARGMAX_SLICES, vocab))
-    width = -(-vocab // slices)
-    if width * slices != vocab:
-        scores = torch.nn.functional.pad(scores, (0, width * slices - vocab), value=-float("inf"))
-    best, where = scores.view(batch, slices, width).max(dim=-1)  # [batch, slices]: first largest in each
+    vocab = scores.shape[1]
+    width = -(-vocab // max(1, min(slices or ARGMAX_SLICES, vocab)))
+    best, where = _in_slices(scores, width, -float("inf")).max(dim=-1)  # [batch, slices]: first largest in each
     top = best.argmax(dim=-1, keepdim=True)  # [batch, 1]: the first slice with the row's largest
     return (top * width + where.gather(1, top))[:, 0]
 

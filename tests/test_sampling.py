@@ -162,7 +162,8 @@ def test_cumulative_sum_in_slices_is_a_cumulative_sum_row_by_row(vocab, device):
         alone = sampling._cumulative_sum(x[row:row + 1])
         if device == "cpu":
             assert torch.equal(ours[row:row + 1], alone)
-        torch.testing.assert_close(ours[row:row + 1], alone, rtol=0, atol=2e-6)
+        else:
+            torch.testing.assert_close(ours[row:row + 1], alone, rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
