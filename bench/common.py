@@ -68,6 +68,39 @@ def top_kernels(prof, rows: int) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90)
 
 
+def log_autotuning(pattern: str) -> None:
+    """Print inductor's autotuning timings (its debug log: one line per config tried) for the generated
+    kernels whose name contains `pattern`."""
+    import logging
+
+    class Kernels(logging.Handler):
+        showing = False
+
+        def emit(self, record):
+            message = record.getMessage()
+            if message.startswith("Benchmark all input configs for "):
+                self.showing = pattern in message
+            if self.showing:
+                print(f"  autotune: {message}", flush=True)
+
+    log = logging.getLogger("torch._inductor.runtime.triton_heuristics")
+    log.setLevel(logging.DEBUG)
+    log.propagate = False  # torch's own handlers would print every kernel's debug lines
+    log.addHandler(Kernels())
+
+
+def chosen_configs(pattern: str) -> str:
+    """The config each of this process's tuned generated kernels named like `pattern` runs with."""
+    import gc
+
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+
+    lines = [f"  {tuner.fn.__name__}: {', '.join(str(launcher.config) for launcher in tuner.launchers)}"
+             for tuner in gc.get_objects() if issubclass(type(tuner), CachingAutotuner)  # (not isinstance:
+             and pattern in tuner.fn.__name__]  # that asks dead weak proxies, and raises)
+    return "\n".join(["kernels named like " + pattern + " run with:", *sorted(lines)])
+
+
 def peak_bytes(device) -> int:
     """The peak memory so far: torch's peak allocated bytes on CUDA, the process's peak RSS elsewhere."""
     if device.type == "cuda":

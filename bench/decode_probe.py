@@ -54,12 +54,18 @@ def _timed(fn, n, device):
               "with today's top-p and stop 21's (float32 sort keys, one scan over the row), side by side")
 @click.option("--as_stop21", is_flag=True, help="run everything with stop 21's top-p (`common.stop21_sampler`), "
               "to tell its effect on the whole process from that on the sampling step")
+@click.option("--autotune_report", default="", metavar="PATTERN", help="print inductor's autotuning timings and "
+              "the config it chose for the generated kernels whose name contains PATTERN (e.g. rsqrt_sin)")
 @click.option("--device", default="cuda")
 def main(model_name, random_weights, data_file, passes, batch_sizes, capacity, compile_step, profile, argmax_slices,
-         stop21_sampler, as_stop21, device):
+         stop21_sampler, as_stop21, autotune_report, device):
+    if autotune_report:
+        common.log_autotuning(autotune_report)
     with common.stop21_sampler() if as_stop21 else contextlib.nullcontext():
         probe(model_name, random_weights, data_file, passes, batch_sizes, capacity, compile_step, profile,
               argmax_slices, stop21_sampler, device)
+    if autotune_report:
+        print(common.chosen_configs(autotune_report))
 
 
 def probe(model_name, random_weights, data_file, passes, batch_sizes, capacity, compile_step, profile, argmax_slices,

@@ -122,13 +122,23 @@ def model_step(model, kv: StaticKV, inputs: torch.Tensor, position: torch.Tensor
 
 _COMPILED: list = []  # torch.compile(model_step), made on first use
 
+# Inductor's deterministic mode: a reduction kernel's launch config is chosen by a fixed rule, not by
+# timing the candidates. The step's reductions run for 2-20 us; inductor timed each candidate at 16-44 us
+# (launch overhead, not the kernel), so its pick was noise, and one pick cost 0.5 ms a step: the per-layer
+# K-norm/RoPE reduction ran 20.7 us at XBLOCK 32 (255 registers, 4 blocks at batch size 16) against
+# 2.8 us at XBLOCK 8, picked in 2 of 4 cold processes (H200, stop 23, `bench/gpu_report.sh autotune`).
+# The rule picked the fast config in both processes tried, and a reduction's config (so its rounding)
+# no longer varies from one process to the next.
+STEP_INDUCTOR_OPTIONS = {"deterministic": True}
+
 
 def compiled_model_step():
-    """`model_step` compiled once per process (inductor, whole graph; dynamo keeps one entry per
-    model, kind of step and batch size 1 or more, sizes left dynamic by `StaticKV.mark_dynamic`)."""
+    """`model_step` compiled once per process (inductor, whole graph, `STEP_INDUCTOR_OPTIONS`; dynamo
+    keeps one entry per model, kind of step and batch size 1 or more, sizes left dynamic by
+    `StaticKV.mark_dynamic`)."""
     if not _COMPILED:
         allow_recompiles()
-        _COMPILED.append(torch.compile(model_step, fullgraph=True, dynamic=False))
+        _COMPILED.append(torch.compile(model_step, fullgraph=True, dynamic=False, options=STEP_INDUCTOR_OPTIONS))
     return _COMPILED[0]
 
 

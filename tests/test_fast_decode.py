@@ -404,3 +404,16 @@ def test_what_an_earlier_batch_left_in_the_storage_is_never_read(tiny_lm):
         outputs.append(_greedy_decode(tiny_lm, shared, ids, mask, 10, None, fast=fast))
         del shared
     assert outputs[1] == outputs[0]
+
+
+def test_the_step_compiles_in_inductors_deterministic_mode(monkeypatch):
+    """The compiled step's reductions take inductor's fixed launch configs, not ones picked by timing
+    (the timings were launch noise, and one pick made the step 0.5 ms slower: `fast_decode`)."""
+    from latentmas import fast_decode
+
+    calls = []
+    monkeypatch.setattr(fast_decode, "_COMPILED", [])
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    assert fast_decode.compiled_model_step() is fast_decode.model_step
+    assert calls == [{"fullgraph": True, "dynamic": False, "options": {"deterministic": True}}]
+    assert "deterministic" in torch._inductor.config.get_config_copy()  # an option this torch knows
