@@ -82,6 +82,8 @@ def log_autotuning(pattern: str) -> None:
                 self.showing = pattern in message
             if self.showing:
                 print(f"  autotune: {message}", flush=True)
+            if message.startswith("Best config for "):  # the last line of a kernel's tuning
+                self.showing = False
 
     log = logging.getLogger("torch._inductor.runtime.triton_heuristics")
     log.setLevel(logging.DEBUG)
@@ -97,7 +99,7 @@ def chosen_configs(pattern: str) -> str:
 
     lines = [f"  {tuner.fn.__name__}: {', '.join(str(launcher.config) for launcher in tuner.launchers)}"
              for tuner in gc.get_objects() if issubclass(type(tuner), CachingAutotuner)  # (not isinstance:
-             and pattern in tuner.fn.__name__]  # that asks dead weak proxies, and raises)
+             and tuner.launchers and pattern in tuner.fn.__name__]  # that asks dead weak proxies, and raises)
     return "\n".join(["kernels named like " + pattern + " run with:", *sorted(lines)])
 
 

@@ -15,7 +15,7 @@ import common
 import torch
 from common import machine, sync
 
-from latentmas import sampling
+from latentmas import fast_decode, sampling
 from latentmas.config import RunConfig
 from latentmas.decoding import Sampler, Sampling, problem_generators
 from latentmas.fast_decode import static_step
@@ -56,9 +56,13 @@ def _timed(fn, n, device):
               "to tell its effect on the whole process from that on the sampling step")
 @click.option("--autotune_report", default="", metavar="PATTERN", help="print inductor's autotuning timings and "
               "the config it chose for the generated kernels whose name contains PATTERN (e.g. rsqrt_sin)")
+@click.option("--tuned_reductions", is_flag=True, help="compile the step as before stop 23: inductor picks each "
+              "reduction's launch config by timing (`fast_decode.STEP_INDUCTOR_OPTIONS` emptied)")
 @click.option("--device", default="cuda")
 def main(model_name, random_weights, data_file, passes, batch_sizes, capacity, compile_step, profile, argmax_slices,
-         stop21_sampler, as_stop21, autotune_report, device):
+         stop21_sampler, as_stop21, autotune_report, tuned_reductions, device):
+    if tuned_reductions:
+        fast_decode.STEP_INDUCTOR_OPTIONS = {}  # read when the step is compiled
     if autotune_report:
         common.log_autotuning(autotune_report)
     with common.stop21_sampler() if as_stop21 else contextlib.nullcontext():

@@ -5,11 +5,12 @@
 #   bash bench/gpu_report.sh probe     # prefills eager and in graphed chunks, ms per prefill; the CUDA tests
 #   bash bench/gpu_report.sh kernels   # projections (cuBLAS, skinny_linear and its tiles), sampling today and as
 #                                      # in stop 21; the bench at 1 (step compiled) with skinny_linear on, then off
-#   bash bench/gpu_report.sh order     # the compiled step at 16 in a process that compiled batch size 1 first,
-#                                      # in one that did not, and again with the first one's inductor cache
-#                                      # (kernel profiles; the source of the norm/RoPE kernels of each cache)
-#   bash bench/gpu_report.sh autotune  # inductor's autotuning of the norm/RoPE kernels in six cold processes
-#                                      # (a 4-layer model), two of them with TORCHINDUCTOR_DETERMINISTIC=1
+#   bash bench/gpu_report.sh order     # the step compiled as before stop 23 (reductions tuned by timing) at 16:
+#                                      # in a process that compiled batch size 1 first, in one that did not,
+#                                      # and again on the first one's inductor cache (kernel profiles; the
+#                                      # source of the norm/RoPE kernels in each cache)
+#   bash bench/gpu_report.sh autotune  # inductor's tuning of the norm/RoPE kernels in six cold processes (a
+#                                      # 4-layer model): four tuned by timing, two as the step compiles now
 #   bash bench/gpu_report.sh table     # the bench table, batch sizes 1/16/64/128, capture off and on
 #   bash bench/gpu_report.sh modes     # capture overhead per similarity mode at batch sizes 1 and 16, seed at 64
 #   bash bench/gpu_report.sh profile   # time per phase and GPU time by kind of kernel, batch size 1
@@ -62,25 +63,34 @@ for part in "$@"; do
                       --problems_bs1 3 --repeats 2 --compile_step "${PREFILL[@]}"
               done
               unset LATENTMAS_SKINNY_LINEAR; } ;;
-        order)  # each process with its own inductor cache: bs 1 then 16 (cold), 16 alone (cold), 16 alone (warm)
+        order)  # as before stop 23's fix (reductions tuned by timing), each process with its own inductor cache:
+                # batch size 1 then 16 (cold), 16 alone (cold), 16 alone on the first one's cache
             { D="$OUT/order_cache"
-              TORCHINDUCTOR_CACHE_DIR=$D/first1 run 230 python bench/decode_probe.py "${A[@]}" --passes 0 --batch_sizes 1,16 --compile_step
-              TORCHINDUCTOR_CACHE_DIR=$D/only16 run 150 python bench/decode_probe.py "${A[@]}" --passes 0 --batch_sizes 16 --compile_step
-              TORCHINDUCTOR_CACHE_DIR=$D/first1 run 100 python bench/decode_probe.py "${A[@]}" --passes 0 --batch_sizes 16 --compile_step
+              rm -rf "$D"
+              P=("${A[@]}" --passes 0 --compile_step --tuned_reductions)
+              run 230 env TORCHINDUCTOR_CACHE_DIR="$D/first1" python bench/decode_probe.py "${P[@]}" --batch_sizes 1,16
+              run 150 env TORCHINDUCTOR_CACHE_DIR="$D/only16" python bench/decode_probe.py "${P[@]}" --batch_sizes 16
+              run 100 env TORCHINDUCTOR_CACHE_DIR="$D/first1" python bench/decode_probe.py "${P[@]}" --batch_sizes 16
               for cache in first1 only16; do
-                  echo "kernels named like rsqrt_sin in cache $cache"
-                  python bench/kernel_source.py "$D/$cache" rsqrt_sin
+                  run 30 python bench/kernel_source.py "$D/$cache" rsqrt_sin
               done
               rm -rf "$D"; } ;;
         autotune)  # a 4-layer copy of MODEL (same kernels, short compiles), each process with a cold cache
             { D="$OUT/autotune_cache" M4="$OUT/autotune_model"
+              rm -rf "$D" "$M4"
               mkdir -p "$M4" && cp "$MODEL"/tokenizer* "$M4"/
-              python -c "import json, sys; c = json.load(open(sys.argv[1])); c.update(num_hidden_layers=4, max_window_layers=4)
-json.dump(c, open(sys.argv[2], 'w'))" "$MODEL/config.json" "$M4/config.json"
+              python -c "import json, sys; c = json.load(open(sys.argv[1])); c.pop('layer_types', None)
+c.update(num_hidden_layers=4, max_window_layers=4); json.dump(c, open(sys.argv[2], 'w'))" "$MODEL/config.json" "$M4/config.json"
               P=(--model_name "$M4" --random_weights --data_file "$DATA" --passes 0 --compile_step --autotune_report rsqrt_sin)
-              for i in 1 2; do TORCHINDUCTOR_CACHE_DIR=$D/only16_$i run 90 python bench/decode_probe.py "${P[@]}" --batch_sizes 16; done
-              for i in 1 2; do TORCHINDUCTOR_CACHE_DIR=$D/first1_$i run 90 python bench/decode_probe.py "${P[@]}" --batch_sizes 1,16; done
-              for i in 1 2; do TORCHINDUCTOR_DETERMINISTIC=1 TORCHINDUCTOR_CACHE_DIR=$D/det_$i run 90 python bench/decode_probe.py "${P[@]}" --batch_sizes 16; done
+              for i in 1 2; do
+                  run 90 env TORCHINDUCTOR_CACHE_DIR="$D/only16_$i" python bench/decode_probe.py "${P[@]}" --batch_sizes 16 --tuned_reductions
+              done
+              for i in 1 2; do
+                  run 90 env TORCHINDUCTOR_CACHE_DIR="$D/first1_$i" python bench/decode_probe.py "${P[@]}" --batch_sizes 1,16 --tuned_reductions
+              done
+              for i in 1 2; do  # the step as compiled now: inductor's deterministic mode, nothing timed for reductions
+                  run 90 env TORCHINDUCTOR_CACHE_DIR="$D/deterministic_$i" python bench/decode_probe.py "${P[@]}" --batch_sizes 16
+              done
               rm -rf "$D" "$M4"; } ;;
         table)
             run 580 python bench/latentmas_speed.py "${A[@]}" --batch_sizes 1,4,16,64,128 --problems_bs1 3 --repeats 2 --eager_prefill_at 1,4 \

@@ -124,11 +124,12 @@ _COMPILED: list = []  # torch.compile(model_step), made on first use
 
 # Inductor's deterministic mode: a reduction kernel's launch config is chosen by a fixed rule, not by
 # timing the candidates. The step's reductions run for 2-20 us; inductor timed each candidate at 16-44 us
-# (launch overhead, not the kernel), so its pick was noise, and one pick cost 0.5 ms a step: the per-layer
-# K-norm/RoPE reduction ran 20.7 us at XBLOCK 32 (255 registers, 4 blocks at batch size 16) against
-# 2.8 us at XBLOCK 8, picked in 2 of 4 cold processes (H200, stop 23, `bench/gpu_report.sh autotune`).
-# The rule picked the fast config in both processes tried, and a reduction's config (so its rounding)
-# no longer varies from one process to the next.
+# (a fixed cost of each measurement dominated, not the kernel), so its pick was noise, and one pick cost
+# 0.5 ms a step: the per-layer K-norm/RoPE reduction ran 20.7 us at XBLOCK 32 (255 registers, 4 blocks
+# at batch size 16) against 2.8 us at XBLOCK 8, picked in 2 of 4 cold processes (H200, stop 23,
+# `bench/gpu_report.sh autotune`). Under the rule (torch's source: the second largest of the XBLOCK
+# candidates 1, 8, 32) the kernel ran 2.8 us in both processes profiled (batch size 16), and a
+# reduction's config (so its rounding) no longer varies from one process to the next.
 STEP_INDUCTOR_OPTIONS = {"deterministic": True}
 
 
