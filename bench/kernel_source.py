@@ -27,6 +27,7 @@ def main(cache_dir: Path, pattern: str, launches_shown: int) -> None:
             continue
         for name in definition.findall(text):
             kernels.setdefault(name, []).append((path, text))
+    launch_lines = [line.strip() for text in texts.values() for line in text.splitlines() if ".run(" in line]
     if not kernels:
         raise click.ClickException(f"no generated kernel named like '{pattern}' under {cache_dir}")
     for name, files in sorted(kernels.items()):
@@ -39,7 +40,7 @@ def main(cache_dir: Path, pattern: str, launches_shown: int) -> None:
             for path in paths:  # inductor names a kernel's tuned config by a hash of its own, beside the kernel
                 for config in sorted(path.parent.glob("*.best_config")):
                     print(f"--- tuned config in {path.parent.name}/: {config.read_text().strip()}")
-        launches = [line.strip() for text in texts.values() for line in text.splitlines() if f"{name}.run(" in line]
+        launches = [line for line in launch_lines if f"{name}.run(" in line]
         for line in launches[:launches_shown]:
             print(f"--- launch: {line}")
 

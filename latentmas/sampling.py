@@ -99,6 +99,9 @@ def counter_uniform(row_keys: torch.Tensor, step: torch.Tensor, vocab: int) -> t
     return top.add_(0.5).mul_(2.0 ** -UNIT_BITS)  # as unit_from_bits, without its temporaries
 
 
+SORT_KEY_DTYPES = (torch.bfloat16, torch.float16)  # logits top-p may sort in place of their float32 copy
+
+
 def warp_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                 sort_keys: torch.Tensor | None = None) -> torch.Tensor:
     """transformers' temperature -> top-k -> top-p warpers on float32 logits `[batch, vocab]` -> `[batch, vocab]`,
@@ -116,7 +119,7 @@ def warp_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     is strictly increasing on 16-bit floats wherever the quotient neither overflows nor underflows:
     neighbours are at least 2**-11 apart, relatively, and float32's division rounds by at most 2**-24.)
     """
-    if sort_keys is not None and sort_keys.dtype not in (torch.bfloat16, torch.float16):
+    if sort_keys is not None and sort_keys.dtype not in SORT_KEY_DTYPES:
         raise ValueError(f"sort_keys must be bfloat16 or float16 logits, got {sort_keys.dtype}")
     logits = logits / temperature  # a new tensor: the cuts below fill it in place
     if top_k > 0:
@@ -190,7 +193,7 @@ def sample_tokens(
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {list(logits.shape)}")
-    sort_keys = logits if logits.dtype in (torch.bfloat16, torch.float16) else None
+    sort_keys = logits if logits.dtype in SORT_KEY_DTYPES else None
     logits = logits.float()
     if temperature <= 0:
         return logits.argmax(dim=-1)

@@ -408,7 +408,8 @@ def test_what_an_earlier_batch_left_in_the_storage_is_never_read(tiny_lm):
 
 def test_the_step_compiles_in_inductors_deterministic_mode(monkeypatch):
     """The compiled step's reductions take inductor's fixed launch configs, not ones picked by timing
-    (the timings were launch noise, and one pick made the step 0.5 ms slower: `fast_decode`)."""
+    (a fixed cost of measuring swamped those timings, and one pick made the step 0.5 ms slower:
+    `fast_decode`)."""
     from latentmas import fast_decode
 
     calls = []
