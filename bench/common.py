@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import sys
 import time
 from dataclasses import dataclass
@@ -181,6 +182,46 @@ class Pass:
     recorder: float = float("nan")  # inside the recorder (timed passes only)
     decoded_tokens: int = 0
     writing: float = float("nan")  # in `write_batch` (the commit and its fsyncs), capture passes, no added syncs
+    gc_seconds: float = 0.0  # in Python's garbage collector (the whole pass, not per problem)
+    graphs_made: int = 0  # static steps (CUDA graphs) recorded anew during the pass
+    compiled_graphs: int = 0  # graphs torch.compile made during the pass
+
+    def notes(self) -> str:
+        """What besides solving took time in the pass, where any of it happened: '' or '; gc 0.012 s, ...'."""
+        parts = [f"gc {self.gc_seconds:.3f} s" if self.gc_seconds >= 0.001 else "",
+                 f"{self.graphs_made} steps recorded" if self.graphs_made else "",
+                 f"{self.compiled_graphs} graphs compiled" if self.compiled_graphs else ""]
+        parts = [p for p in parts if p]
+        return "; " + ", ".join(parts) if parts else ""
+
+
+@contextlib.contextmanager
+def garbage_collection_clock():
+    """Yields a one-item list that ends up holding the seconds Python's garbage collector ran inside the block."""
+    seconds, started = [0.0], [0.0]
+
+    def clock(phase, info):
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            seconds[0] += time.perf_counter() - started[0]
+
+    gc.callbacks.append(clock)
+    try:
+        yield seconds
+    finally:
+        gc.callbacks.remove(clock)
+
+
+def _recorded_steps(lm) -> dict:
+    """Each static step's key -> the identity of its recorded graph (a step recorded anew gets another)."""
+    return {key: id(getattr(step, "graph", None)) for key, step in getattr(lm, "static_steps", {}).items()}
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def run_pass(lm, problems, task, cfg, capture_path: Path | None = None, timed: bool = False) -> Pass:
@@ -204,7 +245,9 @@ def run_pass(lm, problems, task, cfg, capture_path: Path | None = None, timed: b
         judger_seconds[0] += time.perf_counter() - start
         return out
 
-    with mock.patch.object(common, "generate", timed_generate) if timed else contextlib.nullcontext():
+    steps_before, compiled_before = _recorded_steps(lm), _compiled_graphs()
+    with (mock.patch.object(common, "generate", timed_generate) if timed else contextlib.nullcontext(),
+          garbage_collection_clock() as gc_seconds):
         sync(lm.device)
         if lm.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(lm.device)
@@ -225,8 +268,11 @@ def run_pass(lm, problems, task, cfg, capture_path: Path | None = None, timed: b
     if recorder is not None:
         recorder.close()
     n = len(problems)
+    steps_after = _recorded_steps(lm)
     return Pass(elapsed / n, peak, judger_seconds[0] / n, inside / n, decoded,
-                writing / n if recorder is not None else float("nan"))
+                writing / n if recorder is not None else float("nan"), gc_seconds[0],
+                sum(steps_before.get(key) != graph for key, graph in steps_after.items()),
+                _compiled_graphs() - compiled_before)
 
 
 def prefill_kind(compiled: bool, eager: bool, batch: int) -> str:

@@ -13,7 +13,9 @@
 #                                      # 4-layer model): four tuned by timing, two as the step compiles now
 #   bash bench/gpu_report.sh table     # the bench table, batch sizes 1/16/64/128, capture off and on
 #   bash bench/gpu_report.sh modes     # capture overhead per similarity mode at batch sizes 1 and 16, seed at 64
-#   bash bench/gpu_report.sh profile   # time per phase and GPU time by kind of kernel, batch size 1
+#   bash bench/gpu_report.sh capture   # seed capture off and on with the step compiled at 16 and 64, three passes each,
+#                                      # with each pass's garbage-collector time, re-recorded steps and compiles
+#   bash bench/gpu_report.sh profile   # time per phase and GPU time by kind of kernel, batch size 1, capture off and on
 #   bash bench/gpu_report.sh profile64 # the same at batch size 64
 #
 # Several parts may be named at once. Each writes PART.txt into $OUT (default: runs/gpu_report).
@@ -34,9 +36,9 @@ A=("${M[@]}" --data_file "$DATA")
 PREFILL=()
 [ "${COMPILE_PREFILL:-0}" = 1 ] && PREFILL=(--compile_prefill)
 [ "${EAGER_PREFILL:-0}" = 1 ] && PREFILL+=(--eager_prefill)
-PARTS=" probe kernels order autotune table modes profile profile64 "
+PARTS=" probe kernels order autotune table capture modes profile profile64 "
 for part in "$@"; do
-    [[ $PARTS == *" $part "* ]] || { echo "unknown part '$part' (probe, kernels, order, autotune, table, modes, profile, profile64)" >&2; exit 2; }
+    [[ $PARTS == *" $part "* ]] || { echo "unknown part '$part' (probe, kernels, order, autotune, table, capture, modes, profile, profile64)" >&2; exit 2; }
 done
 NOISE='^Warning|Online softmax|regex'  # lines of library chatter, nothing of ours
 
@@ -93,15 +95,17 @@ c.update(num_hidden_layers=4, max_window_layers=4); json.dump(c, open(sys.argv[2
               done
               rm -rf "$D" "$M4"; } ;;
         table)
-            run 580 python bench/latentmas_speed.py "${A[@]}" --batch_sizes 1,4,16,64,128 --problems_bs1 3 --repeats 2 --eager_prefill_at 1,4 \
+            run 585 python bench/latentmas_speed.py "${A[@]}" --batch_sizes 1,16,64,128 --problems_bs1 3 --repeats 2 \
                 --compile_step "${PREFILL[@]}" ;;
+        capture)
+            run 400 python bench/latentmas_speed.py "${A[@]}" --batch_sizes 16,64 --repeats 3 --compile_step "${PREFILL[@]}" ;;
         modes)
             { run 220 python bench/capture_overhead.py "${A[@]}" --problems 3 --repeats 3 --similarity seed,query,attention
               run 100 python bench/capture_overhead.py "${A[@]}" --problems 16 --generate_bs 16 --repeats 2 \
                   --similarity seed,query,attention
               run 110 python bench/capture_overhead.py "${A[@]}" --problems 64 --generate_bs 64 --repeats 2 --similarity seed; } ;;
         profile)
-            run 150 python bench/phase_profile.py "${A[@]}" --batch_size 1 --compile_step "${PREFILL[@]}" ;;
+            run 160 python bench/phase_profile.py "${A[@]}" --batch_size 1 --compile_step --capture "${PREFILL[@]}" ;;
         profile64)
             run 400 python bench/phase_profile.py "${A[@]}" --batch_size 64 --compile_step "${PREFILL[@]}" ;;
     esac 2>&1 | tee "$OUT/$part.txt"

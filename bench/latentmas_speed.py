@@ -81,10 +81,12 @@ def main(model_name, random_weights, data_file, batch_sizes, problems_bs1, batch
                     "fastest": min(p.per_problem for p in passes[capture]),
                 })
                 each = ", ".join(f"{p.per_problem:.3f}" for p in passes[capture])
+                notes = " | ".join(f"pass {i + 1}{p.notes()}" for i, p in enumerate(passes[capture]) if p.notes())
                 if capture:  # the part of each pass spent committing to the file (fsyncs included)
                     each += "; writing " + ", ".join(f"{p.writing:.4f}" for p in passes[capture])
                 print(f"  bs {bs:2d} {rows[-1]['decode']:5s} {rows[-1]['prefill']:8s} capture {'on ' if capture else 'off'}: "
-                      f"{per_problem:.3f} s/problem (passes {each}; timed pass {timed.per_problem:.3f})", flush=True)
+                      f"{per_problem:.3f} s/problem (passes {each}; timed pass {timed.per_problem:.3f})"
+                      + (f"\n      {notes}" if notes else ""), flush=True)
     header = ("bs", "decode", "prefill", "capture", "s/problem", "problems/s", "decode tok/s", "latent phase s", "judger s",
               "peak MiB")
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))

@@ -9,19 +9,28 @@ prompt prefills' chunks of every size the timed batch needs), then one batch tim
 then the same batch under the torch profiler, its kernels summed by kind (GEMMs, prefill
 attention, step attention, fused triton, sort, other) with the top kernels by GPU time.
 Settings as `latentmas_speed.py` (latent_steps 10, 256 decoded tokens, EOS ignored).
+
+--capture: the timed batch and the profile run twice, capture off then on (the default `seed` mode
+with its readout, into a temporary file, the batch committed as the speed bench commits it), and
+the kinds and top kernels of both are printed side by side; with capture on the phases include
+the recorder's own calls (synced like the others).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
 from unittest import mock
 
 import click
 import torch
 from common import machine, prefill_kind, speed_config, sync
 
+from latentmas.app.recording import open_recorder
 from latentmas.methods import common, get_method
 from latentmas.methods import latent_mas as method
 from latentmas.models import load_model
@@ -63,6 +72,51 @@ class PhaseTimer:
         return timed
 
 
+def solve_batch(lm, batch, task, cfg, recorder=None) -> None:
+    """One batch solved, and committed to `recorder` when there is one."""
+    results = get_method("latent_mas")(lm, batch, task, cfg, observer=recorder)
+    if recorder is not None:
+        recorder.write_batch(results)
+
+
+def timed_phases(lm, batch, task, cfg, recorder=None) -> tuple[dict[str, float], float]:
+    """The batch solved with the device synced around each phase: ({phase: seconds}, whole batch seconds)."""
+    timer = PhaseTimer(lm.device)
+    extend = SharedCache.extend
+    patches = [mock.patch.object(SharedCache, "extend", lambda self, *a, **k: timer.wrap(
+                   "prompt prefills" if a[0].shape[1] > 1 else "one-column steps (plain path)", extend)(self, *a, **k)),
+               mock.patch.object(method, "think_latently", timer.wrap("latent steps", method.think_latently)),
+               mock.patch.object(common, "generate", timer.wrap("judger decode (with its prefill)", common.generate))]
+    if recorder is not None:  # while_decoding's pieces run inside the judger's decode
+        patches += [mock.patch.object(recorder, name, timer.wrap(f"recorder.{name}", getattr(recorder, name)))
+                    for name in ("on_handoff", "on_latent_steps", "write_batch")]
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        sync(lm.device)
+        start = time.perf_counter()
+        solve_batch(lm, batch, task, cfg, recorder)
+        sync(lm.device)
+    return dict(timer.seconds), time.perf_counter() - start
+
+
+def profiled_kernels(lm, batch, task, cfg, recorder=None) -> dict[str, tuple[int, float]]:
+    """The batch solved under the torch profiler: kernel name -> (calls, GPU µs)."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        solve_batch(lm, batch, task, cfg, recorder)
+        sync(lm.device)
+    return {e.key: (e.count, e.self_device_time_total) for e in prof.key_averages()
+            if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+def by_kind(kernels: dict[str, tuple[int, float]]) -> dict[str, float]:
+    kinds: dict[str, float] = defaultdict(float)
+    for name, (_, us) in kernels.items():
+        kinds[kind_of(name)] += us
+    return kinds
+
+
 @click.command()
 @click.option("--model_name", default="tiny-qwen3")
 @click.option("--random_weights", is_flag=True)
@@ -72,60 +126,73 @@ class PhaseTimer:
 @click.option("--compile_prefill", is_flag=True, help="compile the prompt prefills' layers (latentmas.compiled_prefill)")
 @click.option("--eager_prefill", is_flag=True, help="prefill prompts eagerly, not in chunks replayed as CUDA graphs "
                                                    "(latentmas.graph_prefill)")
+@click.option("--capture", is_flag=True, help="also time and profile the batch with capture on (seed mode, readout), "
+                                              "side by side with capture off")
 @click.option("--top", default=25, show_default=True, help="kernels listed")
 @click.option("--device", default="auto", show_default=True)
-def main(model_name, random_weights, data_file, batch_size, compile_step, compile_prefill, eager_prefill, top, device):
+def main(model_name, random_weights, data_file, batch_size, compile_step, compile_prefill, eager_prefill, capture, top,
+         device):
     task = get_task("gsm8k")
     problems = load_problems(task, data_file, 2 * batch_size)
     lm = load_model(model_name, device, random_weights=random_weights)
     cfg = speed_config(model_name=model_name, random_weights=random_weights, data_file=data_file,
                        max_new_tokens=256, generate_bs=batch_size, device=device, compile_step=compile_step,
                        compile_prefill=compile_prefill, graph_prefill=not eager_prefill)
-    solve = get_method("latent_mas")
     print(f"machine: {machine(lm)}; batch size {batch_size}; step {'compiled' if compile_step else 'eager'}; "
           f"prefills {prefill_kind(compile_prefill, eager_prefill, batch_size)}")
     batch = problems[:batch_size]
-    solve(lm, problems[batch_size:], task, cfg)  # warm-up: compiles, records graphs
-    solve(lm, batch, task, cfg)  # and the prefill chunks of the sizes the timed batch needs
+    with tempfile.TemporaryDirectory() as tmp:
+        recorders = {"off": None}
+        if capture:
+            recorders["on"] = open_recorder(Path(tmp) / "profile.h5", cfg, lm, overwrite=True)
+        solve_batch(lm, problems[batch_size:], task, cfg)  # warm-up: compiles, records graphs
+        for recorder in recorders.values():  # and the prefill chunks of the sizes the timed batch needs
+            solve_batch(lm, batch, task, cfg, recorder)
+        phases = {name: timed_phases(lm, batch, task, cfg, r) for name, r in recorders.items()}
+        profiles = {name: profiled_kernels(lm, batch, task, cfg, r) for name, r in recorders.items()}
+        for recorder in recorders.values():
+            if recorder is not None:
+                recorder.close()
+    print_phases(phases, batch_size)
+    if lm.device.type == "cuda":
+        print_profiles(profiles, {name: total for name, (_, total) in phases.items()}, top)
 
-    timer = PhaseTimer(lm.device)
-    extend = SharedCache.extend
-    with (mock.patch.object(SharedCache, "extend", lambda self, *a, **k: timer.wrap(
-              "prompt prefills" if a[0].shape[1] > 1 else "one-column steps (plain path)", extend)(self, *a, **k)),
-          mock.patch.object(method, "think_latently", timer.wrap("latent steps", method.think_latently)),
-          mock.patch.object(common, "generate", timer.wrap("judger decode (with its prefill)", common.generate))):
-        sync(lm.device)
-        start = time.perf_counter()
-        solve(lm, batch, task, cfg)
-        sync(lm.device)
-        total = time.perf_counter() - start
-    print("\n| phase | s per batch | ms per problem | share |\n|---|---|---|---|")
-    judger_prefill = 0.0
-    for phase, seconds in timer.seconds.items():
-        print(f"| {phase} | {seconds:.3f} | {1e3 * seconds / batch_size:.2f} | {seconds / total:.1%} |")
-        judger_prefill += seconds if phase == "prompt prefills" else 0.0
-    print(f"| whole batch | {total:.3f} | {1e3 * total / batch_size:.2f} | 100% |")
-    print("(the judger's prompt prefill is counted in both 'prompt prefills' and 'judger decode')")
 
-    if lm.device.type != "cuda":
-        return
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
-        solve(lm, batch, task, cfg)
-        sync(lm.device)
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    by_kind: dict[str, float] = defaultdict(float)
-    for e in kernels:
-        by_kind[kind_of(e.key)] += e.self_device_time_total
-    gpu = sum(by_kind.values())
-    print(f"\nGPU time of one batch: {gpu / 1e3:.1f} ms (wall {total * 1e3:.1f} ms unprofiled)")
-    print("\n| kernels | GPU ms per batch | share |\n|---|---|---|")
-    for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
-        print(f"| {kind} | {us / 1e3:.1f} | {us / gpu:.1%} |")
+def print_phases(phases: dict, batch_size: int) -> None:
+    names = list(phases)
+    print("\n| phase | " + " | ".join(f"s per batch, capture {n}" for n in names) + " | ms per problem | share |")
+    print("|---|" + "---|" * (len(names) + 2))
+    rows = list(dict.fromkeys(p for seconds, _ in phases.values() for p in seconds))
+    last = names[-1]
+    for phase in rows + ["whole batch"]:
+        cells = [phases[n][1] if phase == "whole batch" else phases[n][0].get(phase, 0.0) for n in names]
+        print(f"| {phase} | " + " | ".join(f"{c:.3f}" for c in cells) +
+              f" | {1e3 * cells[-1] / batch_size:.2f} | {cells[-1] / phases[last][1]:.1%} |")
+    print("(ms per problem and share: the last column; the judger's prompt prefill is counted in both "
+          "'prompt prefills' and 'judger decode')")
+
+
+def print_profiles(profiles: dict, totals: dict, top: int) -> None:
+    names = list(profiles)
+    kinds = {n: by_kind(k) for n, k in profiles.items()}
+    for n in names:
+        print(f"\nGPU time of one batch, capture {n}: {sum(kinds[n].values()) / 1e3:.1f} ms "
+              f"(wall {totals[n] * 1e3:.1f} ms timed by phase)")
+    print("\n| kernels | " + " | ".join(f"GPU ms, capture {n}" for n in names) + " |\n|---|" + "---|" * len(names))
+    for kind in sorted(kinds[names[0]], key=lambda k: -kinds[names[0]][k]):
+        print(f"| {kind} | " + " | ".join(f"{kinds[n].get(kind, 0.0) / 1e3:.1f}" for n in names) + " |")
+    first = profiles[names[0]]
     print("\n| top kernels | kind | calls | GPU ms | µs per call |\n|---|---|---|---|---|")
-    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
-        print(f"| {e.key[:90]} | {kind_of(e.key)} | {e.count} | {e.self_device_time_total / 1e3:.1f} | "
-              f"{e.self_device_time_total / max(e.count, 1):.1f} |")
+    for name, (calls, us) in sorted(first.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"| {name[:90]} | {kind_of(name)} | {calls} | {us / 1e3:.1f} | {us / max(calls, 1):.1f} |")
+    if len(names) > 1:  # what capture adds: kernels whose GPU time grew most
+        on = profiles[names[-1]]
+        grown = sorted(on, key=lambda k: -(on[k][1] - first.get(k, (0, 0.0))[1]))[:top]
+        print("\n| kernels capture adds to | kind | calls off / on | GPU ms off / on |\n|---|---|---|---|")
+        for name in grown:
+            off_calls, off_us = first.get(name, (0, 0.0))
+            print(f"| {name[:90]} | {kind_of(name)} | {off_calls} / {on[name][0]} | "
+                  f"{off_us / 1e3:.1f} / {on[name][1] / 1e3:.1f} |")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ import pytest
 import torch
 from captures import StageAtTheEnd, assert_same_handoffs, solve_and_capture
 
+from capture.format import CaptureReader
 from capture.recorder import CaptureRecorder
 from latentmas.config import RunConfig
+from latentmas.prompts import AGENTS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -236,3 +238,49 @@ def test_probes_read_graph_replayed_chunks_as_they_read_hooked_prefills(cuda_lm,
     assert any(key[0] == "prefill" and key[2] and step.graph is not None
                for key, step in cuda_lm.static_steps.items())
     assert_same_handoffs(tmp_path / "plain.h5", tmp_path / "fast.h5", atol=2e-3)
+
+
+class _NoHostReadsBetweenHandoffs(CaptureRecorder):
+    """Turns torch's sync debug mode to "error" from the planner's latent-step readout to the end of
+    the judger's hand-off: any call that makes the host wait for the device raises there."""
+
+    watched = 0  # batches watched
+
+    def on_latent_steps(self, event):
+        if event.agent == AGENTS[0]:
+            torch.cuda.set_sync_debug_mode("error")
+            type(self).watched += 1
+        super().on_latent_steps(event)
+
+    def on_handoff(self, event):
+        try:
+            super().on_handoff(event)
+        finally:
+            if event.to_agent == AGENTS[-1]:
+                torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_the_host_never_waits_for_the_device_between_hand_offs(cuda_lm, fake_problems, tmp_path, batch_size,
+                                                              compiled):
+    """From the planner's latent steps to the judger's hand-off (readout, seed similarities, prompt
+    prefills in graphed chunks, latent steps) the host only queues work, so the capture's host time
+    overlaps the device's. A host read there (the thinking agents' prompt token counts once were one)
+    left the device idle while the host queued the next ~320 similarity kernels: 4 ms a hand-off at batch
+    size 1 on an H200."""
+    cfg = RunConfig(model_name="tiny-qwen3", device="cuda", latent_steps=4, max_new_tokens=4, temperature=0.0,
+                    fast_decode=True, compile_step=compiled)
+    problems = fake_problems()
+    _NoHostReadsBetweenHandoffs.watched = 0
+    try:
+        solve_and_capture(cuda_lm, problems, cfg, tmp_path / "c.h5", batch_size,
+                          recorder_class=_NoHostReadsBetweenHandoffs)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert _NoHostReadsBetweenHandoffs.watched == -(-len(problems) // batch_size)
+    with CaptureReader(tmp_path / "c.h5") as capture:
+        for number in capture.problem_numbers:
+            handoffs = list(capture.handoffs(number))
+            assert [h.to_agent for h in handoffs] == list(AGENTS[1:])
+            assert all(h.readout is not None for h in handoffs)

@@ -128,7 +128,6 @@ def solve(lm, problems, task, cfg, observer: HandoffObserver | None = None):
     columns = sum(ids.shape[1] for _, ids, _ in encoded) + (len(AGENTS) - 1) * cfg.latent_steps + cfg.max_new_tokens
     shared = SharedCache(lm, len(problems), capacity=columns, compiled=cfg.compile_prefill,
                          graphed=fast and cfg.graph_prefill)
-    turns: list[list[AgentTurn]] = [[] for _ in problems]
     previous = None
     for index, (agent, (texts, ids, mask)) in enumerate(zip(AGENTS, encoded)):
         prompt_embeds = embed(ids)
@@ -145,7 +144,7 @@ def solve(lm, problems, task, cfg, observer: HandoffObserver | None = None):
         prefill = watch_prefill(observer, event)
         if agent == AGENTS[-1]:
             generators = generators_for(problems, cfg, lm.device, salt=index)
-            new = decode_turn(lm, shared, agent, texts, ids, mask, cfg, generators, prefill=prefill,
+            judged = decode_turn(lm, shared, agent, texts, ids, mask, cfg, generators, prefill=prefill,
                               while_decoding=getattr(observer, "while_decoding", None), prompt_embeds=prompt_embeds)
         else:
             with prefill:
@@ -155,8 +154,16 @@ def solve(lm, problems, task, cfg, observer: HandoffObserver | None = None):
                                   keep_states=hook is not None, compiled=cfg.compile_step)
             if hook is not None:
                 hook(LatentStepsEvent(agent, shared, *kept, problems))
-            new = [AgentTurn(agent, text, "", int(m.sum()), 0, cfg.latent_steps) for text, m in zip(texts, mask)]
-        for done, turn in zip(turns, new):
-            done.append(turn)
         previous = agent
-    return finish(problems, task, turns, started)
+    thinking = [thinking_turns(agent, texts, mask, cfg.latent_steps)
+                for agent, (texts, _, mask) in zip(AGENTS, encoded[:-1])]
+    return finish(problems, task, [list(turns) for turns in zip(*thinking, judged)], started)
+
+
+def thinking_turns(agent: str, texts: list[str], mask: torch.Tensor, latent_steps: int) -> list[AgentTurn]:
+    """A thinking agent's turn per problem, made once the judger has decoded: its prompt's token counts
+    (mask [batch, n] is on the device) are a host read, which between hand-offs left the device idle
+    while the host queued the next agent's work (at batch size 1 on an H200, the capture's similarity
+    ops: their host time added to the problem's)."""
+    counts = mask.sum(dim=1).tolist()
+    return [AgentTurn(agent, text, "", tokens, 0, latent_steps) for text, tokens in zip(texts, counts)]

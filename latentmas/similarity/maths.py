@@ -27,6 +27,8 @@ from torch.torch_version import TorchVersion
 # Largest score block (elements) `attention_received` materialises at once; bigger layers are
 # chunked over kv-head groups so the fp32 scores stay a few hundred MiB at most.
 ATTENTION_CHUNK_ELEMENTS = 1 << 26
+# Largest group of layers' fp32 head means `layer_similarities` holds at once (64 MiB).
+SEED_GROUP_ELEMENTS = 1 << 24
 _EPS = 1e-12  # as F.normalize: a zero vector has cosine 0 with everything
 _BMM_OUT_DTYPE = TorchVersion(torch.__version__) >= (2, 8)  # torch.bmm(..., out_dtype=) exists
 
@@ -91,15 +93,27 @@ def layer_similarities(keys: Sequence[torch.Tensor], query: torch.Tensor) -> tor
     Returns float32 `[batch, num_layers, T]` in [-1, 1], computed on the keys'
     device in fp32 with no host synchronisation.
 
-    Keys are averaged over heads, the query reduced to head_dim (`reduce_query`). One layer at a
-    time: the fp32 head means of every layer at once (`[B, L, T, D]`, 1.3 GB at 64 problems × 1,131
-    columns of Qwen3-4B) were most of the capture's extra GPU memory (bench/similarity_memory.py).
+    Keys are averaged over heads, the query reduced to head_dim (`reduce_query`). The head means of a
+    group of layers (at most SEED_GROUP_ELEMENTS fp32 values, `[G, batch, T, head_dim]`) are written
+    into one buffer and their cosines taken in one call. Op by op, one layer at a time, Qwen3-4B's 36
+    layers made about 320 small kernels and 4 ms of wall time per hand-off at batch size 1 on an H200
+    (`bench/phase_profile.py --capture`, the device synced around the call), while all layers' means at
+    once (`[B, L, T, D]`, 1.3 GB at 64 problems x 1,131 columns) were most of the capture's extra GPU
+    memory (bench/similarity_memory.py).
     """
     if not keys:
         raise ValueError("layer_similarities needs at least one layer of keys")
-    head_dim = keys[0].shape[-1]
+    batch, _, columns, head_dim = keys[0].shape
     q = reduce_query(query.to(keys[0].device), head_dim)[:, None, :]  # [B, 1, D]
-    return torch.stack([F.cosine_similarity(k.mean(dim=1, dtype=torch.float32), q, dim=-1) for k in keys], dim=1)
+    per_group = max(1, SEED_GROUP_ELEMENTS // max(1, batch * columns * head_dim))
+    out = torch.empty(batch, len(keys), columns, dtype=torch.float32, device=keys[0].device)
+    for start in range(0, len(keys), per_group):
+        group = keys[start:start + per_group]
+        means = torch.empty(len(group), batch, columns, head_dim, dtype=torch.float32, device=keys[0].device)
+        for mean, k in zip(means, group):
+            torch.mean(k, dim=1, dtype=torch.float32, out=mean)
+        out[:, start:start + len(group)] = F.cosine_similarity(means, q, dim=-1).transpose(0, 1)  # [B, G, T]
+    return out
 
 
 def _check_shapes(queries: torch.Tensor, keys: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[int, int, int]:
