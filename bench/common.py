@@ -183,13 +183,13 @@ class Pass:
     decoded_tokens: int = 0
     writing: float = float("nan")  # in `write_batch` (the commit and its fsyncs), capture passes, no added syncs
     gc_seconds: float = 0.0  # in Python's garbage collector (the whole pass, not per problem)
-    graphs_made: int = 0  # static steps (CUDA graphs) recorded anew during the pass
+    graphs_recorded: int = 0  # CUDA graphs recorded during the pass (steps, prefill chunks)
     compiled_graphs: int = 0  # graphs torch.compile made during the pass
 
     def notes(self) -> str:
         """What besides solving took time in the pass, where any of it happened: '' or '; gc 0.012 s, ...'."""
         parts = [f"gc {self.gc_seconds:.3f} s" if self.gc_seconds >= 0.001 else "",
-                 f"{self.graphs_made} steps recorded" if self.graphs_made else "",
+                 f"{self.graphs_recorded} CUDA graphs recorded" if self.graphs_recorded else "",
                  f"{self.compiled_graphs} graphs compiled" if self.compiled_graphs else ""]
         parts = [p for p in parts if p]
         return "; " + ", ".join(parts) if parts else ""
@@ -213,9 +213,23 @@ def garbage_collection_clock():
         gc.callbacks.remove(clock)
 
 
-def _recorded_steps(lm) -> dict:
-    """Each static step's key -> the identity of its recorded graph (a step recorded anew gets another)."""
-    return {key: id(getattr(step, "graph", None)) for key, step in getattr(lm, "static_steps", {}).items()}
+@contextlib.contextmanager
+def graph_recordings():
+    """Yields a one-item list that ends up holding how many CUDA graphs were recorded inside the block
+    (`torch.cuda.CUDAGraph.capture_begin` calls: steps and prefill chunks; always 0 without CUDA)."""
+    count = [0]
+    graph_class = getattr(torch.cuda, "CUDAGraph", None)
+    if graph_class is None or not torch.cuda.is_available():
+        yield count
+        return
+    begin = graph_class.capture_begin
+
+    def counted(self, *args, **kwargs):
+        count[0] += 1
+        return begin(self, *args, **kwargs)
+
+    with mock.patch.object(graph_class, "capture_begin", counted):
+        yield count
 
 
 def _compiled_graphs() -> int:
@@ -245,9 +259,9 @@ def run_pass(lm, problems, task, cfg, capture_path: Path | None = None, timed: b
         judger_seconds[0] += time.perf_counter() - start
         return out
 
-    steps_before, compiled_before = _recorded_steps(lm), _compiled_graphs()
+    compiled_before = _compiled_graphs()
     with (mock.patch.object(common, "generate", timed_generate) if timed else contextlib.nullcontext(),
-          garbage_collection_clock() as gc_seconds):
+          garbage_collection_clock() as gc_seconds, graph_recordings() as recorded):
         sync(lm.device)
         if lm.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(lm.device)
@@ -268,10 +282,8 @@ def run_pass(lm, problems, task, cfg, capture_path: Path | None = None, timed: b
     if recorder is not None:
         recorder.close()
     n = len(problems)
-    steps_after = _recorded_steps(lm)
     return Pass(elapsed / n, peak, judger_seconds[0] / n, inside / n, decoded,
-                writing / n if recorder is not None else float("nan"), gc_seconds[0],
-                sum(steps_before.get(key) != graph for key, graph in steps_after.items()),
+                writing / n if recorder is not None else float("nan"), gc_seconds[0], recorded[0],
                 _compiled_graphs() - compiled_before)
 
 

@@ -72,6 +72,20 @@ class PhaseTimer:
         return timed
 
 
+@contextlib.contextmanager
+def fresh_recorder(path: Path | None, cfg, lm):
+    """A recorder writing a new file at `path` (None: capture off), closed on exit: each batch gets its own,
+    as each pass of the speed bench does."""
+    if path is None:
+        yield None
+        return
+    recorder = open_recorder(path, cfg, lm, overwrite=True)
+    try:
+        yield recorder
+    finally:
+        recorder.close()
+
+
 def solve_batch(lm, batch, task, cfg, recorder=None) -> None:
     """One batch solved, and committed to `recorder` when there is one."""
     results = get_method("latent_mas")(lm, batch, task, cfg, observer=recorder)
@@ -79,33 +93,37 @@ def solve_batch(lm, batch, task, cfg, recorder=None) -> None:
         recorder.write_batch(results)
 
 
-def timed_phases(lm, batch, task, cfg, recorder=None) -> tuple[dict[str, float], float]:
-    """The batch solved with the device synced around each phase: ({phase: seconds}, whole batch seconds)."""
+def timed_phases(lm, batch, task, cfg, capture_path: Path | None = None) -> tuple[dict[str, float], float]:
+    """The batch solved with the device synced around each phase (and each of the recorder's calls, with
+    `capture_path`): ({phase: seconds}, whole batch seconds). The recorder is opened and closed untimed."""
     timer = PhaseTimer(lm.device)
     extend = SharedCache.extend
-    patches = [mock.patch.object(SharedCache, "extend", lambda self, *a, **k: timer.wrap(
-                   "prompt prefills" if a[0].shape[1] > 1 else "one-column steps (plain path)", extend)(self, *a, **k)),
-               mock.patch.object(method, "think_latently", timer.wrap("latent steps", method.think_latently)),
-               mock.patch.object(common, "generate", timer.wrap("judger decode (with its prefill)", common.generate))]
-    if recorder is not None:  # while_decoding's pieces run inside the judger's decode
-        patches += [mock.patch.object(recorder, name, timer.wrap(f"recorder.{name}", getattr(recorder, name)))
-                    for name in ("on_handoff", "on_latent_steps", "write_batch")]
-    with contextlib.ExitStack() as stack:
-        for patch in patches:
-            stack.enter_context(patch)
+    with fresh_recorder(capture_path, cfg, lm) as recorder, contextlib.ExitStack() as patches:
+        patches.enter_context(mock.patch.object(SharedCache, "extend", lambda self, *a, **k: timer.wrap(
+            "prompt prefills" if a[0].shape[1] > 1 else "one-column steps (plain path)", extend)(self, *a, **k)))
+        patches.enter_context(mock.patch.object(method, "think_latently",
+                                                timer.wrap("latent steps", method.think_latently)))
+        patches.enter_context(mock.patch.object(common, "generate",
+                                                timer.wrap("judger decode (with its prefill)", common.generate)))
+        for name in ("on_handoff", "on_latent_steps", "write_batch") if recorder is not None else ():
+            # while_decoding's pieces run inside the judger's decode
+            patches.enter_context(mock.patch.object(recorder, name, timer.wrap(f"recorder.{name}",
+                                                                               getattr(recorder, name))))
         sync(lm.device)
         start = time.perf_counter()
         solve_batch(lm, batch, task, cfg, recorder)
         sync(lm.device)
-    return dict(timer.seconds), time.perf_counter() - start
+        total = time.perf_counter() - start
+    return dict(timer.seconds), total
 
 
-def profiled_kernels(lm, batch, task, cfg, recorder=None) -> dict[str, tuple[int, float]]:
+def profiled_kernels(lm, batch, task, cfg, capture_path: Path | None = None) -> dict[str, tuple[int, float]]:
     """The batch solved under the torch profiler: kernel name -> (calls, GPU µs)."""
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
-        solve_batch(lm, batch, task, cfg, recorder)
-        sync(lm.device)
+    with fresh_recorder(capture_path, cfg, lm) as recorder:
+        with torch.profiler.profile(activities=activities) as prof:
+            solve_batch(lm, batch, task, cfg, recorder)
+            sync(lm.device)
     return {e.key: (e.count, e.self_device_time_total) for e in prof.key_averages()
             if e.device_type == torch.autograd.DeviceType.CUDA}
 
@@ -142,20 +160,16 @@ def main(model_name, random_weights, data_file, batch_size, compile_step, compil
           f"prefills {prefill_kind(compile_prefill, eager_prefill, batch_size)}")
     batch = problems[:batch_size]
     with tempfile.TemporaryDirectory() as tmp:
-        recorders = {"off": None}
-        if capture:
-            recorders["on"] = open_recorder(Path(tmp) / "profile.h5", cfg, lm, overwrite=True)
+        variants = {"off": None, **({"on": Path(tmp) / "profile.h5"} if capture else {})}  # name -> capture file
         solve_batch(lm, problems[batch_size:], task, cfg)  # warm-up: compiles, records graphs
-        for recorder in recorders.values():  # and the prefill chunks of the sizes the timed batch needs
-            solve_batch(lm, batch, task, cfg, recorder)
-        phases = {name: timed_phases(lm, batch, task, cfg, r) for name, r in recorders.items()}
-        profiles = {name: profiled_kernels(lm, batch, task, cfg, r) for name, r in recorders.items()}
-        for recorder in recorders.values():
-            if recorder is not None:
-                recorder.close()
-    print_phases(phases, batch_size)
-    if lm.device.type == "cuda":
-        print_profiles(profiles, {name: total for name, (_, total) in phases.items()}, top)
+        for path in variants.values():  # and the prefill chunks of the sizes the timed batch needs
+            with fresh_recorder(path, cfg, lm) as recorder:
+                solve_batch(lm, batch, task, cfg, recorder)
+        phases = {name: timed_phases(lm, batch, task, cfg, path) for name, path in variants.items()}
+        print_phases(phases, batch_size)
+        if lm.device.type == "cuda":
+            profiles = {name: profiled_kernels(lm, batch, task, cfg, path) for name, path in variants.items()}
+            print_profiles(profiles, {name: total for name, (_, total) in phases.items()}, top)
 
 
 def print_phases(phases: dict, batch_size: int) -> None:
@@ -165,9 +179,10 @@ def print_phases(phases: dict, batch_size: int) -> None:
     rows = list(dict.fromkeys(p for seconds, _ in phases.values() for p in seconds))
     last = names[-1]
     for phase in rows + ["whole batch"]:
-        cells = [phases[n][1] if phase == "whole batch" else phases[n][0].get(phase, 0.0) for n in names]
-        print(f"| {phase} | " + " | ".join(f"{c:.3f}" for c in cells) +
-              f" | {1e3 * cells[-1] / batch_size:.2f} | {cells[-1] / phases[last][1]:.1%} |")
+        cells = [phases[n][1] if phase == "whole batch" else phases[n][0].get(phase) for n in names]
+        last_cell = cells[-1] or 0.0
+        print(f"| {phase} | " + " | ".join("—" if c is None else f"{c:.3f}" for c in cells) +
+              f" | {1e3 * last_cell / batch_size:.2f} | {last_cell / phases[last][1]:.1%} |")
     print("(ms per problem and share: the last column; the judger's prompt prefill is counted in both "
           "'prompt prefills' and 'judger decode')")
 
@@ -179,15 +194,17 @@ def print_profiles(profiles: dict, totals: dict, top: int) -> None:
         print(f"\nGPU time of one batch, capture {n}: {sum(kinds[n].values()) / 1e3:.1f} ms "
               f"(wall {totals[n] * 1e3:.1f} ms timed by phase)")
     print("\n| kernels | " + " | ".join(f"GPU ms, capture {n}" for n in names) + " |\n|---|" + "---|" * len(names))
-    for kind in sorted(kinds[names[0]], key=lambda k: -kinds[names[0]][k]):
+    every_kind = {kind for k in kinds.values() for kind in k}
+    for kind in sorted(every_kind, key=lambda k: -kinds[names[0]].get(k, 0.0)):
         print(f"| {kind} | " + " | ".join(f"{kinds[n].get(kind, 0.0) / 1e3:.1f}" for n in names) + " |")
     first = profiles[names[0]]
-    print("\n| top kernels | kind | calls | GPU ms | µs per call |\n|---|---|---|---|---|")
+    print(f"\n| top kernels, capture {names[0]} | kind | calls | GPU ms | µs per call |\n|---|---|---|---|---|")
     for name, (calls, us) in sorted(first.items(), key=lambda kv: -kv[1][1])[:top]:
         print(f"| {name[:90]} | {kind_of(name)} | {calls} | {us / 1e3:.1f} | {us / max(calls, 1):.1f} |")
-    if len(names) > 1:  # what capture adds: kernels whose GPU time grew most
+    if len(names) > 1:  # what capture adds: the kernels whose GPU time grew, most first
         on = profiles[names[-1]]
-        grown = sorted(on, key=lambda k: -(on[k][1] - first.get(k, (0, 0.0))[1]))[:top]
+        growth = {k: on[k][1] - first.get(k, (0, 0.0))[1] for k in on}
+        grown = sorted((k for k in on if growth[k] > 0), key=lambda k: -growth[k])[:top]
         print("\n| kernels capture adds to | kind | calls off / on | GPU ms off / on |\n|---|---|---|---|")
         for name in grown:
             off_calls, off_us = first.get(name, (0, 0.0))

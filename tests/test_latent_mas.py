@@ -464,7 +464,7 @@ def test_layer_similarities_match_a_plain_loop(hidden, kv_heads, head_dim, dtype
 
 def test_layer_similarities_in_groups_of_layers_equal_one_layer_at_a_time(monkeypatch):
     """Layers go in groups whose fp32 head means fit SEED_GROUP_ELEMENTS; any grouping (one layer per
-    group, uneven groups, all at once) gives the same values."""
+    group, uneven groups, all at once) gives the same values, to the bit."""
     g = torch.Generator().manual_seed(5)
     batch, kv_heads, T, head_dim = 2, 4, 30, 16
     offset = 0.3 * torch.randn(head_dim, generator=g)
@@ -476,7 +476,7 @@ def test_layer_similarities_in_groups_of_layers_equal_one_layer_at_a_time(monkey
         monkeypatch.setattr(maths, "SEED_GROUP_ELEMENTS", layers_per_group * per_layer)
         results.append(layer_similarities(keys, query))
     for got in results[1:]:
-        torch.testing.assert_close(got, results[0], atol=1e-6, rtol=0)
+        assert torch.equal(got, results[0])
     torch.testing.assert_close(results[0], reference_similarities(keys, query), atol=1e-3, rtol=0)
     assert results[0].std() > 0.05
 
@@ -518,6 +518,8 @@ def test_layer_similarities_errors():
         get_mode("other")
     with pytest.raises(ValueError, match="at least one layer"):
         layer_similarities([], torch.randn(1, 256))
+    with pytest.raises(ValueError, match="one batch, T and head_dim"):
+        layer_similarities([torch.randn(1, 2, 5, 128), torch.randn(1, 2, 6, 128)], torch.randn(1, 256))
 
 
 def test_middle_layer_scores_drive_the_knn(tiny_lm, fake_problems):

@@ -145,7 +145,8 @@ def solve(lm, problems, task, cfg, observer: HandoffObserver | None = None):
         if agent == AGENTS[-1]:
             generators = generators_for(problems, cfg, lm.device, salt=index)
             judged = decode_turn(lm, shared, agent, texts, ids, mask, cfg, generators, prefill=prefill,
-                              while_decoding=getattr(observer, "while_decoding", None), prompt_embeds=prompt_embeds)
+                                 while_decoding=getattr(observer, "while_decoding", None),
+                                 prompt_embeds=prompt_embeds)
         else:
             with prefill:
                 hidden = shared.extend(prompt_embeds, mask, ids, SegmentKey(agent, "prompt"))
@@ -155,15 +156,15 @@ def solve(lm, problems, task, cfg, observer: HandoffObserver | None = None):
             if hook is not None:
                 hook(LatentStepsEvent(agent, shared, *kept, problems))
         previous = agent
-    thinking = [thinking_turns(agent, texts, mask, cfg.latent_steps)
-                for agent, (texts, _, mask) in zip(AGENTS, encoded[:-1])]
-    return finish(problems, task, [list(turns) for turns in zip(*thinking, judged)], started)
+    return finish(problems, task, [list(turns) for turns in zip(*thinking_turns(encoded[:-1], cfg), judged)], started)
 
 
-def thinking_turns(agent: str, texts: list[str], mask: torch.Tensor, latent_steps: int) -> list[AgentTurn]:
-    """A thinking agent's turn per problem, made once the judger has decoded: its prompt's token counts
-    (mask [batch, n] is on the device) are a host read, which between hand-offs left the device idle
-    while the host queued the next agent's work (at batch size 1 on an H200, the capture's similarity
-    ops: their host time added to the problem's)."""
-    counts = mask.sum(dim=1).tolist()
-    return [AgentTurn(agent, text, "", tokens, 0, latent_steps) for text, tokens in zip(texts, counts)]
+def thinking_turns(encoded: list, cfg) -> list[list[AgentTurn]]:
+    """Each thinking agent's turns (one per problem) from its encoded prompts (texts, ids, mask [batch, n]).
+
+    Called after the judger has decoded, because counting the prompts' tokens reads the device. Read
+    between hand-offs, the counts left the device idle while the host queued the next hand-off's work.
+    """
+    counts = torch.stack([mask.sum(dim=1) for _, _, mask in encoded]).tolist()  # [agents][batch], one read
+    return [[AgentTurn(agent, text, "", tokens, 0, cfg.latent_steps) for text, tokens in zip(texts, row)]
+            for agent, (texts, _, _), row in zip(AGENTS, encoded, counts)]

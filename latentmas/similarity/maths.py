@@ -27,8 +27,9 @@ from torch.torch_version import TorchVersion
 # Largest score block (elements) `attention_received` materialises at once; bigger layers are
 # chunked over kv-head groups so the fp32 scores stay a few hundred MiB at most.
 ATTENTION_CHUNK_ELEMENTS = 1 << 26
-# Largest group of layers' fp32 head means `layer_similarities` holds at once (64 MiB).
-SEED_GROUP_ELEMENTS = 1 << 24
+# Largest group of layers' fp32 head means `layer_similarities` holds at once (32 MiB; with
+# F.cosine_similarity's temporaries about four times that).
+SEED_GROUP_ELEMENTS = 1 << 23
 _EPS = 1e-12  # as F.normalize: a zero vector has cosine 0 with everything
 _BMM_OUT_DTYPE = TorchVersion(torch.__version__) >= (2, 8)  # torch.bmm(..., out_dtype=) exists
 
@@ -94,16 +95,19 @@ def layer_similarities(keys: Sequence[torch.Tensor], query: torch.Tensor) -> tor
     device in fp32 with no host synchronisation.
 
     Keys are averaged over heads, the query reduced to head_dim (`reduce_query`). The head means of a
-    group of layers (at most SEED_GROUP_ELEMENTS fp32 values, `[G, batch, T, head_dim]`) are written
-    into one buffer and their cosines taken in one call. Op by op, one layer at a time, Qwen3-4B's 36
-    layers made about 320 small kernels and 4 ms of wall time per hand-off at batch size 1 on an H200
-    (`bench/phase_profile.py --capture`, the device synced around the call), while all layers' means at
-    once (`[B, L, T, D]`, 1.3 GB at 64 problems x 1,131 columns) were most of the capture's extra GPU
-    memory (bench/similarity_memory.py).
+    group of layers (at most SEED_GROUP_ELEMENTS fp32 values, `[G, batch, T, head_dim]`; F.cosine_similarity
+    makes about three more of that size) are written into one buffer and their cosines taken in one
+    call. Op by op, one layer at a time, Qwen3-4B's 36 layers made about 320 small kernels and 4 ms of
+    wall time per hand-off at batch size 1 on an H200 (`bench/phase_profile.py --capture`, the device
+    synced around the call), while all layers' means at once (`[B, L, T, D]`, 1.3 GB at 64 problems x
+    1,131 columns) were most of the capture's extra GPU memory (bench/similarity_memory.py).
     """
     if not keys:
         raise ValueError("layer_similarities needs at least one layer of keys")
     batch, _, columns, head_dim = keys[0].shape
+    if any(k.ndim != 4 or (k.shape[0], k.shape[2], k.shape[3]) != (batch, columns, head_dim) for k in keys):
+        raise ValueError("layer_similarities needs every layer's keys as [batch, kv_heads, T, head_dim] with one "
+                         f"batch, T and head_dim, got {[tuple(k.shape) for k in keys]}")
     q = reduce_query(query.to(keys[0].device), head_dim)[:, None, :]  # [B, 1, D]
     per_group = max(1, SEED_GROUP_ELEMENTS // max(1, batch * columns * head_dim))
     out = torch.empty(batch, len(keys), columns, dtype=torch.float32, device=keys[0].device)
