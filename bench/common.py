@@ -188,10 +188,9 @@ class Pass:
 
     def notes(self) -> str:
         """What besides solving took time in the pass, where any of it happened: '' or '; gc 0.012 s, ...'."""
-        parts = [f"gc {self.gc_seconds:.3f} s" if self.gc_seconds >= 0.001 else "",
-                 f"{self.graphs_recorded} CUDA graphs recorded" if self.graphs_recorded else "",
-                 f"{self.compiled_graphs} graphs compiled" if self.compiled_graphs else ""]
-        parts = [p for p in parts if p]
+        parts = [text for text, shown in ((f"gc {self.gc_seconds:.3f} s", self.gc_seconds >= 0.001),
+                                          (f"{self.graphs_recorded} CUDA graphs recorded", self.graphs_recorded),
+                                          (f"{self.compiled_graphs} graphs compiled", self.compiled_graphs)) if shown]
         return "; " + ", ".join(parts) if parts else ""
 
 

@@ -14,7 +14,7 @@
 #   bash bench/gpu_report.sh table     # the bench table, batch sizes 1/16/64/128, capture off and on
 #   bash bench/gpu_report.sh modes     # capture overhead per similarity mode at batch sizes 1 and 16, seed at 64
 #   bash bench/gpu_report.sh capture   # seed capture off and on with the step compiled at 16 and 64, three passes each,
-#                                      # with each pass's garbage-collector time, re-recorded steps and compiles
+#                                      # with each pass's garbage-collector time, CUDA graphs recorded and compiles
 #   bash bench/gpu_report.sh profile   # time per phase and GPU time by kind of kernel, batch size 1, capture off and on
 #   bash bench/gpu_report.sh profile64 # the same at batch size 64
 #

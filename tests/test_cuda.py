@@ -267,9 +267,9 @@ def test_the_host_never_waits_for_the_device_between_hand_offs(cuda_lm, fake_pro
     """From the planner's latent steps to the judger's hand-off (readout, seed similarities, prompt
     prefills in graphed chunks, latent steps) nothing reads the device, so the capture's host time
     overlaps the device's. torch's sync debug mode sees what makes the host wait for a result (`item`,
-    `tolist`, copies to pageable memory, `nonzero`), not an explicit `synchronize()`. A host read there (the thinking agents' prompt token counts once were one)
-    left the device idle while the host queued the next ~320 similarity kernels: 4 ms a hand-off at batch
-    size 1 on an H200."""
+    `tolist`, copies to pageable memory, `nonzero`), not an explicit `synchronize()`. A host read there
+    (the thinking agents' prompt token counts once were one) left the device idle while the host queued
+    the next ~320 similarity kernels: 4 ms a hand-off at batch size 1 on an H200."""
     cfg = RunConfig(model_name="tiny-qwen3", device="cuda", latent_steps=4, max_new_tokens=4, temperature=0.0,
                     fast_decode=True, compile_step=compiled)
     problems = fake_problems()
