@@ -19,6 +19,7 @@ from latentmas import fast_decode, sampling
 from latentmas.config import RunConfig
 from latentmas.decoding import Sampler, Sampling, problem_generators
 from latentmas.fast_decode import static_step
+from latentmas.kernels import split_k as split_k_module
 from latentmas.methods import get_method
 from latentmas.methods.common import encode
 from latentmas.prompts import agent_prompt
@@ -58,22 +59,25 @@ def _timed(fn, n, device):
               "the config it chose for the generated kernels whose name contains PATTERN (e.g. rsqrt_sin)")
 @click.option("--tuned_reductions", is_flag=True, help="compile the step as before stop 23: inductor picks each "
               "reduction's launch config by timing (`fast_decode.STEP_INDUCTOR_OPTIONS` emptied)")
+@click.option("--split_k", default="", metavar="VARIANTS", help="with --compile_step at batch size 1: also time the "
+              "compiled sampling step with each of these `kernels.split_k.SPLITS` (FEW:MANY slices, or off), "
+              "each compiled afresh, e.g. off,4:1,off,4:1")
 @click.option("--device", default="cuda")
 def main(model_name, random_weights, data_file, passes, batch_sizes, capacity, compile_step, profile, argmax_slices,
-         stop21_sampler, as_stop21, autotune_report, tuned_reductions, device):
+         stop21_sampler, as_stop21, autotune_report, tuned_reductions, split_k, device):
     if tuned_reductions:
         fast_decode.STEP_INDUCTOR_OPTIONS = {}  # read when the step is compiled
     if autotune_report:
         common.log_autotuning(autotune_report)
     with common.stop21_sampler() if as_stop21 else contextlib.nullcontext():
         probe(model_name, random_weights, data_file, passes, batch_sizes, capacity, compile_step, profile,
-              argmax_slices, stop21_sampler, device)
+              argmax_slices, stop21_sampler, split_k, device)
     if autotune_report:
         print(common.chosen_configs(autotune_report))
 
 
 def probe(model_name, random_weights, data_file, passes, batch_sizes, capacity, compile_step, profile, argmax_slices,
-          stop21_sampler, device):
+          stop21_sampler, split_k, device):
     task = get_task("gsm8k")
     problems = load_problems(task, data_file, 1)
     from latentmas.models import load_model
@@ -99,6 +103,7 @@ def probe(model_name, random_weights, data_file, passes, batch_sizes, capacity, 
     embed = lm.model.get_input_embeddings()
     print(f"step attention: {'split-KV kernel' if use_kernel(device) else 'SDPA'}")
     fastest = None
+    saved_splits = dict(split_k_module.SPLITS)
     for batch in [int(b) for b in batch_sizes.split(",")]:
         _, ids, mask = encode(lm, [prompt] * batch, think=False)
         shared = SharedCache(lm, batch, capacity=capacity)
@@ -128,18 +133,27 @@ def probe(model_name, random_weights, data_file, passes, batch_sizes, capacity, 
         for label, variant in samplers * 2 if stop21_sampler and compile_step else ():
             with variant():
                 _time_rebuilt_step(lm, shared, sampler, token, f"{label} top-p")
+        for variant in (v for v in split_k.split(",") if v and compile_step and batch == 1):
+            few, many = (0, 0) if variant == "off" else (int(n) for n in variant.split(":"))
+            split_k_module.SPLITS.update(few=few, many=many)
+            torch._dynamo.reset()  # compile afresh (inductor's cache still serves a variant seen before)
+            fast_decode._COMPILED.clear()
+            _time_rebuilt_step(lm, shared, sampler, token, f"split-K {variant}", profile=profile)
+        split_k_module.SPLITS.update(saved_splits)
         del shared
         lm.static_steps.clear()
 
 
-def _time_rebuilt_step(lm, shared, sampler, token, label: str) -> None:
+def _time_rebuilt_step(lm, shared, sampler, token, label: str, profile: bool = False) -> None:
     """Compile and record the sampling step afresh (the sampler traced again) and print three timings
-    of 100 steps."""
+    of 100 steps (and, with `profile`, its top kernels)."""
     sampling._COMPILED.clear()
     lm.static_steps.clear()
     step = static_step(lm, shared, 200, compiled=True, sampler=sampler)
     times = [_timed(lambda: step.run(token), 100, lm.device) for _ in range(3)]
     print(f"  graph step compiled sampled, {label}: {' / '.join(f'{t:.3f}' for t in times)} ms/step", flush=True)
+    if profile and lm.device.type == "cuda":
+        _profile(step, token, lm.device, shared.batch_size)
 
 
 def _profile(step, token, device, batch: int, steps: int = 10) -> None:

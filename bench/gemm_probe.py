@@ -2,6 +2,7 @@
 
     python bench/gemm_probe.py --batch_sizes 1,16,64
     python bench/gemm_probe.py --batch_sizes 1,4,16 --skinny   # and latentmas.kernels.skinny_linear, with a sweep of its tiles
+    python bench/gemm_probe.py --batch_sizes 1,4 --split_k 2,4,8   # and cuBLAS's batched product over slices of K
 
 Each case is 36 calls (one per layer, each on its own weight, as in a step) recorded in a CUDA
 graph and replayed; µs per call and the weight bandwidth (GB/s of weights read) are printed for
@@ -18,6 +19,7 @@ import triton
 from common import graph_seconds
 
 from latentmas.kernels.skinny_linear import MAX_ROWS, Plan, _skinny_linear_triton, plan
+from latentmas.kernels.split_k import fitting_splits, split_k_partials
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 2560, 32, 8, 128, 9728
 SHAPES = {  # name -> (out features, in features)
@@ -56,11 +58,36 @@ def skinny_rows(name, weights, x, cublas_seconds):
               f"{cublas_seconds / seconds:.2f}x |", flush=True)
 
 
+def split_k_rows(name, weights, x, cublas_seconds, counts):
+    """Rows for `kernels.split_k`: its fp32 partials alone (the step sums them in the next fused kernel)
+    and with the sum as a kernel of its own, for each count of slices that fits the shape."""
+    out_features, in_features = weights[0].shape
+    gigabytes = out_features * in_features * 2 / 1e9
+    for splits in (s for s in counts if fitting_splits(in_features, s)):
+        for label, product in (("partials", lambda w: split_k_partials(x, w, splits)),
+                               ("partials + sum", lambda w: split_k_partials(x, w, splits).sum(0).to(x.dtype))):
+            seconds = graph_seconds(lambda: [product(w) for w in weights], 20)[0] / LAYERS
+            print(f"| {name} | {x.shape[0]} | split-K {splits}, {label} | {seconds * 1e6:.1f} | "
+                  f"{gigabytes / seconds:,.0f} | {cublas_seconds / seconds:.2f}x |", flush=True)
+        print(f"|   its kernels: {kernel_names(lambda: split_k_partials(x, weights[0], splits))} | | | | | |")
+    print(f"|   F.linear's kernels: {kernel_names(lambda: F.linear(x, weights[0]))} | | | | | |")
+
+
+def kernel_names(function) -> str:
+    """The GPU kernels one call of `function()` launches (names cut to 60 characters)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        function()
+        torch.cuda.synchronize()
+    return ", ".join(event.key[:60] for event in prof.key_averages() if event.device_type.name == "CUDA")
+
+
 @click.command()
 @click.option("--batch_sizes", default="1,16,64", show_default=True)
 @click.option("--skinny", is_flag=True, help="Also time latentmas.kernels.skinny_linear (batch sizes up to "
               f"{MAX_ROWS}) and sweep its tiles; the last column is cuBLAS's time over its.")
-def main(batch_sizes, skinny):
+@click.option("--split_k", default="", metavar="COUNTS", help="Also time kernels.split_k's partial products over "
+              "these counts of slices of K (e.g. 2,4,8), batch sizes up to 16; the last column is cuBLAS's time over its.")
+def main(batch_sizes, skinny, split_k):
     device = torch.device("cuda")
     torch.manual_seed(0)
     backends = [torch.backends.cuda.preferred_blas_library()]
@@ -87,6 +114,9 @@ def main(batch_sizes, skinny):
                       f"{seconds * 1e6:.1f} | {gbps:,.0f} | |", flush=True)
             if skinny and batch <= MAX_ROWS and ("fused" in name or name in ("o", "down")):
                 skinny_rows(f"{name} ({out_features} x {in_features})", weights, x[:, 0], min(timed.values()))
+            if split_k and batch <= 16:
+                split_k_rows(f"{name} ({out_features} x {in_features})", weights, x[:, 0], timed[None],
+                             [int(c) for c in split_k.split(",")])
 
 
 

@@ -17,10 +17,11 @@ results never depend on the order of calls. Code that needs one projection alone
 reading or changing it in place reads or changes what the member computes. The state dict names
 the groups (`qkv_proj.weight`), not the members.
 
-The products go through `kernels.skinny_linear`: `F.linear` unless LATENTMAS_SKINNY_LINEAR=1 asks
-for its few-row kernels on CUDA (off by default, see that module). So that the switch covers every
-projection of a layer, the ones without siblings (`SINGLES`: o_proj, down_proj) become `SkinnyLinear`s;
-their parameters and state dict stay those of an `nn.Linear`.
+The products go through `kernels.skinny_linear`: in a compiled batch-1 step on CUDA, o_proj and
+down_proj as split-K partials that the next fused kernel sums (`kernels.split_k`); otherwise `F.linear`
+unless LATENTMAS_SKINNY_LINEAR=1 asks for its few-row kernels on CUDA (off by default, see that
+module). So that the switch covers every projection of a layer, the ones without siblings (`SINGLES`:
+o_proj, down_proj) become `SkinnyLinear`s; their parameters and state dict stay those of an `nn.Linear`.
 """
 
 from __future__ import annotations

@@ -285,3 +285,52 @@ def test_the_host_never_waits_for_the_device_between_hand_offs(cuda_lm, fake_pro
             handoffs = list(capture.handoffs(number))
             assert [h.to_agent for h in handoffs] == list(AGENTS[1:])
             assert all(h.readout is not None for h in handoffs)
+
+
+def test_split_k_batch_one_step_computes_what_the_step_without_it_computes(tiny_lm_cache_env, monkeypatch):
+    """In bf16 the compiled batch-1 step runs o_proj and down_proj as split-K partials summed in the next
+    fused kernel (`kernels.split_k`), and its logits are those of the compiled step without it, to bf16
+    rounding, over the same four tokens."""
+    from latentmas import fast_decode
+    from latentmas.fast_decode import StaticKV, StaticStep
+    from latentmas.kernels import skinny_linear as skinny
+    from latentmas.kernels import split_k
+    from latentmas.methods.common import encode
+    from latentmas.models import load_model
+    from latentmas.prompts import agent_prompt
+    from latentmas.shared_cache import SegmentKey, SharedCache
+
+    lm = load_model("tiny-qwen3", "cuda")
+    assert lm.dtype == torch.bfloat16
+    _, ids, mask = encode(lm, [agent_prompt("judger", "What is 2 + 3?", "Answer with a number.")], False)
+    shared = SharedCache(lm, 1)
+    logits = shared.extend(lm.model.get_input_embeddings()(ids), mask, ids, SegmentKey("judger", "prompt"), logits=True)
+    shared.reserve(8)
+    taken = []
+
+    def spy(x, weight):
+        splits = split_k.split_for(x, weight)
+        if splits:
+            taken.append(splits)
+        return splits
+
+    monkeypatch.setattr(skinny, "split_for", spy)
+    fed = [logits.argmax(-1)]  # the tokens the step without split-K picks greedily, fed to both
+    outputs = {}
+    for few in (0, 4):
+        monkeypatch.setitem(split_k.SPLITS, "few", few)
+        torch._dynamo.reset()
+        fast_decode._COMPILED.clear()
+        taken.clear()
+        step = StaticStep(lm, StaticKV(shared.storage), use_graph=True, compiled=True).start(shared)
+        rows = []
+        for i in range(4):
+            rows.append(step.run(fed[i]).float().clone())
+            if not few:
+                fed.append(rows[-1].argmax(-1))
+        outputs[few] = torch.stack(rows)
+        assert bool(taken) == bool(few)
+    torch._dynamo.reset()
+    fast_decode._COMPILED.clear()
+    assert not torch.equal(outputs[0][0], outputs[0][1])  # the steps differ: a check that could fail
+    torch.testing.assert_close(outputs[4], outputs[0], atol=3e-2, rtol=3e-2)

@@ -34,6 +34,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .split_k import split_for, split_k_linear
+
 try:
     import triton
     import triton.language as tl
@@ -194,8 +196,12 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for x `[..., K]`, weight `[N, K]` -> `[..., N]`, through the
-    kernels when `usable` (CUDA, bf16/fp16, at most MAX_ROWS rows), else through F.linear."""
+    """`F.linear(x, weight, bias)` for x `[..., K]`, weight `[N, K]` -> `[..., N]`: as split-K partials
+    summed by the next fused kernel in a compiled batch-1 step (`split_k.split_for`), through the
+    kernels here when `usable` (CUDA, bf16/fp16, at most MAX_ROWS rows), else through F.linear."""
+    splits = split_for(x, weight)
+    if splits:
+        return split_k_linear(x, weight, bias, splits)
     if not usable(x, weight):
         return F.linear(x, weight, bias)
     flat = x.reshape(-1, x.shape[-1])
