@@ -4,8 +4,9 @@ Writes `--batches` batches of `--batch` synthetic problems with `CaptureWriter` 
 as the recorder does), each problem with the hand-offs of latent_mas (planner -> critic ->
 refiner -> judger) at the Qwen3-4B shapes by default: 36 layers, prompts of `--prompt` columns
 per agent and `--latent_steps` latent columns per agent, so the last hand-off reads about
-3 x (prompt + latent) columns. Prints the median time per batch of `stage` and `commit` and the file
-size, for readout k = 0 and k = `--readout_top_k`, rounds alternating.
+3 x (prompt + latent) columns. Prints the median time per batch of staging (`stage_in_pieces`, as the
+recorder stages while the judger decodes) and `commit`, the file size, the pieces per batch and the
+longest piece, for readout k = 0 and k = `--readout_top_k`, rounds alternating.
 
     python bench/capture_write.py --batches 8 --batch 16
 """
@@ -53,21 +54,31 @@ def _handoffs(rng, layers: int, prompt: int, steps: int, top_k: int) -> list[Han
     return handoffs
 
 
-def _write(path: Path, batches: list, top_k: int, layers: int) -> tuple[float, float, int]:
-    """(median stage s, median commit s, file bytes) for writing `batches` (lists of hand-off lists)."""
-    stages, commits, number = [], [], 0
+def _write(path: Path, batches: list, top_k: int, layers: int) -> tuple[float, float, int, float, int]:
+    """(median stage s, median commit s, file bytes, longest piece s, pieces per batch) for writing `batches`
+    (lists of hand-off lists), staged a piece at a time (`stage_in_pieces`, as the recorder does while decoding)."""
+    stages, commits, number, longest, count = [], [], 0, 0.0, 0
     with CaptureWriter.open(path, {"model_name": "bench"}, {"k": top_k}, layers, overwrite=True,
                             readout_top_k=top_k) as writer:
         for batch in batches:
             numbers = list(range(number + 1, number + 1 + len(batch)))
             number += len(batch)
             t0 = time.perf_counter()
-            staged = writer.stage(batch, numbers)
+            pieces, count = writer.stage_in_pieces(batch, numbers), 0
+            while True:
+                start = time.perf_counter()
+                try:
+                    next(pieces)
+                except StopIteration as done:
+                    staged = done.value
+                    break
+                finally:
+                    longest, count = max(longest, time.perf_counter() - start), count + 1
             t1 = time.perf_counter()
             writer.commit(staged, [ProblemRecord(n, f"question {n}", "1", "1", True) for n in numbers])
             commits.append(time.perf_counter() - t1)
             stages.append(t1 - t0)
-    return statistics.median(stages), statistics.median(commits), path.stat().st_size
+    return statistics.median(stages), statistics.median(commits), path.stat().st_size, longest, count
 
 
 @click.command()
@@ -90,11 +101,13 @@ def main(batches, batch, layers, prompt, latent_steps, readout_top_k, repeats):
     width = 3 * (prompt + latent_steps)
     print(f"schema {SCHEMA_VERSION}; {batches} batches x {batch} problems x 3 hand-offs (T up to {width}), "
           f"{layers} layers, {latent_steps} latent steps per agent; median of {repeats} passes")
-    print(f"{'readout k':>9} {'stage ms/batch':>15} {'commit ms/batch':>16} {'file MB':>8}")
+    print(f"{'readout k':>9} {'stage ms/batch':>15} {'commit ms/batch':>16} {'file MB':>8} "
+          f"{'pieces/batch':>13} {'longest piece ms':>17}")
     for k, runs in results.items():
         stage = statistics.median(r[0] for r in runs) * 1e3
         commit = statistics.median(r[1] for r in runs) * 1e3
-        print(f"{k:>9} {stage:>15.1f} {commit:>16.1f} {runs[0][2] / 1e6:>8.2f}")
+        longest = max(r[3] for r in runs) * 1e3
+        print(f"{k:>9} {stage:>15.1f} {commit:>16.1f} {runs[0][2] / 1e6:>8.2f} {runs[0][4]:>13} {longest:>17.1f}")
 
 
 if __name__ == "__main__":

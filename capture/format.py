@@ -73,7 +73,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Generator, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -101,6 +101,8 @@ _STR = h5py.string_dtype("utf-8")
 _ROW_CHUNK = 4096
 _COLUMN_CHUNK = 1024
 _COMPRESSION = dict(compression="gzip", compression_opts=4, shuffle=True)
+_CHUNKS_PER_PIECE = 4  # chunks written (and compressed) in a piece of `stage_in_pieces`: ~8 ms (36 layers, 2 cores)
+_PROBLEMS_PER_PIECE = 8  # problems' rows gathered in one piece
 # The lowest HDF5 format that allows SWMR writing, as both bounds: a newer HDF5 (2.0 under
 # h5py 3.16) would otherwise write object headers that h5py 3.10-3.14 and HDF5 1.10 tools refuse.
 LIBVER = ("v110", "v110")
@@ -641,35 +643,53 @@ class CaptureWriter(_OpenFile):
         their compression, token strings) is written here, so a caller can do it while the
         device is still busy and keep `commit` short. `numbers` (the problems') name them in errors.
         """
+        pieces = self.stage_in_pieces(handoffs, numbers)
+        while True:
+            try:
+                next(pieces)
+            except StopIteration as done:
+                return done.value
+
+    def stage_in_pieces(self, handoffs: Sequence[Sequence[Handoff]],
+                        numbers: Sequence[int] = ()) -> Generator[None, None, StagedHandoffs]:
+        """`stage`, a piece at a time: a generator whose every step does a few milliseconds of work (one
+        problem's checks, a few chunks written and compressed, ...) and whose return value is the
+        `StagedHandoffs` (`staged = yield from writer.stage_in_pieces(...)`). A caller interleaves it
+        with queued device work: as one piece, staging 64 problems of Qwen3-4B shapes took ~0.4 s
+        (`bench/capture_write.py --batch 64`), longer than the device's queue lasted."""
+        reserve = _MARGIN
+        per_readout = 48 * (1 + self.readout_top_k) + 16 * self.readout_top_k + 32  # a row: k + 1 strings, numbers
         for of_problem, number in zip(handoffs, list(numbers) or [None] * len(handoffs)):
             for handoff in of_problem:
-                where = f"hand-off {handoff.name}" + (f" of problem {number}" if number else "")
-                readout = handoff.readout
-                if readout is not None and self.readout_top_k:
-                    try:  # before anything below reads its arrays
-                        readout.check(handoff.num_columns, self.readout_top_k)
-                    except ValueError as error:
-                        raise CaptureError(f"cannot write {where} to {self.path}: {error}") from None
-                readout_texts = ([t for c in np.flatnonzero(readout.has).tolist()
-                                  for t in (*readout.tokens[c], readout.realign_token[c])]
-                                 if readout is not None and self.readout_top_k else [])
-                texts = (handoff.from_agent, handoff.to_agent, *handoff.tokens, *readout_texts,
-                         *(s.agent for s in handoff.segments), *(s.kind for s in handoff.segments))
-                # one check of all the hand-off's text at once (a NUL or a lone surrogate anywhere is refused)
-                _refuse_text("".join(map(str, texts)), where)
-        per_readout = 48 * (1 + self.readout_top_k) + 16 * self.readout_top_k + 32  # a row: k + 1 strings, numbers
-        self._reserve(_MARGIN + sum(2 * h.layer_similarities.size * 4 + sum(len(t) * 4 + 48 for t in h.tokens)
-                                    + (per_readout * int(h.readout.has.sum())
-                                       if h.readout is not None and self.readout_top_k else 0)
-                                    for of_problem in handoffs for h in of_problem), _problems_named(numbers))
+                self._check_text(handoff, f"hand-off {handoff.name}" + (f" of problem {number}" if number else ""))
+                reserve += (2 * handoff.layer_similarities.size * 4 + sum(len(t) * 4 + 48 for t in handoff.tokens)
+                            + (per_readout * int(handoff.readout.has.sum())
+                               if handoff.readout is not None and self.readout_top_k else 0))
+            yield
+        self._reserve(reserve, _problems_named(numbers))
         try:
-            return self._stage(handoffs)
+            return (yield from self._stage(handoffs))
         except CaptureError:
             raise
         except (OSError, RuntimeError) as error:
             raise self._failed(_problems_named(numbers), error) from None
         except (ValueError, TypeError) as error:
             raise CaptureError(f"could not write {_problems_named(numbers)} to {self.path}: {_reason(error)}") from None
+
+    def _check_text(self, handoff: Handoff, where: str) -> None:
+        """Refuse a hand-off whose readout does not fit, or whose text holds a NUL or a lone surrogate."""
+        readout = handoff.readout
+        if readout is not None and self.readout_top_k:
+            try:  # before anything below reads its arrays
+                readout.check(handoff.num_columns, self.readout_top_k)
+            except ValueError as error:
+                raise CaptureError(f"cannot write {where} to {self.path}: {error}") from None
+        readout_texts = ([t for c in np.flatnonzero(readout.has).tolist()
+                          for t in (*readout.tokens[c], readout.realign_token[c])]
+                         if readout is not None and self.readout_top_k else [])
+        texts = (handoff.from_agent, handoff.to_agent, *handoff.tokens, *readout_texts,
+                 *(s.agent for s in handoff.segments), *(s.kind for s in handoff.segments))
+        _refuse_text("".join(map(str, texts)), where)  # all the hand-off's text checked at once
 
     def commit(self, staged: StagedHandoffs, problems: Sequence[ProblemRecord]) -> None:
         """Write `problems` (whose hand-offs are `staged`, in order) and make them visible at once."""
@@ -692,7 +712,8 @@ class CaptureWriter(_OpenFile):
         self.completed_numbers.update(p.number for p in problems)
 
 
-    def _stage(self, per_problem: Sequence[Sequence[Handoff]]) -> StagedHandoffs:
+    def _stage(self, per_problem: Sequence[Sequence[Handoff]]) -> Generator[None, None, StagedHandoffs]:
+        """The writing of `stage_in_pieces`, in pieces."""
         _, n_handoffs, n_columns, n_segments = self._committed
         f = self._file
         handoff_rows = {"from_agent": [], "to_agent": [], "first_column": [], "num_columns": [],
@@ -702,7 +723,9 @@ class CaptureWriter(_OpenFile):
         segment_rows = {"agent": [], "kind": [], "start": [], "stop": []}
         column, segment, readout_row = n_columns, n_segments, self._readout_rows
         matrices, positions, tokens, readouts = [], [], [], []
-        for handoffs in per_problem:
+        for problem, handoffs in enumerate(per_problem, 1):
+            if problem % _PROBLEMS_PER_PIECE == 0:
+                yield
             for handoff in handoffs:
                 width = handoff.num_columns
                 if len(handoff.tokens) != width or len(handoff.positions) != width:
@@ -731,15 +754,15 @@ class CaptureWriter(_OpenFile):
                 tokens.extend(handoff.tokens)
                 column += width
                 segment += len(handoff.segments)
+        yield
         sims = f["columns/layer_similarities"]
         if matrices:
-            block = np.concatenate(matrices, axis=1).astype(sims.dtype)
-            sims.resize(column, axis=1)
-            sims[:, n_columns:column] = block
+            yield from _append_in_pieces(sims, n_columns, np.concatenate(matrices, axis=1).astype(sims.dtype))
             _append_rows(f["columns/position"], n_columns, np.concatenate(positions))
-            _append_rows(f["columns/token"], n_columns, tokens)
+            yield from _append_in_pieces(f["columns/token"], n_columns, tokens)
         if readout_row > self._readout_rows:
-            _append_readout(f["readout"], self._readout_rows, readouts)
+            for name, values in _stack_rows(readouts, f["readout/id"].shape[0]).items():
+                yield from _append_in_pieces(f["readout"][name], self._readout_rows, values)
         for name, rows in handoff_rows.items():
             _append_rows(f[f"handoffs/{name}"], n_handoffs, rows)
         for name, rows in segment_rows.items():
@@ -1028,6 +1051,24 @@ def _problems_named(numbers: Sequence[int]) -> str:
     return ("problem " if len(numbers) == 1 else "problems ") + ", ".join(str(n) for n in numbers)
 
 
+def _append_in_pieces(dataset: h5py.Dataset, start: int, rows) -> Iterator[None]:
+    """`_append_rows`, `_CHUNKS_PER_PIECE` chunks at a time: each piece writes up to a chunk boundary of
+    the last axis and flushes the dataset (its finished chunks are compressed then, once), then yields."""
+    stop = start + (rows.shape[-1] if isinstance(rows, np.ndarray) else len(rows))
+    if stop == start:
+        return
+    dataset.resize(stop, axis=dataset.ndim - 1)
+    chunk = dataset.chunks[-1]
+    at = start
+    while at < stop:
+        end = min(stop, (at // chunk + _CHUNKS_PER_PIECE) * chunk)
+        dataset[..., at:end] = rows[..., at - start:end - start] if isinstance(rows, np.ndarray) else \
+            rows[at - start:end - start]
+        dataset.flush()
+        yield
+        at = end
+
+
 def _append_rows(dataset: h5py.Dataset, start: int, rows) -> None:
     """Write `rows` (a list, or an array whose last axis is the rows) at `start` of the dataset's last axis."""
     stop = start + (rows.shape[-1] if isinstance(rows, np.ndarray) else len(rows))
@@ -1061,12 +1102,6 @@ def _stack_rows(readouts: Sequence[ReadoutRows], top_k: int) -> dict[str, object
             "prob": joined("probs", np.float32).reshape(-1, top_k).T, "entropy": joined("entropy", np.float32),
             "realign_cosine": joined("realign_cosine", np.float32),
             "realign_token": [t for r in readouts for t in r.realign_token]}
-
-
-def _append_readout(group: h5py.Group, start: int, readouts: Sequence[ReadoutRows]) -> None:
-    """Append the readout rows of consecutive hand-offs (in order) at row `start` of /readout."""
-    for name, values in _stack_rows(readouts, group["id"].shape[0]).items():
-        _append_rows(group[name], start, values)
 
 
 def _readout_end(file: h5py.File, handoffs: int) -> int:

@@ -262,7 +262,7 @@ class CaptureRecorder:
         for row in range(len(self._numbers)):
             per_problem.append([self._handoff(p, row) for p in pending])
             yield
-        self._staged = self.writer.stage(per_problem, self._numbers)
+        self._staged = yield from self.writer.stage_in_pieces(per_problem, self._numbers)
         self._pending, self._awaiting, self._readouts, self._staging = [], [], {}, None
 
     def write_batch(self, results) -> None:

@@ -17,6 +17,9 @@ from .shared_cache import SegmentKey, SharedCache
 # (~60 ms of a 4B model's decoding) are still queued.
 CHECK_EVERY = 8
 OVERLAP_AFTER = 2 * CHECK_EVERY - 2
+# On CUDA a piece of that work runs only while the device has more than LEAD decoding steps queued, so
+# that no piece leaves it idle (a piece takes up to ~20 ms, a step at batch size 64 ~8 ms on an H200).
+LEAD = 4
 
 
 @dataclass
@@ -74,8 +77,9 @@ def generate(
     `watch_prefill`, whose hooks read that forward pass), never around the decoding.
     while_decoding: host work (e.g. writing a capture) called once, after OVERLAP_AFTER
     steps have been queued, so that it runs while the device decodes; or at the end. If it
-    returns an iterator, that is the work in pieces: one piece is taken after each step queued
-    from then on (the device never waits for the whole of it), the rest after the last step.
+    returns an iterator, that is the work in pieces, taken between the steps queued from then on
+    (`_Pacer`: on CUDA while the device is more than LEAD steps behind, on the CPU one per step),
+    the rest after the last step.
     prompt_embeds: the prompt's input embeddings `[batch, n, hidden]`, when the caller has them.
 
     Returns each row's generated ids, cut after its first end-of-turn token. With
@@ -99,6 +103,7 @@ def generate(
     ones = torch.ones(batch, 1, dtype=torch.bool, device=lm.device)
     steps = []
     work = None  # the pieces of while_decoding's work still to do
+    pacer = _Pacer(lm.device)
     for step in range(sampling.max_new_tokens):
         steps.append(token)
         if not sampling.ignore_eos:
@@ -111,11 +116,12 @@ def generate(
             else:
                 ids = token[:, None]
                 token = sampler(shared.extend(embed(ids), ones, ids, SegmentKey(agent, "output"), logits=True))
+            pacer.queued()
         if step == OVERLAP_AFTER and while_decoding is not None:
-            work = _next_piece(while_decoding())
+            work = while_decoding()
             while_decoding = None
-        elif work is not None:
-            work = _next_piece(work)
+        if work is not None:
+            work = pacer.take(work)
     if while_decoding is not None:
         work = while_decoding()
     while work is not None:
@@ -125,6 +131,35 @@ def generate(
     generated = torch.stack(steps, dim=1).tolist()
     stops = set(stop.tolist()) if not sampling.ignore_eos else set()
     return [_cut_after_stop(row, stops) for row in generated]
+
+
+class _Pacer:
+    """When to take pieces of host work between queued decoding steps: on CUDA while the device has not
+    finished the step queued LEAD steps before the last (a ring of CUDA events, one recorded after each
+    step queued), so it still has more than LEAD steps to run; on the CPU one piece per step."""
+
+    def __init__(self, device: torch.device):
+        self.events = [torch.cuda.Event() for _ in range(LEAD + 1)] if device.type == "cuda" else None
+        self.count = 0  # steps queued
+
+    def queued(self) -> None:
+        """Note a step just queued."""
+        if self.events is not None:
+            self.events[self.count % len(self.events)].record()
+        self.count += 1
+
+    def ahead(self) -> bool:
+        """Whether the device is still more than LEAD steps behind the host."""
+        return self.count > LEAD and not self.events[self.count % len(self.events)].query()
+
+    def take(self, work):
+        """Pieces of `work` (`_next_piece`) for now: one on the CPU, as many as stay ahead on CUDA; the work
+        left, or None once it is done (or was no iterator: done already)."""
+        if self.events is None or not hasattr(work, "__next__"):
+            return _next_piece(work)
+        while work is not None and self.ahead():
+            work = _next_piece(work)
+        return work
 
 
 def _next_piece(work):

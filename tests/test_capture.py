@@ -218,6 +218,47 @@ def test_staged_handoffs_stay_invisible_until_commit(tmp_path):
                                        _record(number, width).handoffs[0].layer_similarities, atol=1e-3)
 
 
+def test_staging_in_pieces_writes_a_few_chunks_a_piece_and_stays_invisible_until_commit(tmp_path, monkeypatch):
+    """`stage_in_pieces` writes at most `_CHUNKS_PER_PIECE` chunks of a table a piece (a batch of wide
+    hand-offs takes many pieces), nothing shows before `commit`, and the file then reads as `stage`'s."""
+    from capture import format as capture_format
+
+    width = 3 * capture_format._COLUMN_CHUNK + 100  # each problem's matrix spans four chunks of columns
+    records = [_record(n, width=width) for n in (1, 2, 3)]
+    written = []
+    setitem = h5py.Dataset.__setitem__
+
+    def counted(dataset, key, value):
+        if dataset.name == "/columns/layer_similarities":
+            written.append(np.shape(value)[-1])
+        return setitem(dataset, key, value)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", counted)
+    path = tmp_path / "pieces.h5"
+    writer = CaptureWriter.open(path, {}, {"a": 1}, num_layers=4)
+    pieces = writer.stage_in_pieces([r.handoffs for r in records], [1, 2, 3])
+    count = 0
+    while True:
+        try:
+            next(pieces)
+        except StopIteration as done:
+            staged = done.value
+            break
+        count += 1
+        with CaptureReader(path) as capture:
+            assert capture.problem_numbers == []
+    assert sum(written) == 3 * width and max(written) <= capture_format._CHUNKS_PER_PIECE * capture_format._COLUMN_CHUNK
+    assert len(written) >= 3 * width / (capture_format._CHUNKS_PER_PIECE * capture_format._COLUMN_CHUNK)
+    assert count > len(written)  # a piece per write of them, and more
+    writer.commit(staged, records)
+    writer.close()
+    with CaptureReader(path) as capture:
+        assert capture.problem_numbers == [1, 2, 3]
+        for record in records:
+            np.testing.assert_allclose(capture.handoff(record.number, "planner_to_critic").layer_similarities,
+                                       record.handoffs[0].layer_similarities, atol=1e-3)
+
+
 def test_writing_while_decoding_stores_what_writing_after_stores(tiny_lm, gsm8k_problems, tmp_path):
     from latentmas import decoding
 
@@ -414,11 +455,12 @@ def test_a_failed_staging_fails_again_in_one_line_at_write_batch(tiny_lm, gsm8k_
     recorder = open_recorder(tmp_path / "run.h5", cfg, tiny_lm, overwrite=True)
     calls = []
 
-    def full_disk(*args, **kwargs):
+    def full_disk(*args, **kwargs):  # staging in pieces, failing in its first
         calls.append(1)
         raise CaptureError("run.h5: no space left on device")
+        yield
 
-    monkeypatch.setattr(recorder.writer, "stage", full_disk)
+    monkeypatch.setattr(recorder.writer, "stage_in_pieces", full_disk)
     with pytest.raises(CaptureError, match="no space left"):
         get_method("latent_mas")(tiny_lm, gsm8k_problems[:1], get_task("gsm8k"), cfg, observer=recorder)
     with pytest.raises(CaptureError, match="no space left"):

@@ -343,6 +343,43 @@ def test_while_decoding_work_in_pieces_takes_one_per_step(tiny_lm, max_new_token
         assert seen == [prompt + max_new_tokens - 1] * 4
 
 
+def test_pieces_run_on_cuda_only_while_the_device_is_more_than_lead_steps_behind():
+    """`decoding._Pacer` with fake CUDA events: no piece until more than LEAD steps are queued, then pieces
+    while the device has not finished the step LEAD before the last queued (each piece here lets the fake
+    device finish one more step)."""
+    pacer = decoding._Pacer(torch.device("cpu"))
+    finished = []
+
+    class Event:  # a step's event: done once the fake device has finished that step
+        def record(self):
+            self.step = pacer.count
+
+        def query(self):
+            return self.step in finished
+
+    pacer.events = [Event() for _ in range(decoding.LEAD + 1)]
+    taken = []
+
+    def pieces():
+        for piece in range(100):
+            taken.append(piece)
+            finished.append(len(finished))  # the device finishes one more step meanwhile
+            yield
+
+    work = pieces()
+    for _ in range(decoding.LEAD):
+        pacer.queued()
+        assert pacer.take(work) is work and taken == []  # at most LEAD steps queued: the device may run dry
+    for _ in range(3):
+        pacer.queued()
+    assert pacer.take(work) is work
+    assert taken == [0, 1, 2]  # steps 0..2 finished: LEAD + 3 queued, the device is LEAD behind the host
+    pacer.queued()
+    pacer.take(work)
+    assert taken == [0, 1, 2, 3]
+    assert pacer.take(None) is None and pacer.take("done") is None  # no work, or work that was no iterator
+
+
 def test_out_of_memory_while_building_is_retried_once(tiny_lm, monkeypatch):
     """A step that runs out of GPU memory while it is built (recording its graph) is built once more,
     after the allocator's cache is emptied, on the same buffers."""
