@@ -18,7 +18,8 @@ from .shared_cache import SegmentKey, SharedCache
 CHECK_EVERY = 8
 OVERLAP_AFTER = 2 * CHECK_EVERY - 2
 # On CUDA a piece of that work runs only while the device has more than LEAD decoding steps queued, so
-# that no piece leaves it idle (a piece takes up to ~20 ms, a step at batch size 64 ~8 ms on an H200).
+# that no piece leaves it idle (a capture's piece took up to 28 ms on a 2-core CPU; a step at batch size
+# 64 takes ~8 ms on an H200).
 LEAD = 4
 
 
