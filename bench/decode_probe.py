@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import re
 import time
 
 import click
@@ -134,6 +135,8 @@ def probe(model_name, random_weights, data_file, passes, batch_sizes, capacity, 
             with variant():
                 _time_rebuilt_step(lm, shared, sampler, token, f"{label} top-p")
         for variant in (v for v in split_k.split(",") if v and compile_step and batch == 1):
+            if variant != "off" and not re.fullmatch(r"\d+:\d+", variant):
+                raise click.BadParameter(f"{variant!r}: give FEW:MANY slices (e.g. 4:1) or off", param_hint="--split_k")
             few, many = (0, 0) if variant == "off" else (int(n) for n in variant.split(":"))
             split_k_module.SPLITS.update(few=few, many=many)
             torch._dynamo.reset()  # compile afresh (inductor's cache still serves a variant seen before)

@@ -713,18 +713,31 @@ class CaptureWriter(_OpenFile):
 
 
     def _stage(self, per_problem: Sequence[Sequence[Handoff]]) -> Generator[None, None, StagedHandoffs]:
-        """The writing of `stage_in_pieces`, in pieces."""
-        _, n_handoffs, n_columns, n_segments = self._committed
+        """The writing of `stage_in_pieces`, in pieces, past the rows committed when it began: a commit
+        between two pieces (which would have it overwrite those rows) fails the staging instead."""
+        base, readout_base = list(self._committed), self._readout_rows
+        _, n_handoffs, n_columns, n_segments = base
         f = self._file
+
+        def unchanged() -> None:  # after each piece: nothing committed meanwhile
+            if self._committed != base:
+                raise CaptureError(f"{self.path}: problems were committed while these hand-offs were staged "
+                                   "(stage them again)")
+
+        def pieces(writes: Iterator[None]) -> Iterator[None]:
+            for _ in writes:
+                yield
+                unchanged()
+
         handoff_rows = {"from_agent": [], "to_agent": [], "first_column": [], "num_columns": [],
                         "first_segment": [], "num_segments": []}
         if self.readout_top_k:
             handoff_rows.update(first_readout=[], num_readouts=[])
         segment_rows = {"agent": [], "kind": [], "start": [], "stop": []}
-        column, segment, readout_row = n_columns, n_segments, self._readout_rows
+        column, segment, readout_row = n_columns, n_segments, readout_base
         matrices, positions, tokens, readouts = [], [], [], []
-        for problem, handoffs in enumerate(per_problem, 1):
-            if problem % _PROBLEMS_PER_PIECE == 0:
+        for problem, handoffs in enumerate(per_problem):
+            if problem and problem % _PROBLEMS_PER_PIECE == 0:
                 yield
             for handoff in handoffs:
                 width = handoff.num_columns
@@ -755,20 +768,24 @@ class CaptureWriter(_OpenFile):
                 column += width
                 segment += len(handoff.segments)
         yield
-        sims = f["columns/layer_similarities"]
+        unchanged()
         if matrices:
-            yield from _append_in_pieces(sims, n_columns, np.concatenate(matrices, axis=1).astype(sims.dtype))
+            sims = f["columns/layer_similarities"]
+            yield from pieces(_append_in_pieces(sims, n_columns, column - n_columns,
+                                                _ColumnBlocks(matrices, sims.dtype).columns))
             _append_rows(f["columns/position"], n_columns, np.concatenate(positions))
-            yield from _append_in_pieces(f["columns/token"], n_columns, tokens)
-        if readout_row > self._readout_rows:
+            yield from pieces(_append_in_pieces(f["columns/token"], n_columns, len(tokens),
+                                                lambda a, b: _row_slice(tokens, a, b)))
+        if readout_row > readout_base:
             for name, values in _stack_rows(readouts, f["readout/id"].shape[0]).items():
-                yield from _append_in_pieces(f["readout"][name], self._readout_rows, values)
+                yield from pieces(_append_in_pieces(f["readout"][name], readout_base, _count(values),
+                                                    lambda a, b, values=values: _row_slice(values, a, b)))
         for name, rows in handoff_rows.items():
             _append_rows(f[f"handoffs/{name}"], n_handoffs, rows)
         for name, rows in segment_rows.items():
             _append_rows(f[f"segments/{name}"], n_segments, rows)
         f.flush()  # rows reach the disk before the commit marker that makes them visible
-        return StagedHandoffs(base=list(self._committed), num_handoffs=[len(h) for h in per_problem],
+        return StagedHandoffs(base=base, num_handoffs=[len(h) for h in per_problem],
                               end=[n_handoffs + len(handoff_rows["from_agent"]), column, segment],
                               readout_end=readout_row)
 
@@ -1051,27 +1068,47 @@ def _problems_named(numbers: Sequence[int]) -> str:
     return ("problem " if len(numbers) == 1 else "problems ") + ", ".join(str(n) for n in numbers)
 
 
-def _append_in_pieces(dataset: h5py.Dataset, start: int, rows) -> Iterator[None]:
-    """`_append_rows`, `_CHUNKS_PER_PIECE` chunks at a time: each piece writes up to a chunk boundary of
-    the last axis and flushes the dataset (its finished chunks are compressed then, once), then yields."""
-    stop = start + (rows.shape[-1] if isinstance(rows, np.ndarray) else len(rows))
-    if stop == start:
-        return
-    dataset.resize(stop, axis=dataset.ndim - 1)
-    chunk = dataset.chunks[-1]
-    at = start
+def _append_in_pieces(dataset: h5py.Dataset, start: int, count: int, rows) -> Iterator[None]:
+    """`count` rows appended at `start` of the dataset's last axis, `_CHUNKS_PER_PIECE` chunks at a time:
+    each piece takes `rows(a, b)` (rows a..b of the `count`), writes them up to a chunk boundary, flushes
+    the dataset (so those chunks are compressed there, and once) and yields."""
+    at, stop, chunk = start, start + count, dataset.chunks[-1]
     while at < stop:
         end = min(stop, (at // chunk + _CHUNKS_PER_PIECE) * chunk)
-        dataset[..., at:end] = rows[..., at - start:end - start] if isinstance(rows, np.ndarray) else \
-            rows[at - start:end - start]
+        _append_rows(dataset, at, rows(at - start, end - start))
         dataset.flush()
         yield
         at = end
 
 
+class _ColumnBlocks:
+    """Matrices `[layers, width_i]` side by side, handed out a range of columns at a time (no copy of the
+    whole: a batch of 64 problems' similarities is ~24 MB)."""
+
+    def __init__(self, matrices: Sequence[np.ndarray], dtype):
+        self.matrices, self.dtype = matrices, dtype
+        self.starts = np.concatenate([[0], np.cumsum([m.shape[1] for m in matrices])])
+
+    def columns(self, a: int, b: int) -> np.ndarray:
+        """Columns a..b of the matrices side by side, `[layers, b - a]` in `dtype`."""
+        first, last = np.searchsorted(self.starts, a, "right") - 1, np.searchsorted(self.starts, b, "left")
+        parts = [m[:, max(a - s, 0):b - s] for m, s in zip(self.matrices[first:last], self.starts[first:last])]
+        return np.concatenate(parts, axis=1).astype(self.dtype, copy=False)
+
+
+def _count(rows) -> int:
+    """How many rows `rows` holds (a list, or an array whose last axis is the rows)."""
+    return rows.shape[-1] if isinstance(rows, np.ndarray) else len(rows)
+
+
+def _row_slice(rows, a: int, b: int):
+    """Rows a..b of `rows` (a list, or an array whose last axis is the rows)."""
+    return rows[..., a:b] if isinstance(rows, np.ndarray) else rows[a:b]
+
+
 def _append_rows(dataset: h5py.Dataset, start: int, rows) -> None:
     """Write `rows` (a list, or an array whose last axis is the rows) at `start` of the dataset's last axis."""
-    stop = start + (rows.shape[-1] if isinstance(rows, np.ndarray) else len(rows))
+    stop = start + _count(rows)
     if stop == start:
         return
     dataset.resize(stop, axis=dataset.ndim - 1)

@@ -229,7 +229,7 @@ class CaptureRecorder:
     # -- writing -----------------------------------------------------------------------
     def while_decoding(self):
         """Write the batch's hand-offs while the device works through the judger's queued decoding: returns
-        the work in pieces (an iterator; `latentmas.decoding.generate` takes one per step), or None."""
+        the work in pieces (an iterator, which `latentmas.decoding.generate` takes between its steps), or None."""
         if self._staged is None and self._pending and self._staging is None:
             self._staging = self._stage_in_pieces()
             return self._staging

@@ -109,6 +109,8 @@ def generate(
         steps.append(token)
         if not sampling.ignore_eos:
             finished |= torch.isin(token, stop)
+            if step % CHECK_EVERY == CHECK_EVERY - 1:
+                work = pacer.before_waiting(work)  # the host is about to wait for the device anyway
             if step % CHECK_EVERY == CHECK_EVERY - 1 and bool(finished.all()):  # one host sync per check
                 break
         if step + 1 < sampling.max_new_tokens:
@@ -149,9 +151,9 @@ class _Pacer:
             self.events[self.count % len(self.events)].record()
         self.count += 1
 
-    def ahead(self) -> bool:
-        """Whether the device is still more than LEAD steps behind the host."""
-        return self.count > LEAD and not self.events[self.count % len(self.events)].query()
+    def ahead(self, lead: int = LEAD) -> bool:
+        """Whether the device is still more than `lead` (at most LEAD) steps behind the host."""
+        return self.count > lead and not self.events[(self.count - 1 - lead) % len(self.events)].query()
 
     def take(self, work):
         """Pieces of `work` (`_next_piece`) for now: one on the CPU, as many as stay ahead on CUDA; the work
@@ -159,6 +161,15 @@ class _Pacer:
         if self.events is None or not hasattr(work, "__next__"):
             return _next_piece(work)
         while work is not None and self.ahead():
+            work = _next_piece(work)
+        return work
+
+    def before_waiting(self, work):
+        """Pieces of `work` for as long as the device runs the steps queued, when the host is about to wait
+        for it (the end-of-turn check): on CUDA only; the work left."""
+        if self.events is None or not hasattr(work, "__next__"):
+            return work
+        while work is not None and self.ahead(0):
             work = _next_piece(work)
         return work
 

@@ -75,8 +75,9 @@ class HandoffObserver(Protocol):
     An observer may also define `watch_prefill(event) -> AbstractContextManager` (see
     `PrefillObserver`) and `while_decoding()`, called once while the judger decodes, after
     its prefill, when the device has work queued (host work there overlaps it); if it returns
-    an iterator, the decoding loop takes one item (a piece of work) after each step it queues,
-    so the device is never left idle by a long piece of host work. Both are optional, and
+    an iterator, the decoding loop takes its items (pieces of work) between the steps it queues
+    (on CUDA while the device has steps enough queued, `decoding._Pacer`; on the CPU one a step), so
+    a long piece of host work does not leave the device idle. Both are optional, and
     observers without them work as before.
     """
 

@@ -218,9 +218,23 @@ def test_staged_handoffs_stay_invisible_until_commit(tmp_path):
                                        _record(number, width).handoffs[0].layer_similarities, atol=1e-3)
 
 
+def _drain(pieces, between=lambda: None):
+    """Run a staging generator to its end, calling `between()` after each piece; its StagedHandoffs and
+    how many pieces it took."""
+    count = 0
+    while True:
+        try:
+            next(pieces)
+        except StopIteration as done:
+            return done.value, count
+        count += 1
+        between()
+
+
 def test_staging_in_pieces_writes_a_few_chunks_a_piece_and_stays_invisible_until_commit(tmp_path, monkeypatch):
     """`stage_in_pieces` writes at most `_CHUNKS_PER_PIECE` chunks of a table a piece (a batch of wide
-    hand-offs takes many pieces), nothing shows before `commit`, and the file then reads as `stage`'s."""
+    hand-offs takes many pieces), nothing shows before `commit`, and the file then holds what a file
+    written by `stage` holds."""
     from capture import format as capture_format
 
     width = 3 * capture_format._COLUMN_CHUNK + 100  # each problem's matrix spans four chunks of columns
@@ -236,27 +250,52 @@ def test_staging_in_pieces_writes_a_few_chunks_a_piece_and_stays_invisible_until
     monkeypatch.setattr(h5py.Dataset, "__setitem__", counted)
     path = tmp_path / "pieces.h5"
     writer = CaptureWriter.open(path, {}, {"a": 1}, num_layers=4)
-    pieces = writer.stage_in_pieces([r.handoffs for r in records], [1, 2, 3])
-    count = 0
-    while True:
-        try:
-            next(pieces)
-        except StopIteration as done:
-            staged = done.value
-            break
-        count += 1
+
+    def nothing_shows():
         with CaptureReader(path) as capture:
             assert capture.problem_numbers == []
+
+    staged, count = _drain(writer.stage_in_pieces([r.handoffs for r in records], [1, 2, 3]), nothing_shows)
     assert sum(written) == 3 * width and max(written) <= capture_format._CHUNKS_PER_PIECE * capture_format._COLUMN_CHUNK
-    assert len(written) >= 3 * width / (capture_format._CHUNKS_PER_PIECE * capture_format._COLUMN_CHUNK)
-    assert count > len(written)  # a piece per write of them, and more
+    assert count >= len(written) >= 3
     writer.commit(staged, records)
     writer.close()
+    monkeypatch.undo()
+    at_once = tmp_path / "at_once.h5"
+    with CaptureWriter.open(at_once, {}, {"a": 1}, num_layers=4) as other:
+        other.commit(other.stage([r.handoffs for r in records], [1, 2, 3]), records)
+    with CaptureReader(path) as capture, CaptureReader(at_once) as expected:
+        assert capture.problem_numbers == expected.problem_numbers == [1, 2, 3]
+        for number in (1, 2, 3):
+            got, want = capture.handoff(number, "planner_to_critic"), expected.handoff(number, "planner_to_critic")
+            np.testing.assert_array_equal(got.layer_similarities, want.layer_similarities)
+            assert list(got.tokens) == list(want.tokens) and np.array_equal(got.positions, want.positions)
+
+
+def test_a_commit_between_pieces_fails_the_staging_and_keeps_what_it_committed(tmp_path):
+    """Staging in pieces writes past the rows committed when it began: a commit in between (which it would
+    overwrite) makes its next piece fail in one line, and the file keeps that commit; a staging left
+    unfinished leaves nothing behind."""
+    width = 3 * 1024
+    path = tmp_path / "interleaved.h5"
+    writer = CaptureWriter.open(path, {}, {"a": 1}, num_layers=4)
+    slow = writer.stage_in_pieces([_record(1, width=width).handoffs], [1])
+    for _ in range(3):
+        next(slow)
+    writer.commit(writer.stage([_record(2, width=7).handoffs], [2]), [_record(2, width=7)])
+    with pytest.raises(CaptureError, match="committed while these hand-offs were staged"):
+        _drain(slow)
+    abandoned = writer.stage_in_pieces([_record(3, width=width).handoffs], [3])
+    for _ in range(4):
+        next(abandoned)
+    abandoned.close()
+    writer.commit(writer.stage([_record(4, width=5).handoffs], [4]), [_record(4, width=5)])
+    writer.close()
     with CaptureReader(path) as capture:
-        assert capture.problem_numbers == [1, 2, 3]
-        for record in records:
-            np.testing.assert_allclose(capture.handoff(record.number, "planner_to_critic").layer_similarities,
-                                       record.handoffs[0].layer_similarities, atol=1e-3)
+        assert capture.problem_numbers == [2, 4]
+        for number, width in ((2, 7), (4, 5)):
+            np.testing.assert_allclose(capture.handoff(number, "planner_to_critic").layer_similarities,
+                                       _record(number, width).handoffs[0].layer_similarities, atol=1e-3)
 
 
 def test_writing_while_decoding_stores_what_writing_after_stores(tiny_lm, gsm8k_problems, tmp_path):

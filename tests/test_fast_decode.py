@@ -377,7 +377,10 @@ def test_pieces_run_on_cuda_only_while_the_device_is_more_than_lead_steps_behind
     pacer.queued()
     pacer.take(work)
     assert taken == [0, 1, 2, 3]
+    pacer.before_waiting(work)  # the host will wait for the device: pieces until its last step is done
+    assert taken == list(range(decoding.LEAD + 4)) and finished[-1] == pacer.count - 1
     assert pacer.take(None) is None and pacer.take("done") is None  # no work, or work that was no iterator
+    assert decoding._Pacer(torch.device("cpu")).before_waiting(work) is work and len(taken) == decoding.LEAD + 4
 
 
 def test_out_of_memory_while_building_is_retried_once(tiny_lm, monkeypatch):

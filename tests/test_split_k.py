@@ -93,6 +93,28 @@ def test_eager_products_and_fp32_models_never_take_split_k(on_the_cpu):
     assert torch.ops.latentmas.split_k_partials.default not in ops
 
 
+@pytest.mark.parametrize("weight_of", [lambda w: w.t().contiguous().t(), lambda w: torch.cat([w, w], 1)[:, :512]],
+                         ids=["transposed", "column-sliced"])
+def test_weights_not_contiguous_in_rows_stay_f_linear(on_the_cpu, weight_of):
+    """The partials view the weight as `[splits, chunk, N]` slices of contiguous rows; other layouts
+    (a transposed or column-sliced weight) keep F.linear, with the same result."""
+    x = torch.randn(1, 512).to(torch.bfloat16)
+    weight = weight_of((torch.randn(256, 512) * 0.05).to(torch.bfloat16))
+    assert weight.stride() != (512, 1)
+    out, ops = _traced_ops(lambda a, w: skinny.skinny_linear(a, w), x, weight)
+    assert torch.ops.latentmas.split_k_partials.default not in ops and F.linear in ops
+    torch.testing.assert_close(out, F.linear(x, weight))
+
+
+def test_a_dynamic_row_count_stays_f_linear(on_the_cpu):
+    """A compiled step whose batch size is dynamic (batch sizes above 1) keeps F.linear: no guard on rows."""
+    x = torch.randn(3, 1, 512).to(torch.bfloat16)
+    weight = (torch.randn(256, 512) * 0.05).to(torch.bfloat16)
+    torch._dynamo.mark_dynamic(x, 0)
+    _, ops = _traced_ops(lambda a, w: skinny.skinny_linear(a, w), x, weight)
+    assert torch.ops.latentmas.split_k_partials.default not in ops and F.linear in ops
+
+
 def test_split_k_under_inductor_adds_up_like_the_eager_sum(on_the_cpu):
     """Inductor (on the CPU here) compiles the partials and, fused after them, their sum and the residual
     add: within two bf16 steps of the exact result, as eagerly (which rounds between the two)."""

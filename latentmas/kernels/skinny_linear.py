@@ -14,9 +14,11 @@ the slices in order and rounds once: no atomics, so a result never depends on th
 ran in (run twice, the same bits). `plan(rows, N, K)` picks the tiles from the shape alone, so a
 shape always runs the same program.
 
-`skinny_linear(x, weight, bias)` runs the kernels through the custom op
+`skinny_linear(x, weight, bias)` is where a layer's projections go. In a compiled batch-1 step on CUDA
+it first takes `kernels.split_k` (o_proj and down_proj as split-K partials, on by default, whatever
+the switch below says); otherwise it runs the kernels here through the custom op
 `latentmas::skinny_linear` (opaque to torch.compile) when LATENTMAS_SKINNY_LINEAR=1, on CUDA, for
-bf16/fp16 inputs of at most MAX_ROWS rows, and `F.linear` otherwise. It is off by default: on an
+bf16/fp16 inputs of at most MAX_ROWS rows, and `F.linear` else. The kernels are off by default: on an
 H200 (`bench/gemm_probe.py --skinny`, Qwen3-4B shapes, 36 weights per CUDA graph, 2026-12-03) the
 best tiles of a sweep took 0.87x cuBLAS's time for o_proj, 0.94x for down_proj, 0.97x for the fused
 gate/up and 1.07x for the fused q/k/v at one row, 0.92-0.97x at 4 and 16 rows (q/k/v 1.05x at 16):

@@ -9,8 +9,10 @@ one batched product over `splits` slices of the input features with fp32 outputs
 torch.compile inductor unrolls a sum over at most 8 slices (`unroll_reductions_threshold`) into the
 kernel that reads the projection anyway (the residual add and RMSNorm after o_proj and down_proj,
 SiLU-mul after gate/up, the norms, RoPE and cache write after q/k/v), so the reduction has no kernel
-of its own. The result is the same product summed in another order and rounded once, as cuBLAS's own
-split-K is.
+of its own. The product is summed in another order than cuBLAS's, in fp32; eagerly `split_k_linear`
+rounds it to x's dtype as F.linear does, but inside a fused kernel inductor keeps it in fp32 through
+the residual add (it does not round intermediates), so a compiled step rounds once where it rounded
+twice: more exact, not the same bits.
 
 On an H200 (Qwen3-4B shapes, stop 25, `bench/decode_probe.py --split_k off,4:1,4:2,off,4:1`): the
 compiled, graph-replayed batch-1 step with sampling took 3.266 ms with o_proj and down_proj in 4
@@ -67,11 +69,15 @@ def split_k_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def split_for(x: torch.Tensor, weight: torch.Tensor) -> int:
-    """How many slices `split_k_linear` should take for this product, 0 for F.linear (module docstring)."""
+    """How many slices `split_k_linear` should take for x `[..., K]` @ weight `[N, K]`.T, 0 for F.linear:
+    only while torch.compile traces, on `DEVICES`, for one row of a static shape, x and a contiguous
+    weight of one 16-bit dtype (module docstring)."""
+    if not (torch.compiler.is_compiling() and x.device.type in DEVICES):
+        return 0
     rows = x.shape[:-1].numel()
-    if not (torch.compiler.is_compiling() and x.device.type in DEVICES and isinstance(rows, int) and rows == 1
-            and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
-            and weight.stride(-1) == 1 and weight.stride(0) == weight.shape[1]):
+    if not (isinstance(rows, int) and rows == 1 and x.dtype == weight.dtype
+            and x.dtype in (torch.bfloat16, torch.float16) and weight.stride(-1) == 1
+            and weight.stride(0) == weight.shape[1]):
         return 0
     return fitting_splits(weight.shape[1], SPLITS["few" if weight.shape[0] <= 4096 else "many"])
 
