@@ -662,7 +662,8 @@ class CaptureWriter(_OpenFile):
         for of_problem, number in zip(handoffs, list(numbers) or [None] * len(handoffs)):
             for handoff in of_problem:
                 self._check_text(handoff, f"hand-off {handoff.name}" + (f" of problem {number}" if number else ""))
-                reserve += (2 * handoff.layer_similarities.size * 4 + sum(len(t) * 4 + 48 for t in handoff.tokens)
+                reserve += (2 * handoff.layer_similarities.size * 4
+                            + 4 * sum(map(len, handoff.tokens)) + 48 * len(handoff.tokens)
                             + (per_readout * int(handoff.readout.has.sum())
                                if handoff.readout is not None and self.readout_top_k else 0))
             yield

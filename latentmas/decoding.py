@@ -111,8 +111,8 @@ def generate(
             finished |= torch.isin(token, stop)
             if step % CHECK_EVERY == CHECK_EVERY - 1:
                 work = pacer.before_waiting(work)  # the host is about to wait for the device anyway
-            if step % CHECK_EVERY == CHECK_EVERY - 1 and bool(finished.all()):  # one host sync per check
-                break
+                if bool(finished.all()):  # one host sync per check
+                    break
         if step + 1 < sampling.max_new_tokens:
             if step_fn is not None:  # the step samples inside its graph: the same draw as below
                 token = step_fn(token).clone()
@@ -160,16 +160,17 @@ class _Pacer:
         left, or None once it is done (or was no iterator: done already)."""
         if self.events is None or not hasattr(work, "__next__"):
             return _next_piece(work)
-        while work is not None and self.ahead():
-            work = _next_piece(work)
-        return work
+        return self._while_ahead(work, LEAD)
 
     def before_waiting(self, work):
         """Pieces of `work` for as long as the device runs the steps queued, when the host is about to wait
         for it (the end-of-turn check): on CUDA only; the work left."""
         if self.events is None or not hasattr(work, "__next__"):
             return work
-        while work is not None and self.ahead(0):
+        return self._while_ahead(work, 0)
+
+    def _while_ahead(self, work, lead: int):
+        while work is not None and self.ahead(lead):
             work = _next_piece(work)
         return work
 
