@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import re
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
@@ -67,6 +69,37 @@ def stop21_sampler():
 def top_kernels(prof, rows: int) -> str:
     """A torch profiler's table of its `rows` kernels with the most CUDA time."""
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90)
+
+
+KINDS = [  # (kind, pattern on the kernel's name), first match wins
+    ("GEMM", r"nvjet|gemm|cutlass.*(?:gemm|Kernel)|splitKreduce|cublas"),
+    ("step attention (split-KV)", r"^split_kernel|^combine_kernel"),
+    ("fused triton", r"^triton_"),  # before attention: inductor names kernels after the ops they fuse
+    ("prefill attention", r"fmha|flash|sdpa|attention|efficient"),
+    ("sort (top-p)", r"radix_sort|RadixSort|sort"),
+    ("copies", r"[Cc]opy|Memcpy|Memset|cat_|CatArray"),
+]
+
+
+def kind_of(name: str) -> str:
+    for kind, pattern in KINDS:
+        if re.search(pattern, name):
+            return kind
+    return "other elementwise / reductions"
+
+
+def kernel_times(prof, device_type=torch.autograd.DeviceType.CUDA) -> dict[str, tuple[int, float]]:
+    """A torch profiler's CUDA kernels (or another device type's events): name -> (calls, self µs)."""
+    cuda = device_type == torch.autograd.DeviceType.CUDA
+    return {e.key: (e.count, e.self_device_time_total if cuda else e.self_cpu_time_total)
+            for e in prof.key_averages() if e.device_type == device_type}
+
+
+def by_kind(kernels: dict[str, tuple[int, float]]) -> dict[str, float]:
+    kinds: dict[str, float] = defaultdict(float)
+    for name, (_, us) in kernels.items():
+        kinds[kind_of(name)] += us
+    return kinds
 
 
 def log_autotuning(pattern: str) -> None:
@@ -287,11 +320,14 @@ def run_pass(lm, problems, task, cfg, capture_path: Path | None = None, timed: b
 
 
 def prefill_kind(compiled: bool, eager: bool, batch: int) -> str:
-    """How the benches' prompt prefills of `batch` rows run: "compiled" (layers), "eager" (asked for, or
-    more rows than `graph_prefill.BATCH_LIMIT`), else "graphed" (chunks, where nothing hooks the model)."""
+    """How the benches' prompt prefills of `batch` rows run: "graphed" (chunks, where nothing hooks the
+    model and `batch` is at most `graph_prefill.BATCH_LIMIT`, unless `eager`), else "compiled" (layers) or
+    "eager"."""
     from latentmas.graph_prefill import BATCH_LIMIT
 
-    return "compiled" if compiled else "eager" if eager or batch > BATCH_LIMIT else "graphed"
+    if not eager and batch <= BATCH_LIMIT:
+        return "graphed"
+    return "compiled" if compiled else "eager"
 
 
 def speed_config(**settings):

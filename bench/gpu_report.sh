@@ -21,7 +21,8 @@
 # Several parts may be named at once. Each writes PART.txt into $OUT (default: runs/gpu_report).
 # MODEL is a folder with the Qwen3-4B config and tokenizer (weights are seeded random), DATA the
 # GSM8K jsonl; COMPILE_PREFILL=1 adds --compile_prefill to the table and the profiles, EAGER_PREFILL=1
-# --eager_prefill.
+# --eager_prefill, COMPILE_PREFILL_AT=16,64 (table and capture) also times those batch sizes with compiled
+# prefills, side by side.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-.gpu_inputs/qwen3-4b-arch}
@@ -36,6 +37,7 @@ A=("${M[@]}" --data_file "$DATA")
 PREFILL=()
 [ "${COMPILE_PREFILL:-0}" = 1 ] && PREFILL=(--compile_prefill)
 [ "${EAGER_PREFILL:-0}" = 1 ] && PREFILL+=(--eager_prefill)
+[ -n "${COMPILE_PREFILL_AT:-}" ] && PREFILL+=(--compile_prefill_at "$COMPILE_PREFILL_AT")
 PARTS=" probe kernels order autotune table capture modes profile profile64 "
 for part in "$@"; do
     [[ $PARTS == *" $part "* ]] || { echo "unknown part '$part' (probe, kernels, order, autotune, table, capture, modes, profile, profile64)" >&2; exit 2; }

@@ -41,9 +41,11 @@ REFERENCE = {"H100": (12.0, 14.0), "H200": (10.0, 15.0)}
                                                    "(latentmas.graph_prefill)")
 @click.option("--eager_prefill_at", default="", help="batch sizes (e.g. 1,16) also timed with eager prefills, side by "
                                                      "side with the others")
+@click.option("--compile_prefill_at", default="", help="batch sizes (e.g. 16,64) also timed with compiled prefills "
+                                                       "(--compile_prefill), side by side with the others")
 @click.option("--device", default="auto", show_default=True)
 def main(model_name, random_weights, data_file, batch_sizes, problems_bs1, batches, repeats, max_new_tokens,
-         plain, compile_step, compile_prefill, eager_prefill, eager_prefill_at, device):
+         plain, compile_step, compile_prefill, eager_prefill, eager_prefill_at, compile_prefill_at, device):
     task = get_task("gsm8k")
     sizes = [int(b) for b in batch_sizes.split(",")]
     most = max(max(sizes) * batches, problems_bs1)
@@ -56,15 +58,19 @@ def main(model_name, random_weights, data_file, batch_sizes, problems_bs1, batch
           "graphs where nothing hooks the model)")
     rows = []
     eager_too = {int(b) for b in eager_prefill_at.split(",") if b}
-    variants = [(bs, fast, eager_prefill) for bs in sizes for fast in ([True, False] if plain and bs == 1 else [None])]
-    variants += [(bs, None, True) for bs in sizes
+    compiled_too = {int(b) for b in compile_prefill_at.split(",") if b}
+    variants = [(bs, fast, eager_prefill, compile_prefill)  # (batch size, fast decode, eager prefill, compiled prefill)
+                for bs in sizes for fast in ([True, False] if plain and bs == 1 else [None])]
+    variants += [(bs, None, True, compile_prefill) for bs in sizes
                  if bs in eager_too and prefill_kind(compile_prefill, eager_prefill, bs) == "graphed"]
+    variants += [(bs, None, eager_prefill, True) for bs in sizes
+                 if bs in compiled_too and prefill_kind(compile_prefill, eager_prefill, bs) == "eager"]
     with tempfile.TemporaryDirectory() as tmp:
         capture_path = Path(tmp) / "speed.h5"
-        for bs, fast, eager in variants:
+        for bs, fast, eager, compiled in variants:
             cfg = speed_config(model_name=model_name, random_weights=random_weights, data_file=data_file,
                                max_new_tokens=max_new_tokens, generate_bs=bs, device=device, fast_decode=fast,
-                               compile_step=compile_step, compile_prefill=compile_prefill, graph_prefill=not eager)
+                               compile_step=compile_step, compile_prefill=compiled, graph_prefill=not eager)
             subset = problems[: problems_bs1 if bs == 1 else bs * batches]
             passes = alternating_passes(lm, subset, task, {False: (cfg, None), True: (cfg, capture_path)}, repeats)
             for capture in (False, True):
@@ -73,7 +79,7 @@ def main(model_name, random_weights, data_file, batch_sizes, problems_bs1, batch
                 tokens_per_problem = passes[capture][0].decoded_tokens / len(subset)
                 rows.append({
                     "bs": bs, "decode": "plain" if fast is False else "fast", "capture": capture,
-                    "prefill": prefill_kind(compile_prefill, eager, bs),
+                    "prefill": prefill_kind(compiled, eager, bs),
                     "s/problem": per_problem, "problems/s": 1 / per_problem,
                     "decode tok/s": tokens_per_problem / per_problem,
                     "latent phase s": timed.per_problem - timed.judger, "judger s": timed.judger,
@@ -115,6 +121,11 @@ def main(model_name, random_weights, data_file, batch_sizes, problems_bs1, batch
         if graphed and eager:
             print(f"bs {bs}: graphed prefills take {graphed['s/problem'] / eager['s/problem']:.3f}x the time "
                   f"per problem of eager ones (capture off)")
+    for bs in sorted(compiled_too):
+        compiled, eager = by.get((bs, "fast", "compiled", False)), by.get((bs, "fast", "eager", False))
+        if compiled and eager:
+            print(f"bs {bs}: compiled prefills take {compiled['s/problem'] / eager['s/problem']:.3f}x the time "
+                  f"per problem of eager ones (capture off; the first compile is in the warm-up pass)")
 
 
 if __name__ == "__main__":

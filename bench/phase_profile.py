@@ -19,7 +19,6 @@ the recorder's own calls (synced like the others).
 from __future__ import annotations
 
 import contextlib
-import re
 import tempfile
 import time
 from collections import defaultdict
@@ -28,7 +27,7 @@ from unittest import mock
 
 import click
 import torch
-from common import machine, prefill_kind, speed_config, sync
+from common import by_kind, kernel_times, kind_of, machine, prefill_kind, speed_config, sync
 
 from latentmas.app.recording import open_recorder
 from latentmas.methods import common, get_method
@@ -36,22 +35,6 @@ from latentmas.methods import latent_mas as method
 from latentmas.models import load_model
 from latentmas.shared_cache import SharedCache
 from latentmas.tasks import get_task, load_problems
-
-KINDS = [  # (kind, pattern on the kernel's name), first match wins
-    ("GEMM", r"nvjet|gemm|cutlass.*(?:gemm|Kernel)|splitKreduce|cublas"),
-    ("step attention (split-KV)", r"^split_kernel|^combine_kernel"),
-    ("fused triton", r"^triton_"),  # before attention: inductor names kernels after the ops they fuse
-    ("prefill attention", r"fmha|flash|sdpa|attention|efficient"),
-    ("sort (top-p)", r"radix_sort|RadixSort|sort"),
-    ("copies", r"[Cc]opy|Memcpy|Memset|cat_|CatArray"),
-]
-
-
-def kind_of(name: str) -> str:
-    for kind, pattern in KINDS:
-        if re.search(pattern, name):
-            return kind
-    return "other elementwise / reductions"
 
 
 class PhaseTimer:
@@ -124,15 +107,7 @@ def profiled_kernels(lm, batch, task, cfg, capture_path: Path | None = None) -> 
         with torch.profiler.profile(activities=activities) as prof:
             solve_batch(lm, batch, task, cfg, recorder)
             sync(lm.device)
-    return {e.key: (e.count, e.self_device_time_total) for e in prof.key_averages()
-            if e.device_type == torch.autograd.DeviceType.CUDA}
-
-
-def by_kind(kernels: dict[str, tuple[int, float]]) -> dict[str, float]:
-    kinds: dict[str, float] = defaultdict(float)
-    for name, (_, us) in kernels.items():
-        kinds[kind_of(name)] += us
-    return kinds
+    return kernel_times(prof)
 
 
 @click.command()

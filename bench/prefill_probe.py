@@ -10,20 +10,25 @@ Lengths are drawn afresh for every timed prefill (as every batch of problems bri
 shapes) and, apart, kept the same (shapes seen before). Reported: wall ms per prefill (device
 synced), and the host's ms to queue it (until `extend` returns, before the sync); for a compiled
 or graphed variant also the seconds its warm-up took (the compiling, the graphs recorded). `--backend
-ours --compiled --graphed` times ours eager, compiled and graphed only. A graphed prefill records a
+ours --compiled --graphed` times ours eager, compiled and graphed only; `--attention grouped --attention
+transformers` times the eager and compiled forwards attending on the unrepeated GQA keys (ours,
+`latentmas.prefill_attention`) and through transformers' SDPA path (which repeats them) side by side; `--profile` then runs one more
+prefill of each variant (repeated shapes) under the torch profiler and prints its GPU time by kind of
+kernel and its top kernels. A graphed prefill records a
 graph for each chunk size it has not met on the storage it runs on, and a cache that needs more room
 than the model's storage has gets new storage: fresh shapes pay for some recordings.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import statistics
 import time
 
 import click
 import torch
-from common import machine, sync
+from common import by_kind, kernel_times, machine, sync
 from torch.nn.attention import SDPBackend
 
 from latentmas import shared_cache
@@ -37,6 +42,7 @@ BACKENDS = {  # name -> `shared_cache.PREFILL_BACKENDS` for the run
     "efficient only": [SDPBackend.EFFICIENT_ATTENTION],
 }
 SHORT = dict(zip(("torch", "ours", "cudnn", "efficient"), BACKENDS))  # --backend's names
+ATTENTIONS = {"grouped": True, "transformers": False}  # --attention's names -> shared_cache.GROUPED_PREFILL
 COMPILED = "ours (PREFILL_BACKENDS)"  # timed compiled too with --compiled (a compiled forward keeps the
 # kernels it was traced with, so other backends would need a process each)
 
@@ -49,18 +55,20 @@ def prompt(lm, batch: int, n: int, rng: random.Random):
     return lm.model.get_input_embeddings()(ids), mask, ids
 
 
-def one_prefill(lm, batch: int, cached: int, n: int, rng: random.Random, forward: str) -> tuple[float, float]:
+def one_prefill(lm, batch: int, cached: int, n: int, rng: random.Random, forward: str,
+                profiler=contextlib.nullcontext) -> tuple[float, float]:
     """(wall s, host s) of an n-token prompt prefilled on a cache of `cached` columns; forward: eager,
-    compiled or graphed."""
+    compiled or graphed; the prompt's prefill runs inside `profiler()`."""
     shared = SharedCache(lm, batch, capacity=cached + n + 16, compiled=forward == "compiled",
                          graphed=forward == "graphed")
     shared.extend(*prompt(lm, batch, cached, rng), SegmentKey("planner", "prompt"))
     embeds, mask, ids = prompt(lm, batch, n, rng)
     sync(lm.device)
-    start = time.perf_counter()
-    shared.extend(embeds, mask, ids, SegmentKey("critic", "prompt"))
-    host = time.perf_counter() - start
-    sync(lm.device)
+    with profiler():
+        start = time.perf_counter()
+        shared.extend(embeds, mask, ids, SegmentKey("critic", "prompt"))
+        host = time.perf_counter() - start
+        sync(lm.device)
     return time.perf_counter() - start, host
 
 
@@ -74,17 +82,27 @@ def one_prefill(lm, batch: int, cached: int, n: int, rng: random.Random, forward
                                       f"{', '.join(f'{k} = {v}' for k, v in SHORT.items())}")
 @click.option("--compiled", is_flag=True, help=f"also time {COMPILED} with compiled layers")
 @click.option("--graphed", is_flag=True, help=f"also time {COMPILED} in chunks replayed as CUDA graphs")
+@click.option("--attention", "attentions", multiple=True, type=click.Choice(list(ATTENTIONS)), default=["grouped"],
+              show_default=True, help="the eager and compiled forwards' attention (repeat for both): grouped = on "
+                                      "the unrepeated GQA keys (latentmas.prefill_attention), transformers = "
+                                      "transformers' SDPA path, which repeats them")
+@click.option("--profile", "top", type=click.IntRange(min=0), default=0, show_default=True,
+              help="profile one more prefill of each variant (repeated shapes) and list this many top kernels")
 @click.option("--device", default="auto", show_default=True)
-def main(model_name, random_weights, batch_sizes, repeats, backends, compiled, graphed, device):
+def main(model_name, random_weights, batch_sizes, repeats, backends, compiled, graphed, attentions, top, device):
     lm = load_model(model_name, device, random_weights=random_weights)
     print(f"machine: {machine(lm)}; model {model_name}")
     print("\n| batch | SDPA backends | forward | shapes | wall ms per prefill | host ms |\n|---|---|---|---|---|---|")
-    variants = ([(SHORT[key], "eager") for key in backends] + ([(COMPILED, "compiled")] if compiled else [])
-                + ([(COMPILED, "graphed")] if graphed else []))
+    variants = ([(SHORT[key], "eager", a) for a in attentions for key in backends]
+                + ([(COMPILED, "compiled", a) for a in attentions] if compiled else [])
+                + ([(COMPILED, "graphed", "grouped")] if graphed else []))
+    profiles = []
     for batch in (int(b) for b in batch_sizes.split(",")):
-        for name, forward in variants:
+        for backends_name, forward, attention in variants:
             rng = random.Random(batch)
-            shared_cache.PREFILL_BACKENDS = BACKENDS[name]
+            shared_cache.PREFILL_BACKENDS = BACKENDS[backends_name]
+            shared_cache.GROUPED_PREFILL = ATTENTIONS[attention]
+            name = backends_name if forward == "graphed" else f"{backends_name}, {attention} attention"
             with torch.no_grad():
                 start = time.perf_counter()
                 try:
@@ -103,6 +121,35 @@ def main(model_name, random_weights, batch_sizes, repeats, backends, compiled, g
                     host = statistics.median(t[1] for t in times)
                     print(f"| {batch} | {name} | {forward} | {shapes} | {wall * 1e3:.1f} | {host * 1e3:.1f} |",
                           flush=True)
+                if top:
+                    profiles.append((f"batch {batch}, {name}, {forward}", profiled(lm, batch, rng, forward)))
+    for title, kernels in profiles:
+        print_profile(title, kernels, top)
+
+
+def profiled(lm, batch: int, rng: random.Random, forward: str) -> dict[str, tuple[int, float]]:
+    """One repeated-shape prefill (600 cached columns, a 200-token prompt) under the torch profiler:
+    kernel name -> (calls, GPU µs)."""
+    holder, cuda = {}, lm.device.type == "cuda"  # on the CPU: its ops, for trying the probe out
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+
+    @contextlib.contextmanager
+    def profiler():
+        with torch.profiler.profile(activities=[activity]) as prof:
+            yield
+        holder["prof"] = prof
+
+    one_prefill(lm, batch, 600, 200, rng, forward, profiler)
+    return kernel_times(holder["prof"], torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU)
+
+
+def print_profile(title: str, kernels: dict[str, tuple[int, float]], top: int) -> None:
+    total = sum(us for _, us in kernels.values())
+    print(f"\n{title}: GPU {total / 1e3:.1f} ms; by kind: "
+          + ", ".join(f"{kind} {us / 1e3:.1f}" for kind, us in sorted(by_kind(kernels).items(), key=lambda kv: -kv[1])))
+    print("| kernel | calls | GPU ms | µs per call |\n|---|---|---|---|")
+    for name, (calls, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"| {name[:100]} | {calls} | {us / 1e3:.2f} | {us / max(calls, 1):.1f} |")
 
 if __name__ == "__main__":
     main()

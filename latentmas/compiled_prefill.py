@@ -17,8 +17,14 @@ whole decoder instead (session 16) took about 2 to 2.5 min per graph for Qwen3-4
 a layer's graphs should compile in a small part of that. Measured on an H200 (session 18,
 `bench/prefill_probe.py --compiled`, ms per prefill, eager against compiled): 43-55 against 32-36
 at batch size 1, 92-94 against 109-124 at 16, 334-346 against 396-471 at 64; the first compile
-took 16 to 24 s. The host time falls at every batch size, but above batch size 1 the wall time
-rises, so the GPU's work grew (which kernels was not profiled); this stays off by default.
+took 16 to 24 s. The host time fell at every batch size, but above batch size 1 the wall time
+rose: a profile at 64 (2026-12-04) put 256 of its 473 GPU ms in one inductor kernel per layer
+that fused transformers' `repeat_kv` with padding the additive mask, 3.55 ms a call. With
+grouped-query prefill attention on unrepeated keys (`prefill_attention`, which `extend` puts in
+place whatever compiles it) the same probe measured, eager against compiled, 87-93 against
+59-65 ms at 16 and 323-333 against 239-242 ms at 64 (first compile 23 s); small batches prefill
+as replayed CUDA-graph chunks (`graph_prefill`) before this applies. Still off by default: the
+first compile costs more than a short run saves.
 
 A forward with hooks on any module (capture's prefill probes for the `query` and `attention`
 modes, `latentmas.prefill`) runs eagerly: the compiled forward would have to trace the hooks,

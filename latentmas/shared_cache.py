@@ -24,6 +24,7 @@ from .compiled_prefill import compiled_forward, hooked, plain_head
 from .handoff import LATENT, PAD
 from .kv_storage import BufferCache, cache_kwarg, storage_for
 from .models import LoadedModel
+from .prefill_attention import grouped_prefill
 
 __all__ = ["LATENT", "PAD", "SegmentKey", "SharedCache", "cache_kwarg"]
 
@@ -32,6 +33,9 @@ __all__ = ["LATENT", "PAD", "SegmentKey", "SharedCache", "cache_kwarg"]
 # torch's choice). With torch's choice an H200 paid for every new shape, which every batch of prompts
 # brings; without cuDNN it did not (bench/prefill_probe.py, docs/performance.md, session 15).
 PREFILL_BACKENDS: list | None = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Whether `extend`'s eager and compiled forwards attend on the unrepeated grouped-query keys
+# (`prefill_attention`); False: transformers' own SDPA path, which repeats them (benches compare the two).
+GROUPED_PREFILL = True
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,8 @@ class SharedCache:
     of a problem); without it the buffers start small and grow as needed.
     compiled: run `extend`'s forward passes compiled (`compiled_prefill`) where nothing hooks the model.
     graphed: run `extend`'s prompt prefills as replayed chunks (`graph_prefill`; CUDA graphs on GPUs)
-    where nothing hooks the model; `compiled` wins.
+    where nothing hooks the model and the batch has at most `graph_prefill.BATCH_LIMIT` rows; the
+    forwards the chunks leave (more rows, one column, hooks) are `compiled` where that is asked for.
     """
 
     def __init__(self, lm: LoadedModel, batch_size: int, capacity: int | None = None, compiled: bool = False,
@@ -77,7 +82,7 @@ class SharedCache:
         self.segments: list[SegmentKey] = []
         self._decoder = lm.model.base_model
         self.compiled = compiled
-        self.graphed = graphed and not compiled
+        self.graphed = graphed
         self.watchers: list = []  # prefill probes the next graphed prefill hands its queries to (`watch`)
         self._cache_kwarg = cache_kwarg(self._decoder)
 
@@ -141,7 +146,9 @@ class SharedCache:
             self._cache_kwarg: self.cache,
             "use_cache": True,
         }
-        with sdpa_kernel(PREFILL_BACKENDS) if PREFILL_BACKENDS else contextlib.nullcontext():
+        backends = sdpa_kernel(PREFILL_BACKENDS) if PREFILL_BACKENDS else contextlib.nullcontext()
+        grouped = grouped_prefill(self.lm.model) if GROUPED_PREFILL else contextlib.nullcontext()
+        with backends, grouped:
             result = self._graphed(inputs_embeds, mask, positions, logits) if self.graphed else None
             if result is None:  # the chunks did not run: the probes hook the eager forward after all
                 for probe in self.watchers:

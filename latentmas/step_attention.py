@@ -70,7 +70,7 @@ def grouped_step_attention(module, query, key, value, attention_mask, scaling=No
     if attention_mask is None:
         raise ValueError("grouped_step_attention needs the step's mask; it got none")
     if isinstance(attention_mask, StepMask) and attention_mask.rows is not None:
-        return _chunk_attention(query, key, value, attention_mask.rows, scaling), None
+        return grouped_rows_attention(query, key, value, attention_mask.rows, scaling), None
     if length != 1:
         raise ValueError(f"grouped_step_attention takes one token per row without a chunk's mask, got {length}")
     if isinstance(attention_mask, StepMask):
@@ -85,10 +85,11 @@ def grouped_step_attention(module, query, key, value, attention_mask, scaling=No
     return output.reshape(batch, heads, 1, dim).transpose(1, 2), None
 
 
-def _chunk_attention(query, key, value, rows, scaling) -> torch.Tensor:
+def grouped_rows_attention(query, key, value, rows, scaling) -> torch.Tensor:
     """n tokens per row: query `[batch, heads, n, head_dim]` read as `[batch, kv_heads, groups * n,
-    head_dim]`, one SDPA call on the unrepeated buffers with `rows` (`StepMask.rows`) as its mask.
-    Returns `[batch, n, heads, head_dim]`."""
+    head_dim]`, one SDPA call on the unrepeated keys and values `[batch, kv_heads, T, head_dim]` with
+    `rows` `[batch, 1, groups * n, T]` as its mask (row j * n + i: token i of the group's head j; e.g.
+    `StepMask.rows`, `prefill_attention.grouped_rows`). Returns `[batch, n, heads, head_dim]`."""
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     grouped = query.reshape(batch, kv_heads, heads // kv_heads * length, dim)

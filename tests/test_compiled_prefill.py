@@ -109,3 +109,39 @@ def test_a_head_that_does_more_than_the_output_embedding_prefills_eagerly(tiny_l
     embeds = tiny_lm.model.get_input_embeddings()(ids)
     shared.extend(embeds, torch.ones(1, 5, dtype=torch.bool), ids, SegmentKey("judger", "prompt"), logits=True)
     assert counter.frame_count == 0
+
+
+@pytest.mark.parametrize("batch, chunked", [(2, True), (5, False)])
+def test_graphed_chunks_take_small_batches_and_the_compiled_forward_the_rest(tiny_lm, counter, monkeypatch,
+                                                                              batch, chunked):
+    """Both asked for: batches of at most `graph_prefill.BATCH_LIMIT` rows prefill in chunks, larger ones
+    through the compiled layers; the results are the eager ones either way."""
+    from latentmas import graph_prefill
+
+    chunks = []
+    monkeypatch.setattr(graph_prefill, "prefill", _counting(graph_prefill.prefill, chunks))
+    shared = SharedCache(tiny_lm, batch, capacity=sum(LENGTHS) + 8, compiled=True, graphed=True)
+    generator = torch.Generator().manual_seed(3)
+    got = []
+    for index, n in enumerate(LENGTHS):
+        ids = torch.randint(0, 100, (batch, n), generator=generator)
+        embeds = tiny_lm.model.get_input_embeddings()(ids)
+        got.append(shared.extend(embeds, torch.ones(batch, n, dtype=torch.bool), ids, SegmentKey(f"a{index}", "prompt")))
+    ran_chunks = [hidden is not None for hidden in chunks]
+    assert ran_chunks == [chunked] * len(LENGTHS)
+    assert (counter.frame_count == 0) == chunked
+    want = SharedCache(tiny_lm, batch, capacity=sum(LENGTHS) + 8)
+    generator = torch.Generator().manual_seed(3)
+    for index, n in enumerate(LENGTHS):
+        ids = torch.randint(0, 100, (batch, n), generator=generator)
+        embeds = tiny_lm.model.get_input_embeddings()(ids)
+        expected = want.extend(embeds, torch.ones(batch, n, dtype=torch.bool), ids, SegmentKey(f"a{index}", "prompt"))
+        torch.testing.assert_close(got[index], expected, rtol=1e-5, atol=1e-5)
+
+
+def _counting(function, results: list):
+    def counted(*args, **kwargs):
+        results.append(function(*args, **kwargs))
+        return results[-1]
+
+    return counted

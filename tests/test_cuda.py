@@ -184,18 +184,24 @@ def test_fused_projections_compute_what_separate_ones_compute(cuda_lm, tiny_lm_c
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)])
-def test_inductor_compiled_prefills_compute_what_eager_ones_do(tiny_lm_cache_env, dtype, atol):
-    """Prompt prefills through inductor-compiled decoder layers (`compiled_prefill`), left padding and
-    logits included, against eager ones on the same cache contents."""
+@pytest.mark.parametrize("grouped, compiled", [(False, True), (True, False), (True, True)])
+def test_inductor_compiled_prefills_compute_what_eager_ones_do(tiny_lm_cache_env, monkeypatch, dtype, atol, grouped,
+                                                               compiled):
+    """Prompt prefills through inductor-compiled decoder layers (`compiled_prefill`) and attending on the
+    unrepeated GQA keys (`prefill_attention`), left padding and logits included, against eager prefills
+    through transformers' SDPA path on the same cache contents."""
     from test_compiled_prefill import _prefills
 
+    from latentmas import shared_cache
     from latentmas.models import load_model
 
     lm = load_model("tiny-qwen3", "cuda")
     lm.model.to(dtype)
     with torch.no_grad():
+        monkeypatch.setattr(shared_cache, "GROUPED_PREFILL", False)
         want, want_keys = _prefills(lm, compiled=False, logits=True, batch=3)
-        got, got_keys = _prefills(lm, compiled=True, logits=True, batch=3)
+        monkeypatch.setattr(shared_cache, "GROUPED_PREFILL", grouped)
+        got, got_keys = _prefills(lm, compiled=compiled, logits=True, batch=3)
     for a, b in zip(got + got_keys, want + want_keys):
         torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=atol)
     assert want[-1].float().std() > 0.05
