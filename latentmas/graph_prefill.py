@@ -45,7 +45,7 @@ import torch
 from .fast_decode import StaticKV, built, model_kv, record, use_fast
 from .kv_storage import cache_kwarg
 from .prefill import attention_modules, query_source
-from .step_attention import STEP_MASK, StepMask, grouped_step, use_kernel
+from .step_attention import STEP_MASK, StepMask, grouped_rows, grouped_step, use_kernel
 
 BATCH_LIMIT = 4  # batches of more rows prefill eagerly (see `prefill`)
 QUANTUM = 32  # chunk sizes are multiples of this many columns
@@ -120,9 +120,7 @@ class PrefillChunk:
         allowed = (self.kv.mask[:, None, :] & reach) | own  # [batch, size, capacity]
         bias = torch.zeros(allowed.shape, dtype=self.lm.dtype, device=allowed.device)
         bias.masked_fill_(~allowed, float("-inf"))
-        batch, size, capacity = bias.shape
-        return bias[:, None, None].expand(batch, 1, self.groups, size, capacity).reshape(
-            batch, 1, self.groups * size, capacity)
+        return grouped_rows(bias[:, None], self.groups)
 
     def _forward(self) -> torch.Tensor:
         slots = self.kv.write_index + self.offsets

@@ -3,9 +3,9 @@
 Given a mask, transformers' SDPA path repeats each key/value head once per query head of its group
 (`repeat_kv`) before calling the kernel, and a left-padded batch on the shared cache always has a
 mask. For Qwen3-4B (8 key/value heads, 4 query heads each) at batch size 64, a 200-token prompt on a
-600-column cache, the eager prefill's copies were 68 of its 348 ms of GPU time on an H200, and
+600-column cache, the eager prefill's copies were 69 of its 350 ms of GPU time on an H200, and
 compiled (`compiled_prefill`) inductor made the repeat a kernel of 3.5 ms a call, twice a layer
-(`bench/prefill_probe.py --profile`, docs/performance.md, stop 26). Here the query heads of a group
+(`bench/prefill_probe.py --profile`, 2026-12-04). Here the query heads of a group
 are read as that group's rows (`step_attention.grouped_rows_attention`, as the graphed chunks do): one
 SDPA call on the keys and values as cached, with the mask repeated over the group's rows rather than
 the keys over the heads. Same maths, other kernel shapes: equal within float tolerance
@@ -36,17 +36,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from . import step_attention
+from .step_attention import grouped_rows
 
 NAME = "latentmas_grouped_prefill"
 REPLACES = "sdpa"  # the implementation `grouped_prefill` stands in for
 ALIGN = 16  # elements a mask row is aligned to (the memory-efficient kernel pads masks that are not)
-
-
-def grouped_rows(mask: torch.Tensor, groups: int) -> torch.Tensor:
-    """A mask `[batch, 1, n, T]` as the mask of a group's query rows `[batch, 1, groups * n, T]`
-    (row j * n + i is token i's row for the group's head j, as `grouped_rows_attention` lays them out)."""
-    batch, _, n, length = mask.shape
-    return mask[:, :, None].expand(batch, 1, groups, n, length).reshape(batch, 1, groups * n, length)
 
 
 def additive_rows(allowed: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:

@@ -85,11 +85,18 @@ def grouped_step_attention(module, query, key, value, attention_mask, scaling=No
     return output.reshape(batch, heads, 1, dim).transpose(1, 2), None
 
 
+def grouped_rows(mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """A mask `[batch, 1, n, T]` as the mask of a group's query rows `[batch, 1, groups * n, T]`
+    (row j * n + i is token i's row for the group's head j, as `grouped_rows_attention` lays them out)."""
+    batch, _, n, length = mask.shape
+    return mask[:, :, None].expand(batch, 1, groups, n, length).reshape(batch, 1, groups * n, length)
+
+
 def grouped_rows_attention(query, key, value, rows, scaling) -> torch.Tensor:
     """n tokens per row: query `[batch, heads, n, head_dim]` read as `[batch, kv_heads, groups * n,
     head_dim]`, one SDPA call on the unrepeated keys and values `[batch, kv_heads, T, head_dim]` with
     `rows` `[batch, 1, groups * n, T]` as its mask (row j * n + i: token i of the group's head j; e.g.
-    `StepMask.rows`, `prefill_attention.grouped_rows`). Returns `[batch, n, heads, head_dim]`."""
+    `StepMask.rows`, `grouped_rows`). Returns `[batch, n, heads, head_dim]`."""
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     grouped = query.reshape(batch, kv_heads, heads // kv_heads * length, dim)
