@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from capture.recorder import CaptureRecorder
+from latentmas.app.heap import survivors_frozen
 from latentmas.app.recording import open_recorder
 from latentmas.methods import common, get_method
 
@@ -63,6 +64,18 @@ def stop21_sampler():
     one_scan = torch.compiler.disable(lambda x: x.cumsum(dim=-1))
     with mock.patch.object(sampling, "warp_logits", float32_sort), \
             mock.patch.object(sampling, "_cumulative_sum", one_scan):
+        yield
+
+
+@contextlib.contextmanager
+def top_p_by(way: str):
+    """Compiled samplers made inside the block take top-p's cut by "sort" (the default) or by "search"
+    (`latentmas.top_p_search`, off by default: slower on an H200 at batch sizes 16 and 64, stop 27)."""
+    from latentmas import top_p_search
+
+    if way not in ("search", "sort"):
+        raise ValueError(f"top-p is taken by search or sort, not {way!r}")
+    with mock.patch.object(top_p_search, "ENABLED", way == "search"):
         yield
 
 
@@ -216,27 +229,37 @@ class Pass:
     decoded_tokens: int = 0
     writing: float = float("nan")  # in `write_batch` (the commit and its fsyncs), capture passes, no added syncs
     gc_seconds: float = 0.0  # in Python's garbage collector (the whole pass, not per problem)
+    gc_full: int = 0  # full (oldest-generation) collections in the pass
+    gc_longest: float = 0.0  # the longest collection's seconds
     graphs_recorded: int = 0  # CUDA graphs recorded during the pass (steps, prefill chunks)
     compiled_graphs: int = 0  # graphs torch.compile made during the pass
 
     def notes(self) -> str:
         """What besides solving took time in the pass, where any of it happened: '' or '; gc 0.012 s, ...'."""
-        parts = [text for text, shown in ((f"gc {self.gc_seconds:.3f} s", self.gc_seconds >= 0.001),
+        collector = f"gc {self.gc_seconds:.3f} s ({self.gc_full} full, longest {self.gc_longest:.3f} s)"
+        parts = [text for text, shown in ((collector, self.gc_seconds >= 0.001),
                                           (f"{self.graphs_recorded} CUDA graphs recorded", self.graphs_recorded),
                                           (f"{self.compiled_graphs} graphs compiled", self.compiled_graphs)) if shown]
         return "; " + ", ".join(parts) if parts else ""
 
 
+OLDEST_GENERATION = 2  # CPython's collector: generations 0, 1, 2
+
+
 @contextlib.contextmanager
 def garbage_collection_clock():
-    """Yields a one-item list that ends up holding the seconds Python's garbage collector ran inside the block."""
-    seconds, started = [0.0], [0.0]
+    """Yields a three-item list that ends up holding, for the block: the seconds Python's garbage collector
+    ran, its full (oldest-generation) collections, its longest collection's seconds."""
+    seconds, started = [0.0, 0, 0.0], [0.0]
 
     def clock(phase, info):
         if phase == "start":
             started[0] = time.perf_counter()
         else:
-            seconds[0] += time.perf_counter() - started[0]
+            took = time.perf_counter() - started[0]
+            seconds[0] += took
+            seconds[1] += info["generation"] == OLDEST_GENERATION
+            seconds[2] = max(seconds[2], took)
 
     gc.callbacks.append(clock)
     try:
@@ -315,7 +338,7 @@ def run_pass(lm, problems, task, cfg, capture_path: Path | None = None, timed: b
         recorder.close()
     n = len(problems)
     return Pass(elapsed / n, peak, judger_seconds[0] / n, inside / n, decoded,
-                writing / n if recorder is not None else float("nan"), gc_seconds[0], recorded[0],
+                writing / n if recorder is not None else float("nan"), *gc_seconds, recorded[0],
                 _compiled_graphs() - compiled_before)
 
 
@@ -340,16 +363,23 @@ def speed_config(**settings):
 
 def alternating_passes(lm, problems, task, variants: dict, repeats: int, show_rounds: bool = False) -> dict:
     """`variants` name -> (cfg, capture path or None): one warm-up pass each (kernels, graphs, the
-    allocator, file creation), then `repeats` rounds that run every variant once in rotating order,
+    allocator, file creation), what is alive then frozen out of the garbage collector, then `repeats` rounds that run every variant once in rotating order,
     so drift hits all of them. Returns name -> [Pass per round]."""
     for cfg, path in variants.values():
         run_pass(lm, problems, task, cfg, path)
     passes = {name: [] for name in variants}
-    for r, order in enumerate(rotations(list(variants), repeats)):
-        for name in order:
-            result = run_pass(lm, problems, task, *variants[name])
-            passes[name].append(result)
-            if show_rounds:
-                print(f"  round {r + 1} {name!s:9s}: {result.per_problem:.3f} s/problem, "
-                      f"peak {result.peak_mib:.0f} MiB", flush=True)
+    with survivors_frozen() as freeze:  # as the run loop does after its first batch
+        tracked = len(gc.get_objects())
+        full = freeze()
+        started = time.perf_counter()
+        gc.collect()
+        print(f"  heap after the warm-up: {tracked:,} objects tracked, a full collection {full:.3f} s; frozen "
+              f"(latentmas.app.heap), a full collection {time.perf_counter() - started:.3f} s", flush=True)
+        for r, order in enumerate(rotations(list(variants), repeats)):
+            for name in order:
+                result = run_pass(lm, problems, task, *variants[name])
+                passes[name].append(result)
+                if show_rounds:
+                    print(f"  round {r + 1} {name!s:9s}: {result.per_problem:.3f} s/problem, "
+                          f"peak {result.peak_mib:.0f} MiB", flush=True)
     return passes

@@ -431,6 +431,31 @@ def test_resume_summary_and_results_cover_the_requested_problems(tiny_lm_cache_e
         assert capture.summary["correct"] == more["correct"] == correct
 
 
+def test_survivors_of_the_first_batch_leave_the_garbage_collector_once(tiny_lm_cache_env, offline, tmp_path,
+                                                                       monkeypatch):
+    """After the first committed batch, and only then, the run freezes what is alive (`app.heap`), and
+    puts it back when the run is done."""
+    import gc
+
+    from latentmas.app import heap
+    from latentmas.app import run as run_module
+
+    path = tmp_path / "frozen.h5"
+    committed = []
+
+    def freeze():
+        with CaptureReader(path) as capture:
+            committed.append(list(capture.problem_numbers))
+        return real_freeze()
+
+    real_freeze = heap.freeze_survivors
+    monkeypatch.setattr(heap, "freeze_survivors", freeze)
+    run_module.run(_config(max_samples=3, generate_bs=1), capture_file=path, output_dir=tmp_path / "runs",
+                   progress=False)
+    assert committed == [[1]]
+    assert gc.get_freeze_count() == 0
+
+
 def test_resume_refuses_changed_problems(tiny_lm_cache_env, offline, tmp_path):
     """Same settings and data file path, other contents: the capture is not mixed."""
     from capture import merge

@@ -14,7 +14,8 @@ that loads the model on its own GPU. Every run goes the same way:
    batch to its own results part and committing it to its capture target: the capture file
    itself for a one-rank run, else its own shard (`captures/<run>.h5.shards/rank-0000R.h5`).
    A problem's result never depends on which rank or batch solves it (on the CPU every process
-   computes with the same thread count, `distributed.cpu_threads`).
+   computes with the same thread count, `distributed.cpu_threads`). After the first batch,
+   everything alive is kept out of Python's garbage collector until the share is done (`heap.py`).
 4. Rank 0 merges the results parts into results.jsonl (`results.py`), the shards (if any)
    into the capture file (`capture.merge`), and writes the summary (`summary.py`), which
    every rank returns.
@@ -34,7 +35,7 @@ from capture.selection import DEFAULT_TRANSITIONS
 
 from ..config import RunConfig
 from ..tasks.loading import problem_origin
-from . import distributed, results, shares
+from . import distributed, heap, results, shares
 from .folders import writable_folder
 from .recording import capture_identity, open_recorder
 from .summary import read_summary, run_summary
@@ -114,19 +115,22 @@ class _Run:
         def solve_my_share() -> dict:
             solved, last_commit = 0, time.time()
             try:
-                for start in range(0, len(mine), cfg.generate_bs):
-                    batch = mine[start:start + cfg.generate_bs]
-                    batch_results = solve(lm, batch, task, cfg, observer=recorder)
-                    out.write("".join(results.jsonl(r) for r in batch_results))
-                    out.flush()  # results first: a kill before the capture commit re-solves the batch
-                    os.fsync(out.fileno())  # and on the disk before the commit, so a power loss cannot lose it
-                    if recorder is not None:
-                        recorder.write_batch(batch_results)
-                    solved += len(batch_results)
-                    last_commit = time.time()
-                    if tracker is not None:
-                        tracker.poll()
-                    group.maybe_die(solved)
+                with heap.survivors_frozen() as freeze:
+                    for start in range(0, len(mine), cfg.generate_bs):
+                        batch = mine[start:start + cfg.generate_bs]
+                        batch_results = solve(lm, batch, task, cfg, observer=recorder)
+                        out.write("".join(results.jsonl(r) for r in batch_results))
+                        out.flush()  # results first: a kill before the capture commit re-solves the batch
+                        os.fsync(out.fileno())  # and on the disk before the commit, so a power loss cannot lose it
+                        if recorder is not None:
+                            recorder.write_batch(batch_results)
+                        if solved == 0:  # compiles and graphs are made: later collections skip them
+                            freeze()
+                        solved += len(batch_results)
+                        last_commit = time.time()
+                        if tracker is not None:
+                            tracker.poll()
+                        group.maybe_die(solved)
             finally:
                 out.close()
                 if recorder is not None and not self._writes_capture_file:
