@@ -67,18 +67,6 @@ def stop21_sampler():
         yield
 
 
-@contextlib.contextmanager
-def top_p_by(way: str):
-    """Compiled samplers made inside the block take top-p's cut by "sort" (the default) or by "search"
-    (`latentmas.top_p_search`, off by default: slower on an H200 at batch sizes 16 and 64, stop 27)."""
-    from latentmas import top_p_search
-
-    if way not in ("search", "sort"):
-        raise ValueError(f"top-p is taken by search or sort, not {way!r}")
-    with mock.patch.object(top_p_search, "ENABLED", way == "search"):
-        yield
-
-
 def top_kernels(prof, rows: int) -> str:
     """A torch profiler's table of its `rows` kernels with the most CUDA time."""
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90)
@@ -363,8 +351,9 @@ def speed_config(**settings):
 
 def alternating_passes(lm, problems, task, variants: dict, repeats: int, show_rounds: bool = False) -> dict:
     """`variants` name -> (cfg, capture path or None): one warm-up pass each (kernels, graphs, the
-    allocator, file creation), what is alive then frozen out of the garbage collector, then `repeats` rounds that run every variant once in rotating order,
-    so drift hits all of them. Returns name -> [Pass per round]."""
+    allocator, file creation); what is alive then is frozen out of the garbage collector, as the run
+    loop does after its first batch (`latentmas.app.heap`); then `repeats` rounds that run every variant
+    once in rotating order, so drift hits all of them. Returns name -> [Pass per round]."""
     for cfg, path in variants.values():
         run_pass(lm, problems, task, cfg, path)
     passes = {name: [] for name in variants}

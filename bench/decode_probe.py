@@ -63,25 +63,22 @@ def _timed(fn, n, device):
 @click.option("--split_k", default="", metavar="VARIANTS", help="with --compile_step at batch size 1: also time the "
               "compiled sampling step with each of these `kernels.split_k.SPLITS` (FEW:MANY slices, or off), "
               "each compiled afresh, e.g. off,4:1,off,4:1")
-@click.option("--top_p", "top_p_ways", default="", metavar="WAYS", help="with --compile_step: also time the compiled "
-              "sampling step with top-p by each of these, in turn (e.g. search,sort,search,sort: "
-              "latentmas.top_p_search against the sort, the default)")
 @click.option("--device", default="cuda")
 def main(model_name, random_weights, data_file, passes, batch_sizes, capacity, compile_step, profile, argmax_slices,
-         stop21_sampler, as_stop21, autotune_report, tuned_reductions, split_k, top_p_ways, device):
+         stop21_sampler, as_stop21, autotune_report, tuned_reductions, split_k, device):
     if tuned_reductions:
         fast_decode.STEP_INDUCTOR_OPTIONS = {}  # read when the step is compiled
     if autotune_report:
         common.log_autotuning(autotune_report)
     with common.stop21_sampler() if as_stop21 else contextlib.nullcontext():
         probe(model_name, random_weights, data_file, passes, batch_sizes, capacity, compile_step, profile,
-              argmax_slices, stop21_sampler, split_k, top_p_ways, device)
+              argmax_slices, stop21_sampler, split_k, device)
     if autotune_report:
         print(common.chosen_configs(autotune_report))
 
 
 def probe(model_name, random_weights, data_file, passes, batch_sizes, capacity, compile_step, profile, argmax_slices,
-          stop21_sampler, split_k, top_p_ways, device):
+          stop21_sampler, split_k, device):
     task = get_task("gsm8k")
     problems = load_problems(task, data_file, 1)
     from latentmas.models import load_model
@@ -137,9 +134,6 @@ def probe(model_name, random_weights, data_file, passes, batch_sizes, capacity, 
         for label, variant in samplers * 2 if stop21_sampler and compile_step else ():
             with variant():
                 _time_rebuilt_step(lm, shared, sampler, token, f"{label} top-p")
-        for way in (w for w in top_p_ways.split(",") if w and compile_step):
-            with common.top_p_by(way):
-                _time_rebuilt_step(lm, shared, sampler, token, f"top-p by {way}", profile=profile)
         for variant in (v for v in split_k.split(",") if v and compile_step and batch == 1):
             if variant != "off" and not re.fullmatch(r"\d+:\d+", variant):
                 raise click.BadParameter(f"{variant!r}: give FEW:MANY slices (e.g. 4:1) or off", param_hint="--split_k")

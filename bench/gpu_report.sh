@@ -3,7 +3,7 @@
 # device call on an H200 (each command runs under a time limit; a part's limits add up to at most 580 s):
 #
 #   bash bench/gpu_report.sh probe     # prefills eager and in graphed chunks, ms per prefill; the CUDA tests
-#   bash bench/gpu_report.sh kernels   # projections (cuBLAS, skinny_linear and its tiles), sampling today, with top-p searched, and as
+#   bash bench/gpu_report.sh kernels   # projections (cuBLAS, skinny_linear and its tiles), sampling today and as
 #                                      # in stop 21; the bench at 1 (step compiled) with skinny_linear on, then off
 #   bash bench/gpu_report.sh order     # the step compiled as before stop 23 (reductions tuned by timing) at 16:
 #                                      # in a process that compiled batch size 1 first, in one that did not,
@@ -59,7 +59,7 @@ for part in "$@"; do
               run 250 python -m pytest -q -p no:logging tests/test_cuda.py tests/test_graph_prefill.py; } ;;
         kernels)
             { run 150 python bench/gemm_probe.py --batch_sizes 1,4,16 --skinny
-              run 80 python bench/sampling_probe.py --batch_sizes 1,16,64 --slices 128 --stop21 --searched_top_p
+              run 80 python bench/sampling_probe.py --batch_sizes 1,16,64 --slices 128 --stop21
               for skinny in 1 0; do
                   export LATENTMAS_SKINNY_LINEAR=$skinny
                   echo "LATENTMAS_SKINNY_LINEAR=$skinny"

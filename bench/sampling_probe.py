@@ -5,8 +5,7 @@
 Logits `[batch, 151936]` (Qwen3's vocabulary; bfloat16, as the model step gives them), temperature 0.6, top-p 0.95, as LatentMAS samples;
 each case is 32 draws recorded in one graph and replayed. `--slices 1` is argmax in one stage
 (`first_argmax` with one slice is the row's plain argmax); `--stop21` adds stop 21's top-p
-(float32 sort keys, one scan over the row) and `--searched_top_p` top-p by search
-(`latentmas.top_p_search`, off by default); the picks are compared with the first case's; `--profile`
+(float32 sort keys, one scan over the row); the picks are compared with the first case's; `--profile`
 prints each case's top kernels.
 """
 
@@ -16,7 +15,7 @@ import contextlib
 
 import click
 import torch
-from common import graph_seconds, stop21_sampler, top_kernels, top_p_by
+from common import graph_seconds, stop21_sampler, top_kernels
 
 from latentmas import sampling
 
@@ -31,17 +30,13 @@ DRAWS = 32
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
               help="the logits' dtype (the model step's are bfloat16)")
 @click.option("--profile", is_flag=True, help="also print each case's top kernels")
-@click.option("--searched_top_p", is_flag=True, help="also time top-p by search (latentmas.top_p_search, off by "
-              "default) beside the sort, with the last argmax slices value")
 @click.option("--stop21", is_flag=True, help="also time stop 21's top-p (float32 sort keys, one scan) beside "
               "today's, with the last argmax slices value; 'same picks' is then the share of equal picks")
-def main(batch_sizes, slices, dtype, profile, searched_top_p, stop21):
+def main(batch_sizes, slices, dtype, profile, stop21):
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(device)}; torch {torch.__version__}; {dtype} logits")
     counts = [int(c) for c in slices.split(",")]
     cases = [(f"today's, argmax in {c} slice(s)", c, contextlib.nullcontext) for c in counts]
-    if searched_top_p:
-        cases.append((f"top-p searched, argmax in {counts[-1]} slice(s)", counts[-1], lambda: top_p_by("search")))
     if stop21:
         cases.append((f"stop 21's top-p, argmax in {counts[-1]} slice(s)", counts[-1], stop21_sampler))
     print("\n| batch | sampler | µs per draw | picks equal to the first row's |\n|---|---|---|---|")

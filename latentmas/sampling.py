@@ -17,8 +17,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import top_p_search
-
 if TYPE_CHECKING:
     from .decoding import Sampling
 
@@ -120,9 +118,6 @@ def warp_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     sort, and the same order with the same ties, so the same tokens dropped. (`x.float() / temperature`
     is strictly increasing on 16-bit floats wherever the quotient neither overflows nor underflows:
     neighbours are at least 2**-11 apart, relatively, and float32's division rounds by at most 2**-24.)
-    With `top_p_search.ENABLED` (off: slower than the sort on an H200 at batch sizes 16 and 64), top-p
-    on 16-bit keys under torch.compile searches for its cut instead of sorting: the same tokens
-    dropped but within float32 rounding of the cut.
     """
     if sort_keys is not None and sort_keys.dtype not in SORT_KEY_DTYPES:
         raise ValueError(f"sort_keys must be bfloat16 or float16 logits, got {sort_keys.dtype}")
@@ -133,10 +128,7 @@ def warp_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         logits.masked_fill_(cut, -float("inf"))
         if sort_keys is not None:
             sort_keys = sort_keys.masked_fill(cut, -float("inf"))
-    if top_p < 1.0 and top_p_search.wanted(sort_keys):
-        logits.masked_fill_(top_p_search.top_p_drops(logits.softmax(dim=-1), sort_keys, top_p, SCAN_WIDTH),
-                            -float("inf"))
-    elif top_p < 1.0:
+    if top_p < 1.0:
         if sort_keys is None:
             ordered, order = torch.sort(logits, descending=False)
         else:
@@ -240,8 +232,7 @@ _COMPILED: list = []
 def compiled_sampler():
     """`sample_tokens` through torch.compile, made on first use: the noise, the race and the warpers'
     elementwise work become a few fused kernels (eagerly, ~15 full-vocabulary int64 and float passes
-    per step); top-p's cumulative sum stays eager (`_cumulative_sum`), unless `top_p_search.ENABLED`
-    has top-p on 16-bit logits search for its cut instead, all in the graph."""
+    per step); the cumulative sum of top-p stays eager (`_cumulative_sum`)."""
     if not _COMPILED:
         _COMPILED.append(torch.compile(sample_tokens, dynamic=False))
     return _COMPILED[0]
