@@ -10,7 +10,9 @@ enough new containers at large batch sizes to set one off now and then, in the m
 kept alive that was not: frozen objects still go when their reference count drops to zero; only a
 reference cycle among them that becomes garbage meanwhile waits until the run ends, when
 `survivors_frozen` puts them back (`gc.unfreeze`), so the collector and the interpreter's shutdown
-see them as before (frozen at exit, triton's bindings report their objects as leaked).
+see them as before (frozen at exit, triton's bindings report their objects as leaked). A process that
+froze objects of its own before the run (a server that freezes before it forks) is left as it was:
+`gc.unfreeze` cannot tell its objects from ours, so then nothing is frozen or unfrozen.
 """
 
 from __future__ import annotations
@@ -34,7 +36,11 @@ def freeze_survivors() -> float:
 @contextlib.contextmanager
 def survivors_frozen() -> Iterator[Callable[[], float]]:
     """Yields `freeze_survivors`, to call once the run is warm; on leaving, whatever it froze is back in
-    the collector's oldest generation."""
+    the collector's oldest generation. Where objects were frozen already, yields a freeze that does
+    nothing (returns 0.0) and leaves them frozen."""
+    if gc.get_freeze_count():
+        yield lambda: 0.0
+        return
     try:
         yield freeze_survivors
     finally:
