@@ -73,6 +73,11 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
+def model_path(name: str) -> str:
+    """What `from_pretrained` reads for `name`: the built-in tiny-qwen3's folder (built on first use), else `name`."""
+    return str(tiny_qwen3.ensure_built()) if name == tiny_qwen3.NAME else name
+
+
 def load_model(
     name: str,
     device: str | torch.device = "auto",
@@ -95,7 +100,7 @@ def load_model(
 
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    path = str(tiny_qwen3.ensure_built()) if name == tiny_qwen3.NAME else name
+    path = model_path(name)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
