@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from capture.recorder import CaptureRecorder
 from latentmas.app.heap import survivors_frozen
 from latentmas.app.recording import open_recorder
+from latentmas.app.shares import in_batch_order
 from latentmas.methods import common, get_method
 
 
@@ -310,8 +311,9 @@ def run_pass(lm, problems, task, cfg, capture_path: Path | None = None, timed: b
             torch.cuda.reset_peak_memory_stats(lm.device)
         start = time.perf_counter()
         decoded, writing = 0, 0.0
-        for i in range(0, len(problems), cfg.generate_bs):
-            batch = problems[i:i + cfg.generate_bs]
+        ordered = in_batch_order(problems, cfg.batch_order)  # as the run loop batches them
+        for i in range(0, len(ordered), cfg.generate_bs):
+            batch = ordered[i:i + cfg.generate_bs]
             results = solve(lm, batch, task, cfg, observer=recorder)
             decoded += sum(r.generated_tokens for r in results)
             if recorder is not None:

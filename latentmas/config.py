@@ -24,6 +24,7 @@ GROUPS = ("model", "method", "kNN", "capture", "output", "benchmark-only")
 PROMPTS = ("sequential", "hierarchical")
 KNN_STRATEGIES = ("top", "bottom", "random")
 KNN_POSITIONS = ("keep", "renumber")
+BATCH_ORDERS = ("number", "length")
 
 
 def _similarity_modes() -> tuple[str, ...]:
@@ -86,6 +87,12 @@ class RunConfig:
     top_p: float = setting(0.95, "Nucleus sampling: smallest token set with this much probability.", "method",
                            minimum=0, maximum=1, open_min=True)
     generate_bs: int = setting(1, "Problems per batch.", "method", minimum=1)
+    batch_order: str = setting("number", "Which problems share a batch. number: consecutive problem numbers. "
+                               "length: problems of similar question length, longest first, so the shared "
+                               "cache holds less padding (each agent's prompts are padded to the batch's "
+                               "longest); results change only by rounding, as with another --generate_bs, and "
+                               "a capture file holds the problems in the order solved.", "method",
+                               choices=BATCH_ORDERS)
     seed: int = setting(42, "Seed of sampling, kNN 'random' and --random_weights.", "method")
     text_mas_context_length: int = setting(2048, "text_mas: most tokens of earlier agents' text passed on.",
                                            "method", minimum=1)

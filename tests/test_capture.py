@@ -456,6 +456,30 @@ def test_survivors_of_the_first_batch_leave_the_garbage_collector_once(tiny_lm_c
     assert gc.get_freeze_count() == 0
 
 
+def test_batches_by_length_hold_problems_of_like_length_and_solve_them_alike(tiny_lm_cache_env, offline, tmp_path):
+    """`--batch_order length`: the longest questions are batched first (the capture holds them in that
+    order), and every problem is solved as in number order."""
+    from latentmas.app import run as run_module
+
+    paths = {order: tmp_path / f"{order}.h5" for order in ("number", "length")}
+    for order, path in paths.items():
+        run_module.run(_config(max_samples=5, generate_bs=2, batch_order=order), capture_file=path,
+                       output_dir=tmp_path / order, progress=False)
+    with CaptureReader(paths["number"]) as numbered, CaptureReader(paths["length"]) as by_length:
+        questions = numbered.questions()
+        assert numbered.problem_numbers == [1, 2, 3, 4, 5]
+        longest_first = sorted(questions, key=lambda n: (-len(questions[n]), n))
+        assert longest_first != [1, 2, 3, 4, 5]  # the data's order is not already by length
+        assert by_length.problem_numbers == longest_first
+        assert by_length.attrs["batch_order"] == "length" and numbered.attrs["batch_order"] == "number"
+        for number in longest_first:
+            assert by_length.problem(number).prediction == numbered.problem(number).prediction
+            for got, want in zip(by_length.handoffs(number), numbered.handoffs(number), strict=True):
+                assert got.name == want.name and got.tokens == want.tokens
+                np.testing.assert_allclose(got.layer_similarities.astype(np.float32),
+                                           want.layer_similarities.astype(np.float32), atol=1e-3, rtol=0)
+
+
 def test_resume_refuses_changed_problems(tiny_lm_cache_env, offline, tmp_path):
     """Same settings and data file path, other contents: the capture is not mixed."""
     from capture import merge

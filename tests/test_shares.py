@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
-from latentmas.app.shares import balanced_shares, question_work
+from latentmas.app.shares import balanced_shares, in_batch_order, question_work
 
 
 def _skewed(count: int, seed: int = 0) -> dict[int, float]:
@@ -48,3 +50,11 @@ def test_fewer_problems_than_ranks_and_ties():
 
 def test_question_work_is_the_question_length():
     assert question_work({1: "What is 2 + 3?", 2: "é"}) == {1: 14, 2: 1}
+
+
+def test_batch_order_by_length_is_longest_first_ties_by_number_and_number_order_is_kept():
+    problems = [SimpleNamespace(number=n, question=q) for n, q in ((4, "ab"), (7, "abcd"), (9, "a"), (12, "abcd"))]
+    assert [p.number for p in in_batch_order(problems, "length")] == [7, 12, 4, 9]
+    assert in_batch_order(problems, "number") == problems
+    with pytest.raises(ValueError, match="unknown batch order 'size'"):
+        in_batch_order(problems, "size")

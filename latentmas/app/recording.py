@@ -43,6 +43,7 @@ def run_attributes(cfg: RunConfig, lm, origin: dict | None = None) -> dict:
         "knn_score": cfg.knn_score if knn else "",
         "seed": cfg.seed,
         "generate_bs": cfg.generate_bs,
+        "batch_order": cfg.batch_order,
         **(origin or {}),
     }
 

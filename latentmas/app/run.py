@@ -10,7 +10,8 @@ that loads the model on its own GPU. Every run goes the same way:
    also refuses other settings or changed problems); an earlier run's results parts are kept
    when resuming. Runs without a capture file resume nothing.
 3. Each rank solves its share of the problems still to do (`shares.balanced_shares`: counts equal
-   give or take one, estimated work balanced, each share in problem order) in batches, appending each
+   give or take one, estimated work balanced, each share in problem order; `--batch_order length`:
+   longest question first, `shares.in_batch_order`) in batches, appending each
    batch to its own results part and committing it to its capture target: the capture file
    itself for a one-rank run, else its own shard (`captures/<run>.h5.shards/rank-0000R.h5`).
    A problem's result never depends on which rank or batch solves it (on the CPU every process
@@ -106,7 +107,7 @@ class _Run:
         done = set(planned["done"])
         todo = [p for p in problems if p.number not in done]
         by_number = {p.number: p for p in todo}
-        mine = [by_number[n] for n in planned["shares"][group.rank]]
+        mine = shares.in_batch_order([by_number[n] for n in planned["shares"][group.rank]], cfg.batch_order)
         self.resumed_correct = planned["done"]
         recorder, out = group.agree(lambda: self._open_outputs(lm))
         started = time.perf_counter()

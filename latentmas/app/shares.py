@@ -6,7 +6,9 @@ greedily: problems longest first, each to the least-loaded rank that still has r
 lower problem number first, the lower rank). Each share is solved in problem-number order,
 so a rank's batches group problems of one stretch of the data set, its shard is in number
 order (the merge reads it in a few row blocks, see `capture.format.CaptureReader.copied_rows`)
-and the plan is deterministic: the same problems and world size give the same shares.
+and the plan is deterministic: the same problems and world size give the same shares. With
+`--batch_order length` a share is solved longest question first (`in_batch_order`): batches of
+problems of similar length pad less, and the merge reads such a shard in more, smaller blocks.
 
 A problem's result does not depend on its share: its random draws come from its own
 generator, seeded by the run's seed and its number (`latentmas.decoding.problem_generators`).
@@ -15,7 +17,7 @@ generator, seeded by the run's seed and its number (`latentmas.decoding.problem_
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 
 def question_work(questions: Mapping[int, str]) -> dict[int, int]:
@@ -25,6 +27,19 @@ def question_work(questions: Mapping[int, str]) -> dict[int, int]:
     problem; what differs is the question, read by every agent (tokens are about proportional to
     characters, and counting characters needs no tokenizer)."""
     return {number: len(question) for number, question in questions.items()}
+
+
+def in_batch_order(problems: Sequence, order: str) -> list:
+    """A share's problems (objects with .number and .question) in the order they are batched: "number"
+    (as given), or "length": longest question first (`question_work`; ties by number), so that each
+    batch holds problems of similar length and the left-padding of the agents' prompts is small, and
+    the first batch, which sizes the shared cache's storage, is the largest."""
+    if order == "number":
+        return list(problems)
+    if order != "length":
+        raise ValueError(f"unknown batch order {order!r}; choose number or length")
+    work = question_work({p.number: p.question for p in problems})
+    return sorted(problems, key=lambda p: (-work[p.number], p.number))
 
 
 def balanced_shares(work: Mapping[int, float], world_size: int) -> list[list[int]]:
