@@ -360,12 +360,14 @@ def alternating_passes(lm, problems, task, variants: dict, repeats: int, show_ro
         run_pass(lm, problems, task, cfg, path)
     passes = {name: [] for name in variants}
     with survivors_frozen() as freeze:  # as the run loop does after its first batch
-        tracked = len(gc.get_objects())
+        tracked, frozen_before = len(gc.get_objects()), gc.get_freeze_count()
         full = freeze()
         started = time.perf_counter()
         gc.collect()
-        print(f"  heap after the warm-up: {tracked:,} objects tracked, a full collection {full:.3f} s; frozen "
-              f"(latentmas.app.heap), a full collection {time.perf_counter() - started:.3f} s", flush=True)
+        state = ("frozen (latentmas.app.heap)" if gc.get_freeze_count() > frozen_before
+                 else "nothing frozen (the process had frozen objects of its own)")
+        print(f"  heap after the warm-up: {tracked:,} objects tracked, a full collection {full:.3f} s; {state}, "
+              f"a full collection {time.perf_counter() - started:.3f} s", flush=True)
         for r, order in enumerate(rotations(list(variants), repeats)):
             for name in order:
                 result = run_pass(lm, problems, task, *variants[name])

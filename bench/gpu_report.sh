@@ -17,6 +17,8 @@
 #                                      # with each pass's garbage-collector time, CUDA graphs recorded and compiles
 #   bash bench/gpu_report.sh profile   # time per phase and GPU time by kind of kernel, batch size 1, capture off and on
 #   bash bench/gpu_report.sh profile64 # the same at batch size 64
+#   bash bench/gpu_report.sh batches   # 256 problems batched in number order and by question length, side by
+#                                      # side at 16 and 64 (step compiled; bench/batch_order.py)
 #
 # Several parts may be named at once. Each writes PART.txt into $OUT (default: runs/gpu_report).
 # MODEL is a folder with the Qwen3-4B config and tokenizer (weights are seeded random), DATA the
@@ -38,9 +40,9 @@ PREFILL=()
 [ "${COMPILE_PREFILL:-0}" = 1 ] && PREFILL=(--compile_prefill)
 [ "${EAGER_PREFILL:-0}" = 1 ] && PREFILL+=(--eager_prefill)
 [ -n "${COMPILE_PREFILL_AT:-}" ] && PREFILL+=(--compile_prefill_at "$COMPILE_PREFILL_AT")
-PARTS=" probe kernels order autotune table capture modes profile profile64 "
+PARTS=" probe kernels order autotune table capture modes profile profile64 batches "
 for part in "$@"; do
-    [[ $PARTS == *" $part "* ]] || { echo "unknown part '$part' (probe, kernels, order, autotune, table, capture, modes, profile, profile64)" >&2; exit 2; }
+    [[ $PARTS == *" $part "* ]] || { echo "unknown part '$part' (probe, kernels, order, autotune, table, capture, modes, profile, profile64, batches)" >&2; exit 2; }
 done
 NOISE='^Warning|Online softmax|regex'  # lines of library chatter, nothing of ours
 
@@ -110,5 +112,7 @@ c.update(num_hidden_layers=4, max_window_layers=4); json.dump(c, open(sys.argv[2
             run 160 python bench/phase_profile.py "${A[@]}" --batch_size 1 --compile_step --capture "${PREFILL[@]}" ;;
         profile64)
             run 400 python bench/phase_profile.py "${A[@]}" --batch_size 64 --compile_step "${PREFILL[@]}" ;;
+        batches)
+            run 560 python bench/batch_order.py "${A[@]}" --problems 256 --batch_sizes 16,64 --compile_step ;;
     esac 2>&1 | tee "$OUT/$part.txt"
 done

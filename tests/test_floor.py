@@ -51,13 +51,24 @@ def test_compute_bound_prefill_counts_weights_and_causal_attention(floor):
     assert seconds["latent steps"] == seconds["judger steps"] == 0.0
 
 
-def test_padding_costs_time_and_rows_add_up(floor):
+def test_rows_add_their_work_and_cache_but_share_the_weights(floor):
     shapes = _shapes(floor)
+    args = dict(latent_steps=2, new_tokens=4)
+    one, two = np.full((4, 1), 5), np.full((4, 2), 5)
+    compute = [floor.floor_seconds(shapes, w, bandwidth=1e30, flops=1.0, **args) for w in (one, two)]
+    assert all(compute[1][part] == pytest.approx(2 * compute[0][part]) for part in compute[0])
+    memory = [floor.floor_seconds(shapes, w, bandwidth=1.0, flops=1e30, **args) for w in (one, two)]
+    # 4 prefills, 6 latent steps, 3 judger steps: the weights once a pass however many rows
+    weights = 4 * 2000 + 6 * 2000 + 3 * (2000 + 200)
+    assert sum(memory[1].values()) - weights == pytest.approx(2 * (sum(memory[0].values()) - weights))
+
+
+def test_padding_costs_time(floor):
     ragged = np.array([[2, 6], [2, 6], [2, 6], [2, 6]])
     padded = np.full((4, 2), 6)
     args = dict(latent_steps=2, new_tokens=4, bandwidth=1.0, flops=1.0)
-    assert sum(floor.floor_seconds(shapes, ragged, **args).values()) < \
-        sum(floor.floor_seconds(shapes, padded, **args).values())
+    assert sum(floor.floor_seconds(_shapes(floor), ragged, **args).values()) < \
+        sum(floor.floor_seconds(_shapes(floor), padded, **args).values())
 
 
 def test_command_prints_a_row_per_batch_size_and_cache(floor, tiny_lm_cache_env):
