@@ -1,6 +1,6 @@
 """Batches of consecutive problems against batches of problems of like length (`--batch_order`), side by
 side in one process: time per problem, and the prompt tokens a problem carries once each agent's prompts
-are left-padded to its batch's longest (what the shared cache holds and every prefill and step reads).
+are left-padded to its batch's longest (what every prefill computes; the steps skip the padding).
 
     python bench/batch_order.py --model_name .gpu_inputs/qwen3-4b-arch --random_weights \
         --data_file .gpu_inputs/gsm8k_test.jsonl --problems 256 --batch_sizes 16,64 --compile_step

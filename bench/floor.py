@@ -7,11 +7,14 @@ and left-padded per batch as `latent_mas.solve` pads them). For each forward pas
 max(FLOPs / peak FLOP/s, bytes read / bandwidth):
 
 - prompt prefills: 2 x the decoder layers' weights x tokens, plus attention (4 x layers x heads x
-  head_dim x queries x keys, causal), for every padded token; the weights and the cache read once;
+  head_dim x queries x keys, causal); the weights and the cache read once. Padded, as the cache is
+  now, every row computes the batch's longest prompt and attends the padding before it;
 - latent steps (`latent_steps` per thinking agent) and judger steps (`max_new_tokens - 1`, the first
   token comes with the judger's prefill): one token a row, the decoder layers' weights read once a
-  step, the LM head's too for judger steps, and every row's written cache columns. (The LM head of the
-  judger's prefill, one read of 0.78 GB a batch, is left out: under 0.05% of any floor here.)
+  step, the LM head's too for judger steps, and each row's own cache columns (padding or not: the
+  step's split-KV kernel loads no key or value of a masked slot, `kernels/decode_attention.py`).
+  (The LM head of the judger's prefill, one read of 0.78 GB a batch, is left out: under 0.05% of
+  any floor here.)
 
 Everything else a real step does (norms, RoPE, sampling, launches, the host) costs more than nothing,
 so a measured speed can only be below this floor. Defaults are the H200 SXM's data-sheet figures
@@ -71,25 +74,27 @@ class Shapes:
 
 
 def floor_seconds(shapes: Shapes, widths: np.ndarray, latent_steps: int, new_tokens: int, bandwidth: float,
-                  flops: float) -> dict[str, float]:
+                  flops: float, padded: bool = False) -> dict[str, float]:
     """The least seconds a batch can take on `bandwidth` bytes/s and `flops` FLOP/s: prefills, latent
-    steps and judger steps. widths: [agents, batch] each row's prompt tokens per agent, as the cache
-    holds them (padded: every row the batch's longest)."""
+    steps and judger steps. widths: [agents, batch] each row's own prompt tokens per agent; padded:
+    each agent's prompts left-padded to the batch's longest, as `latent_mas.solve` prefills them."""
     weight_bytes = shapes.layer_params * shapes.bytes_per_value
     head_bytes = shapes.head_params * shapes.bytes_per_value
     seconds = {"prefills": 0.0, "latent steps": 0.0, "judger steps": 0.0}
-    cached = np.zeros(widths.shape[1])  # [batch] columns written before the pass
+    own = np.zeros(widths.shape[1])  # [batch] each row's own columns written before the pass
+    held = np.zeros(widths.shape[1])  # [batch] the same with the padding the cache holds
     for agent, width in zip(AGENTS, widths.astype(np.float64)):
-        work = (2 * shapes.layer_params * width + shapes.attention_flops(width, cached + (width + 1) / 2)).sum()
-        read = weight_bytes + shapes.cache_bytes(cached + width).sum()
+        prefilled = np.full_like(width, width.max()) if padded else width
+        work = (2 * shapes.layer_params * prefilled + shapes.attention_flops(prefilled, held + (prefilled + 1) / 2)).sum()
+        read = weight_bytes + shapes.cache_bytes(held + prefilled).sum()
         seconds["prefills"] += max(work / flops, read / bandwidth)
-        cached = cached + width
+        own, held = own + width, held + prefilled
         steps, part, head = ((latent_steps, "latent steps", 0) if agent != AGENTS[-1]
                              else (new_tokens - 1, "judger steps", shapes.head_params))
         for _ in range(steps):
-            cached = cached + 1
-            work = (2 * (shapes.layer_params + head) + shapes.attention_flops(1, cached)).sum()
-            read = weight_bytes + (head_bytes if head else 0) + shapes.cache_bytes(cached).sum()
+            own, held = own + 1, held + 1
+            work = (2 * (shapes.layer_params + head) + shapes.attention_flops(1, own)).sum()
+            read = weight_bytes + (head_bytes if head else 0) + shapes.cache_bytes(own).sum()
             seconds[part] += max(work / flops, read / bandwidth)
     return seconds
 
@@ -125,8 +130,8 @@ def main(model_name, data_file, batch_sizes, batches, latent_steps, max_new_toke
           f"{shapes.head_params / 1e9:.3f} B ({(shapes.layer_params + shapes.head_params) * 2 / 1e9:.2f} GB in "
           f"bf16), {shapes.cache_bytes(1) / 1024:.0f} KiB of cache a token; {bandwidth} TB/s, {tflops:.0f} TFLOP/s; "
           f"latent_steps {latent_steps}, {max_new_tokens} new tokens; {batches} batches a size")
-    print("\nms a problem; 'padded' holds every agent's prompts at the batch's longest, as the cache does now, "
-          "'unpadded' each row's own tokens\n\n| batch | cache | prompt tokens a problem | prefills | latent steps "
+    print("\nms a problem; 'padded' prefills every agent's prompts at the batch's longest, as now, "
+          "'unpadded' each row's own tokens\n\n| batch | prompts | prompt tokens a problem | prefills | latent steps "
           "| judger steps | floor s/problem | floor problems/s | target problems/s | target / floor |\n"
           "|---|---|---|---|---|---|---|---|---|---|")
     for size in sizes:
@@ -135,11 +140,10 @@ def main(model_name, data_file, batch_sizes, batches, latent_steps, max_new_toke
             totals = {"prefills": 0.0, "latent steps": 0.0, "judger steps": 0.0}
             tokens = 0.0
             for widths in groups:
-                if cache == "padded":
-                    widths = np.repeat(widths.max(axis=1, keepdims=True), widths.shape[1], axis=1)
-                tokens += widths.sum(axis=0).mean() / batches
+                padded = cache == "padded"
+                tokens += (widths.max(axis=1).sum() if padded else widths.sum(axis=0).mean()) / batches
                 for part, s in floor_seconds(shapes, widths, latent_steps, max_new_tokens, bandwidth * 1e12,
-                                             tflops * 1e12).items():
+                                             tflops * 1e12, padded).items():
                     totals[part] += s / widths.shape[1] / batches
             per_problem = sum(totals.values())
             target = TARGETS.get(size)

@@ -88,10 +88,10 @@ class RunConfig:
                            minimum=0, maximum=1, open_min=True)
     generate_bs: int = setting(1, "Problems per batch.", "method", minimum=1)
     batch_order: str = setting("number", "Which problems share a batch. number: consecutive problem numbers. "
-                               "length: problems of similar question length, longest first, so the shared "
-                               "cache holds less padding (each agent's prompts are padded to the batch's "
-                               "longest); results change only by rounding, as with another --generate_bs, and "
-                               "a capture file holds the problems in the order solved.", "method",
+                               "length: problems of similar question length, longest first, so prefills compute "
+                               "less padding (each agent's prompts are padded to the batch's longest); results "
+                               "change only by rounding, as with another --generate_bs, and a capture file holds "
+                               "the problems in the order solved.", "method",
                                choices=BATCH_ORDERS)
     seed: int = setting(42, "Seed of sampling, kNN 'random' and --random_weights.", "method")
     text_mas_context_length: int = setting(2048, "text_mas: most tokens of earlier agents' text passed on.",

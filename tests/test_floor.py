@@ -63,12 +63,19 @@ def test_rows_add_their_work_and_cache_but_share_the_weights(floor):
     assert sum(memory[1].values()) - weights == pytest.approx(2 * (sum(memory[0].values()) - weights))
 
 
-def test_padding_costs_time(floor):
-    ragged = np.array([[2, 6], [2, 6], [2, 6], [2, 6]])
-    padded = np.full((4, 2), 6)
-    args = dict(latent_steps=2, new_tokens=4, bandwidth=1.0, flops=1.0)
-    assert sum(floor.floor_seconds(_shapes(floor), ragged, **args).values()) < \
-        sum(floor.floor_seconds(_shapes(floor), padded, **args).values())
+def test_padded_prefills_compute_the_longest_prompt_but_steps_read_only_own_columns(floor):
+    shapes = _shapes(floor)
+    ragged, longest = np.array([[2, 6]] * 4), np.full((4, 2), 6)
+    args = dict(latent_steps=2, new_tokens=4)
+    compute = dict(bandwidth=1e30, flops=1.0)
+    assert floor.floor_seconds(shapes, ragged, padded=True, **args, **compute)["prefills"] == \
+        pytest.approx(floor.floor_seconds(shapes, longest, **args, **compute)["prefills"])
+    assert floor.floor_seconds(shapes, ragged, padded=True, **args, **compute)["prefills"] > \
+        floor.floor_seconds(shapes, ragged, **args, **compute)["prefills"]
+    memory = dict(bandwidth=1.0, flops=1e30)
+    for part in ("latent steps", "judger steps"):
+        assert floor.floor_seconds(shapes, ragged, padded=True, **args, **memory)[part] == \
+            pytest.approx(floor.floor_seconds(shapes, ragged, **args, **memory)[part])
 
 
 def test_command_prints_a_row_per_batch_size_and_cache(floor, tiny_lm_cache_env):
