@@ -16,7 +16,7 @@ import click
 from common import alternating_passes, machine, speed_config
 from floor import prompt_widths
 
-from latentmas.app.shares import in_batch_order
+from latentmas.app.shares import batches
 from latentmas.models import load_model
 from latentmas.tasks import get_task, load_problems
 
@@ -25,10 +25,9 @@ ORDERS = ("number", "length")
 
 def padded_tokens(tokenizer, problems, task, cfg) -> float:
     """Prompt tokens a problem, over the four agents, with each batch padded to its longest."""
-    ordered = in_batch_order(problems, cfg.batch_order)
     total = 0
-    for start in range(0, len(ordered), cfg.generate_bs):
-        widths = prompt_widths(tokenizer, ordered[start:start + cfg.generate_bs], task, cfg)  # [agents, batch]
+    for batch in batches(problems, cfg.generate_bs, cfg.batch_order):
+        widths = prompt_widths(tokenizer, batch, task, cfg)  # [agents, batch]
         total += int(widths.max(axis=1).sum()) * widths.shape[1]
     return total / len(problems)
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from capture.recorder import CaptureRecorder
 from latentmas.app.heap import survivors_frozen
 from latentmas.app.recording import open_recorder
-from latentmas.app.shares import in_batch_order
+from latentmas.app.shares import batches
 from latentmas.methods import common, get_method
 
 
@@ -311,9 +311,7 @@ def run_pass(lm, problems, task, cfg, capture_path: Path | None = None, timed: b
             torch.cuda.reset_peak_memory_stats(lm.device)
         start = time.perf_counter()
         decoded, writing = 0, 0.0
-        ordered = in_batch_order(problems, cfg.batch_order)  # as the run loop batches them
-        for i in range(0, len(ordered), cfg.generate_bs):
-            batch = ordered[i:i + cfg.generate_bs]
+        for batch in batches(problems, cfg.generate_bs, cfg.batch_order):  # as the run loop batches them
             results = solve(lm, batch, task, cfg, observer=recorder)
             decoded += sum(r.generated_tokens for r in results)
             if recorder is not None:

@@ -138,9 +138,8 @@ def main(model_name, data_file, batch_sizes, batches, latent_steps, max_new_toke
         groups = [prompt_widths(tokenizer, problems[b * size:(b + 1) * size], task, cfg) for b in range(batches)]
         for cache in ("padded", "unpadded"):
             totals = {"prefills": 0.0, "latent steps": 0.0, "judger steps": 0.0}
-            tokens = 0.0
+            tokens, padded = 0.0, cache == "padded"
             for widths in groups:
-                padded = cache == "padded"
                 tokens += (widths.max(axis=1).sum() if padded else widths.sum(axis=0).mean()) / batches
                 for part, s in floor_seconds(shapes, widths, latent_steps, max_new_tokens, bandwidth * 1e12,
                                              tflops * 1e12, padded).items():

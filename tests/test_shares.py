@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from latentmas.app.shares import balanced_shares, in_batch_order, question_work
+from latentmas.app.shares import balanced_shares, batches, in_batch_order, question_work
 
 
 def _skewed(count: int, seed: int = 0) -> dict[int, float]:
@@ -58,3 +58,5 @@ def test_batch_order_by_length_is_longest_first_ties_by_number_and_number_order_
     assert in_batch_order(problems, "number") == problems
     with pytest.raises(ValueError, match="unknown batch order 'size'"):
         in_batch_order(problems, "size")
+    assert [[p.number for p in b] for b in batches(problems, 3, "length")] == [[7, 12, 4], [9]]
+    assert [[p.number for p in b] for b in batches(problems, 2, "number")] == [[4, 7], [9, 12]]

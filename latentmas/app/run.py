@@ -107,7 +107,8 @@ class _Run:
         done = set(planned["done"])
         todo = [p for p in problems if p.number not in done]
         by_number = {p.number: p for p in todo}
-        mine = shares.in_batch_order([by_number[n] for n in planned["shares"][group.rank]], cfg.batch_order)
+        my_batches = shares.batches([by_number[n] for n in planned["shares"][group.rank]], cfg.generate_bs,
+                                    cfg.batch_order)
         self.resumed_correct = planned["done"]
         recorder, out = group.agree(lambda: self._open_outputs(lm))
         started = time.perf_counter()
@@ -117,8 +118,7 @@ class _Run:
             solved, last_commit = 0, time.time()
             try:
                 with heap.survivors_frozen() as freeze:
-                    for start in range(0, len(mine), cfg.generate_bs):
-                        batch = mine[start:start + cfg.generate_bs]
+                    for batch in my_batches:
                         batch_results = solve(lm, batch, task, cfg, observer=recorder)
                         out.write("".join(results.jsonl(r) for r in batch_results))
                         out.flush()  # results first: a kill before the capture commit re-solves the batch

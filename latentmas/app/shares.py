@@ -42,6 +42,13 @@ def in_batch_order(problems: Sequence, order: str) -> list:
     return sorted(problems, key=lambda p: (-work[p.number], p.number))
 
 
+def batches(problems: Sequence, size: int, order: str) -> list[list]:
+    """A share's problems cut into the batches a run solves, `size` problems each (the last may hold
+    fewer), in `order` (`in_batch_order`)."""
+    ordered = in_batch_order(problems, order)
+    return [ordered[start:start + size] for start in range(0, len(ordered), size)]
+
+
 def balanced_shares(work: Mapping[int, float], world_size: int) -> list[list[int]]:
     """The problem numbers of each rank (`world_size` lists, each in number order): a partition of `work`'s keys.
 
