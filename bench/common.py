@@ -362,8 +362,8 @@ def alternating_passes(lm, problems, task, variants: dict, repeats: int, show_ro
         full = freeze()
         started = time.perf_counter()
         gc.collect()
-        state = ("frozen (latentmas.app.heap)" if gc.get_freeze_count() > frozen_before
-                 else "nothing frozen (the process had frozen objects of its own)")
+        state = "frozen (latentmas.app.heap)" + (f"; the process had frozen {frozen_before:,} objects before it, "
+                                                 "which stay frozen" if frozen_before else "")
         print(f"  heap after the warm-up: {tracked:,} objects tracked, a full collection {full:.3f} s; {state}, "
               f"a full collection {time.perf_counter() - started:.3f} s", flush=True)
         for r, order in enumerate(rotations(list(variants), repeats)):

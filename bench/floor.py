@@ -3,12 +3,15 @@ given memory bandwidth and matrix throughput, from the model's shapes and the be
 
 Arithmetic, not a timing: no GPU and no weights are needed (the model is built on the meta device from
 its config; the prompts are the agents' real prompts for the first problems of the data file, tokenized
-and left-padded per batch as `latent_mas.solve` pads them). For each forward pass the time is at least
+and left-padded per batch as `latent_mas.solve` batches them). For each forward pass the time is at least
 max(FLOPs / peak FLOP/s, bytes read / bandwidth):
 
 - prompt prefills: 2 x the decoder layers' weights x tokens, plus attention (4 x layers x heads x
-  head_dim x queries x keys, causal); the weights and the cache read once. Padded, as the cache is
-  now, every row computes the batch's longest prompt and attends the padding before it;
+  head_dim x queries x keys, causal); the weights and the cache read once. Padded (`--padded_prefill`,
+  and every prefill before stop 29), every row computes the batch's longest prompt and attends the
+  padding before it; unpadded, each row its own tokens, as packed prefills (`latentmas.packed_prefill`,
+  the default) run their projections and MLPs (their attention still runs in the batch's padded shape,
+  masked: a small part of a prefill's work at these lengths);
 - latent steps (`latent_steps` per thinking agent) and judger steps (`max_new_tokens - 1`, the first
   token comes with the judger's prefill): one token a row, the decoder layers' weights read once a
   step, the LM head's too for judger steps, and each row's own cache columns (padding or not: the
@@ -77,7 +80,7 @@ def floor_seconds(shapes: Shapes, widths: np.ndarray, latent_steps: int, new_tok
                   flops: float, padded: bool = False) -> dict[str, float]:
     """The least seconds a batch can take on `bandwidth` bytes/s and `flops` FLOP/s: prefills, latent
     steps and judger steps. widths: [agents, batch] each row's own prompt tokens per agent; padded:
-    each agent's prompts left-padded to the batch's longest, as `latent_mas.solve` prefills them."""
+    each agent's prompts left-padded to the batch's longest and prefilled so (`--padded_prefill`)."""
     weight_bytes = shapes.layer_params * shapes.bytes_per_value
     head_bytes = shapes.head_params * shapes.bytes_per_value
     seconds = {"prefills": 0.0, "latent steps": 0.0, "judger steps": 0.0}
@@ -130,8 +133,8 @@ def main(model_name, data_file, batch_sizes, batches, latent_steps, max_new_toke
           f"{shapes.head_params / 1e9:.3f} B ({(shapes.layer_params + shapes.head_params) * 2 / 1e9:.2f} GB in "
           f"bf16), {shapes.cache_bytes(1) / 1024:.0f} KiB of cache a token; {bandwidth} TB/s, {tflops:.0f} TFLOP/s; "
           f"latent_steps {latent_steps}, {max_new_tokens} new tokens; {batches} batches a size")
-    print("\nms a problem; 'padded' prefills every agent's prompts at the batch's longest, as now, "
-          "'unpadded' each row's own tokens\n\n| batch | prompts | prompt tokens a problem | prefills | latent steps "
+    print("\nms a problem; 'padded' prefills every agent's prompts at the batch's longest (--padded_prefill), "
+          "'unpadded' each row's own tokens (as packed prefills compute their projections)\n\n| batch | prompts | prompt tokens a problem | prefills | latent steps "
           "| judger steps | floor s/problem | floor problems/s | target problems/s | target / floor |\n"
           "|---|---|---|---|---|---|---|---|---|---|")
     for size in sizes:

@@ -19,6 +19,8 @@
 #   bash bench/gpu_report.sh profile64 # the same at batch size 64
 #   bash bench/gpu_report.sh batches   # 256 problems batched in number order and by question length, side by
 #                                      # side at 16 and 64 (step compiled; bench/batch_order.py)
+#   bash bench/gpu_report.sh packed    # prompt prefills packed (real tokens only) and padded, side by side: ms per
+#                                      # prefill eager and compiled at 16 and 64, then the bench at 16 and 64
 #
 # Several parts may be named at once. Each writes PART.txt into $OUT (default: runs/gpu_report).
 # MODEL is a folder with the Qwen3-4B config and tokenizer (weights are seeded random), DATA the
@@ -40,9 +42,9 @@ PREFILL=()
 [ "${COMPILE_PREFILL:-0}" = 1 ] && PREFILL=(--compile_prefill)
 [ "${EAGER_PREFILL:-0}" = 1 ] && PREFILL+=(--eager_prefill)
 [ -n "${COMPILE_PREFILL_AT:-}" ] && PREFILL+=(--compile_prefill_at "$COMPILE_PREFILL_AT")
-PARTS=" probe kernels order autotune table capture modes profile profile64 batches "
+PARTS=" probe kernels order autotune table capture modes profile profile64 batches packed "
 for part in "$@"; do
-    [[ $PARTS == *" $part "* ]] || { echo "unknown part '$part' (probe, kernels, order, autotune, table, capture, modes, profile, profile64, batches)" >&2; exit 2; }
+    [[ $PARTS == *" $part "* ]] || { echo "unknown part '$part' (probe, kernels, order, autotune, table, capture, modes, profile, profile64, batches, packed)" >&2; exit 2; }
 done
 NOISE='^Warning|Online softmax|regex'  # lines of library chatter, nothing of ours
 
@@ -114,5 +116,10 @@ c.update(num_hidden_layers=4, max_window_layers=4); json.dump(c, open(sys.argv[2
             run 400 python bench/phase_profile.py "${A[@]}" --batch_size 64 --compile_step "${PREFILL[@]}" ;;
         batches)
             run 560 python bench/batch_order.py "${A[@]}" --problems 256 --batch_sizes 16,64 --compile_step ;;
+        packed)
+            { run 220 python bench/prefill_probe.py "${M[@]}" --batch_sizes 16,64 --repeats 4 --backend ours --compiled \
+                  --prompts packed --prompts padded
+              run 350 python bench/latentmas_speed.py "${A[@]}" --batch_sizes 16,64 --repeats 2 --compile_step \
+                  --padded_prefill_at 16,64 "${PREFILL[@]}"; } ;;
     esac 2>&1 | tee "$OUT/$part.txt"
 done

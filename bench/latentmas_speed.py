@@ -5,6 +5,8 @@ Seeded random weights built on the GPU from the real config and tokenizer (no do
     python bench/latentmas_speed.py --model_name .gpu_inputs/qwen3-4b-arch --random_weights \
         --data_file .gpu_inputs/gsm8k_test.jsonl
 
+Prompt prefills run packed (`latentmas.packed_prefill`) unless `--padded_prefill_at` also times them padded.
+
 Settings as the reference measurement: sequential prompts, latent_steps 10, the judger
 decodes exactly max_new_tokens 256 (EOS ignored), temperature 0.6, top_p 0.95.
 """
@@ -43,9 +45,13 @@ REFERENCE = {"H100": (12.0, 14.0), "H200": (10.0, 15.0)}
                                                      "side with the others")
 @click.option("--compile_prefill_at", default="", help="batch sizes (e.g. 16,64) also timed with compiled prefills "
                                                        "(--compile_prefill), side by side with the others")
+@click.option("--padded_prefill_at", default="", help="batch sizes (e.g. 16,64) also timed with padded prompt "
+                                                      "prefills (--padded_prefill: padding included, not packed), "
+                                                      "side by side with the others")
 @click.option("--device", default="auto", show_default=True)
 def main(model_name, random_weights, data_file, batch_sizes, problems_bs1, batches, repeats, max_new_tokens,
-         plain, compile_step, compile_prefill, eager_prefill, eager_prefill_at, compile_prefill_at, device):
+         plain, compile_step, compile_prefill, eager_prefill, eager_prefill_at, compile_prefill_at, padded_prefill_at,
+         device):
     task = get_task("gsm8k")
     sizes = [int(b) for b in batch_sizes.split(",")]
     most = max(max(sizes) * batches, problems_bs1)
@@ -59,18 +65,23 @@ def main(model_name, random_weights, data_file, batch_sizes, problems_bs1, batch
     rows = []
     eager_too = {int(b) for b in eager_prefill_at.split(",") if b}
     compiled_too = {int(b) for b in compile_prefill_at.split(",") if b}
-    variants = [(bs, fast, eager_prefill, compile_prefill)  # (batch size, fast decode, eager prefill, compiled prefill)
+    padded_too = {int(b) for b in padded_prefill_at.split(",") if b}
+    # (batch size, fast decode, eager prefill, compiled prefill, packed prefill)
+    variants = [(bs, fast, eager_prefill, compile_prefill, True)
                 for bs in sizes for fast in ([True, False] if plain and bs == 1 else [None])]
-    variants += [(bs, None, True, compile_prefill) for bs in sizes
+    variants += [(bs, None, True, compile_prefill, True) for bs in sizes
                  if bs in eager_too and prefill_kind(compile_prefill, eager_prefill, bs) == "graphed"]
-    variants += [(bs, None, eager_prefill, True) for bs in sizes
+    variants += [(bs, None, eager_prefill, True, True) for bs in sizes
                  if bs in compiled_too and prefill_kind(compile_prefill, eager_prefill, bs) == "eager"]
+    variants += [(bs, None, eager, compiled, False) for bs, fast, eager, compiled, _ in list(variants)
+                 if bs in padded_too and fast is None and prefill_kind(compiled, eager, bs) != "graphed"]
     with tempfile.TemporaryDirectory() as tmp:
         capture_path = Path(tmp) / "speed.h5"
-        for bs, fast, eager, compiled in variants:
+        for bs, fast, eager, compiled, packed in variants:
             cfg = speed_config(model_name=model_name, random_weights=random_weights, data_file=data_file,
                                max_new_tokens=max_new_tokens, generate_bs=bs, device=device, fast_decode=fast,
-                               compile_step=compile_step, compile_prefill=compiled, graph_prefill=not eager)
+                               compile_step=compile_step, compile_prefill=compiled, graph_prefill=not eager,
+                               packed_prefill=packed)
             subset = problems[: problems_bs1 if bs == 1 else bs * batches]
             passes = alternating_passes(lm, subset, task, {False: (cfg, None), True: (cfg, capture_path)}, repeats)
             for capture in (False, True):
@@ -79,7 +90,7 @@ def main(model_name, random_weights, data_file, batch_sizes, problems_bs1, batch
                 tokens_per_problem = passes[capture][0].decoded_tokens / len(subset)
                 rows.append({
                     "bs": bs, "decode": "plain" if fast is False else "fast", "capture": capture,
-                    "prefill": prefill_kind(compiled, eager, bs),
+                    "prefill": prefill_kind(compiled, eager, bs) + ("" if packed else " padded"),
                     "s/problem": per_problem, "problems/s": 1 / per_problem,
                     "decode tok/s": tokens_per_problem / per_problem,
                     "latent phase s": timed.per_problem - timed.judger, "judger s": timed.judger,
@@ -90,7 +101,7 @@ def main(model_name, random_weights, data_file, batch_sizes, problems_bs1, batch
                 notes = " | ".join(f"pass {i + 1}{p.notes()}" for i, p in enumerate(passes[capture]) if p.notes())
                 if capture:  # the part of each pass spent committing to the file (fsyncs included)
                     each += "; writing " + ", ".join(f"{p.writing:.4f}" for p in passes[capture])
-                print(f"  bs {bs:2d} {rows[-1]['decode']:5s} {rows[-1]['prefill']:8s} capture {'on ' if capture else 'off'}: "
+                print(f"  bs {bs:2d} {rows[-1]['decode']:5s} {rows[-1]['prefill']:15s} capture {'on ' if capture else 'off'}: "
                       f"{per_problem:.3f} s/problem (passes {each}; timed pass {timed.per_problem:.3f})"
                       + (f"\n      {notes}" if notes else ""), flush=True)
     header = ("bs", "decode", "prefill", "capture", "s/problem", "problems/s", "decode tok/s", "latent phase s", "judger s",
@@ -126,6 +137,11 @@ def main(model_name, random_weights, data_file, batch_sizes, problems_bs1, batch
         if compiled and eager:
             print(f"bs {bs}: compiled prefills take {compiled['s/problem'] / eager['s/problem']:.3f}x the time "
                   f"per problem of eager ones (capture off; the first compile is in the warm-up pass)")
+    for (bs, decode, prefill, capture), packed in list(by.items()):
+        padded = by.get((bs, decode, f"{prefill} padded", capture))
+        if padded and not capture:
+            print(f"bs {bs} ({prefill}): packed prefills take {packed['s/problem'] / padded['s/problem']:.3f}x "
+                  f"the time per problem of padded ones (capture off)")
 
 
 if __name__ == "__main__":

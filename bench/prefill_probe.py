@@ -12,7 +12,9 @@ synced), and the host's ms to queue it (until `extend` returns, before the sync)
 or graphed variant also the seconds its warm-up took (the compiling, the graphs recorded). `--backend
 ours --compiled --graphed` times ours eager, compiled and graphed only; `--attention grouped --attention
 transformers` times the eager and compiled forwards attending on the unrepeated GQA keys (ours,
-`latentmas.prefill_attention`) and through transformers' SDPA path (which repeats them) side by side; `--profile` then runs one more
+`latentmas.prefill_attention`) and through transformers' SDPA path (which repeats them) side by side; `--prompts packed
+--prompts padded` times the prompts on their real tokens only (`latentmas.packed_prefill`, the default) and with
+their padding (every row but one has between n/2 and n real tokens); `--profile` then runs one more
 prefill of each variant (repeated shapes) under the torch profiler and prints its GPU time by kind of
 kernel and its top kernels. A graphed prefill records a
 graph for each chunk size it has not met on the storage it runs on, and a cache that needs more room
@@ -43,6 +45,7 @@ BACKENDS = {  # name -> `shared_cache.PREFILL_BACKENDS` for the run
 }
 SHORT = dict(zip(("torch", "ours", "cudnn", "efficient"), BACKENDS))  # --backend's names
 ATTENTIONS = {"grouped": True, "transformers": False}  # --attention's names -> shared_cache.GROUPED_PREFILL
+PROMPTS = {"packed": True, "padded": False}  # --prompts' names -> SharedCache(packed=...)
 COMPILED = "ours (PREFILL_BACKENDS)"  # timed compiled too with --compiled (a compiled forward keeps the
 # kernels it was traced with, so other backends would need a process each)
 
@@ -56,11 +59,12 @@ def prompt(lm, batch: int, n: int, rng: random.Random):
 
 
 def one_prefill(lm, batch: int, cached: int, n: int, rng: random.Random, forward: str,
-                profiler=contextlib.nullcontext) -> tuple[float, float]:
+                profiler=contextlib.nullcontext, packed: bool = True) -> tuple[float, float]:
     """(wall s, host s) of an n-token prompt prefilled on a cache of `cached` columns; forward: eager,
-    compiled or graphed; the prompt's prefill runs inside `profiler()`."""
+    compiled or graphed; packed: on the real tokens only (`latentmas.packed_prefill`), else padding
+    included; the prompt's prefill runs inside `profiler()`."""
     shared = SharedCache(lm, batch, capacity=cached + n + 16, compiled=forward == "compiled",
-                         graphed=forward == "graphed")
+                         graphed=forward == "graphed", packed=packed)
     shared.extend(*prompt(lm, batch, cached, rng), SegmentKey("planner", "prompt"))
     embeds, mask, ids = prompt(lm, batch, n, rng)
     sync(lm.device)
@@ -86,27 +90,34 @@ def one_prefill(lm, batch: int, cached: int, n: int, rng: random.Random, forward
               show_default=True, help="the eager and compiled forwards' attention (repeat for both): grouped = on "
                                       "the unrepeated GQA keys (latentmas.prefill_attention), transformers = "
                                       "transformers' SDPA path, which repeats them")
+@click.option("--prompts", multiple=True, type=click.Choice(list(PROMPTS)), default=["packed"], show_default=True,
+              help="the eager and compiled forwards' prompts (repeat for both): packed = their real tokens only "
+                   "(latentmas.packed_prefill; with grouped attention only), padded = padding included")
 @click.option("--profile", "top", type=click.IntRange(min=0), default=0, show_default=True,
               help="profile one more prefill of each variant (repeated shapes) and list this many top kernels")
 @click.option("--device", default="auto", show_default=True)
-def main(model_name, random_weights, batch_sizes, repeats, backends, compiled, graphed, attentions, top, device):
+def main(model_name, random_weights, batch_sizes, repeats, backends, compiled, graphed, attentions, prompts, top,
+         device):
     lm = load_model(model_name, device, random_weights=random_weights)
     print(f"machine: {machine(lm)}; model {model_name}")
     print("\n| batch | SDPA backends | forward | shapes | wall ms per prefill | host ms |\n|---|---|---|---|---|---|")
-    variants = ([(SHORT[key], "eager", a) for a in attentions for key in backends]
-                + ([(COMPILED, "compiled", a) for a in attentions] if compiled else [])
-                + ([(COMPILED, "graphed", "grouped")] if graphed else []))
+    kinds = [(a, p if a == "grouped" else "padded") for p in prompts for a in attentions]  # packed: grouped only
+    kinds = list(dict.fromkeys(kinds))
+    variants = ([(SHORT[key], "eager", a, p) for a, p in kinds for key in backends]
+                + ([(COMPILED, "compiled", a, p) for a, p in kinds] if compiled else [])
+                + ([(COMPILED, "graphed", "grouped", "padded")] if graphed else []))
     profiles = []
     for batch in (int(b) for b in batch_sizes.split(",")):
-        for backends_name, forward, attention in variants:
+        for backends_name, forward, attention, kind in variants:
+            packed = PROMPTS[kind]
             rng = random.Random(batch)
             shared_cache.PREFILL_BACKENDS = BACKENDS[backends_name]
             shared_cache.GROUPED_PREFILL = ATTENTIONS[attention]
-            name = backends_name if forward == "graphed" else f"{backends_name}, {attention} attention"
+            name = backends_name if forward == "graphed" else f"{backends_name}, {attention} attention, {kind}"
             with torch.no_grad():
                 start = time.perf_counter()
                 try:
-                    one_prefill(lm, batch, 400, 200, rng, forward)  # warm-up: an empty cache, then 400 columns
+                    one_prefill(lm, batch, 400, 200, rng, forward, packed=packed)  # warm-up: an empty cache, then 400 columns
                 except RuntimeError as error:  # no such kernel on this device
                     print(f"| {batch} | {name} | {forward} | - | not available: {str(error).splitlines()[0][:60]} | |")
                     continue
@@ -116,18 +127,18 @@ def main(model_name, random_weights, batch_sizes, repeats, backends, compiled, g
                     times = []
                     for _ in range(repeats):
                         cached, n = (rng.randint(300, 900), rng.randint(150, 260)) if shapes == "fresh" else (600, 200)
-                        times.append(one_prefill(lm, batch, cached, n, rng, forward))
+                        times.append(one_prefill(lm, batch, cached, n, rng, forward, packed=packed))
                     wall = statistics.median(t[0] for t in times)
                     host = statistics.median(t[1] for t in times)
                     print(f"| {batch} | {name} | {forward} | {shapes} | {wall * 1e3:.1f} | {host * 1e3:.1f} |",
                           flush=True)
                 if top:
-                    profiles.append((f"batch {batch}, {name}, {forward}", profiled(lm, batch, rng, forward)))
+                    profiles.append((f"batch {batch}, {name}, {forward}", profiled(lm, batch, rng, forward, packed)))
     for title, kernels in profiles:
         print_profile(title, kernels, top)
 
 
-def profiled(lm, batch: int, rng: random.Random, forward: str) -> dict[str, tuple[int, float]]:
+def profiled(lm, batch: int, rng: random.Random, forward: str, packed: bool) -> dict[str, tuple[int, float]]:
     """One repeated-shape prefill (600 cached columns, a 200-token prompt) under the torch profiler:
     kernel name -> (calls, GPU µs)."""
     holder, cuda = {}, lm.device.type == "cuda"  # on the CPU: its ops, for trying the probe out
@@ -139,7 +150,7 @@ def profiled(lm, batch: int, rng: random.Random, forward: str) -> dict[str, tupl
             yield
         holder["prof"] = prof
 
-    one_prefill(lm, batch, 600, 200, rng, forward, profiler)
+    one_prefill(lm, batch, 600, 200, rng, forward, profiler, packed)
     return kernel_times(holder["prof"], torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU)
 
 

@@ -136,6 +136,11 @@ class RunConfig:
                                   "the query and attention similarities read the chunks' queries. --eager_prefill: "
                                   "always eagerly.",
                                   "benchmark-only", negative="eager_prefill")
+    packed_prefill: bool = setting(True, "Prefill a batch's left-padded prompts on their real tokens only, "
+                                   "packed into one row (attention still reads each problem's own columns), "
+                                   "where nothing hooks the model and the chunks do not run: no projection or "
+                                   "MLP work on padding. --padded_prefill: on every column, padding included.",
+                                   "benchmark-only", negative="padded_prefill")
     compile_step: bool = setting(False, "Compile that static step with torch.compile (inductor) before "
                                  "recording it: ~3 ms faster per Qwen3-4B step on an H200, but each kind of "
                                  "step compiles for 60-85 s, so it pays off on long runs only.",

@@ -15,8 +15,10 @@ reference to it): while that one is alive, another cache gets storage of its own
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
+from collections.abc import Iterator
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -144,6 +146,20 @@ class BufferLayer(DynamicLayer):
         self.set_length(end)
         return self.keys, self.values
 
+    def update_packed(self, key_states: torch.Tensor, value_states: torch.Tensor, rows: torch.Tensor,
+                      columns: torch.Tensor, width: int):
+        """`update` for a packed prefill (`packed_prefill`): key_states, value_states `[1, kv_heads, N,
+        head_dim]` go to slots length + columns[k] of rows[k] among `width` new columns; the new columns'
+        other slots (padding) are zeroed. Returns the views, as `update` does."""
+        end = self.length + width
+        self.storage.grow(end)
+        for buffers, states in ((self.storage.keys, key_states), (self.storage.values, value_states)):
+            slots = buffers[self.index][:, :, self.length:end]
+            slots.zero_()
+            slots.transpose(1, 2)[rows, columns] = states[0].transpose(0, 1)
+        self.set_length(end)
+        return self.keys, self.values
+
     def get_seq_length(self) -> int:
         return self.length
 
@@ -154,9 +170,22 @@ class BufferCache(Cache):
     def __init__(self, storage: KVStorage, num_layers: int):
         super().__init__(layers=[BufferLayer(storage, i) for i in range(num_layers)])
         self.storage = storage
+        self.packing: tuple | None = None  # (rows, columns, width) inside `packed`
+
+    @contextlib.contextmanager
+    def packed(self, rows: torch.Tensor, columns: torch.Tensor, width: int) -> Iterator[None]:
+        """Inside the block, `update` takes packed states (`BufferLayer.update_packed`): the forward of a
+        prompt `[batch, width]` on its real tokens only, token k being token columns[k] of row rows[k]."""
+        self.packing = (rows, columns, width)
+        try:
+            yield
+        finally:
+            self.packing = None
 
     @torch.compiler.disable
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """`Cache.update`, never traced: a compiled layer (`compiled_prefill`) leaves the write to run
         eagerly between its pieces, so the layer's index and the cache's length are no part of its graphs."""
+        if self.packing is not None:
+            return self.layers[layer_idx].update_packed(key_states, value_states, *self.packing)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)

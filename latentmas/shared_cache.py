@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import graph_prefill
+from . import graph_prefill, packed_prefill
 from .compiled_prefill import compiled_forward, hooked, plain_head
 from .handoff import LATENT, PAD
 from .kv_storage import BufferCache, cache_kwarg, storage_for
@@ -34,8 +34,18 @@ __all__ = ["LATENT", "PAD", "SegmentKey", "SharedCache", "cache_kwarg"]
 # brings; without cuDNN it did not (bench/prefill_probe.py, docs/performance.md, session 15).
 PREFILL_BACKENDS: list | None = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # Whether `extend`'s eager and compiled forwards attend on the unrepeated grouped-query keys
-# (`prefill_attention`); False: transformers' own SDPA path, which repeats them (benches compare the two).
+# (`prefill_attention`); False: transformers' own SDPA path, which repeats them (benches compare the two),
+# and prompts prefilled with their padding (`packed_prefill` attends the grouped way only).
 GROUPED_PREFILL = True
+
+
+def _other_attention(config) -> list[str]:
+    """The kinds of attention layer other than full ones a model has: its `layer_types`, or, for a config
+    without them (Mistral, Phi-3), "sliding_attention" where it turns a sliding window on."""
+    kinds = set(getattr(config, "layer_types", None) or [])
+    if not kinds and getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        kinds.add("sliding_attention")
+    return sorted(kinds - {"full_attention"})
 
 
 @dataclass(frozen=True)
@@ -60,11 +70,12 @@ class SharedCache:
     graphed: run `extend`'s prompt prefills as replayed chunks (`graph_prefill`; CUDA graphs on GPUs)
     where nothing hooks the model and the batch has at most `graph_prefill.BATCH_LIMIT` rows; the
     forwards the chunks leave (more rows, one column, hooks) are `compiled` where that is asked for.
+    packed: run a left-padded prompt's forward on its real tokens only (`packed_prefill`) where it can.
     """
 
     def __init__(self, lm: LoadedModel, batch_size: int, capacity: int | None = None, compiled: bool = False,
-                 graphed: bool = False):
-        other = sorted(set(getattr(lm.config, "layer_types", None) or ["full_attention"]) - {"full_attention"})
+                 graphed: bool = False, packed: bool = True):
+        other = _other_attention(lm.config)
         if other:
             raise ValueError(f"model {lm.name!r} has {', '.join(other)} layers; the shared cache supports "
                              "full-attention layers only")
@@ -83,6 +94,7 @@ class SharedCache:
         self._decoder = lm.model.base_model
         self.compiled = compiled
         self.graphed = graphed
+        self.packed = packed
         self.watchers: list = []  # prefill probes the next graphed prefill hands its queries to (`watch`)
         self._cache_kwarg = cache_kwarg(self._decoder)
 
@@ -154,6 +166,9 @@ class SharedCache:
                 for probe in self.watchers:
                     probe.add_hooks()
             self.watchers = []
+            if result is None and self.packed and GROUPED_PREFILL and packed_prefill.packable(self, mask, logits):
+                result = packed_prefill.forward(self, inputs_embeds, mask, positions, logits, self.compiled,
+                                                self._cache_kwarg)
             if result is None and self.compiled:
                 result = compiled_forward(self.lm.model, self._decoder, kwargs, logits)
             if result is None and logits:

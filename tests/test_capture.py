@@ -531,8 +531,16 @@ def test_sliding_window_models_get_a_clear_error(tiny_lm):
     try:
         with pytest.raises(ValueError, match="sliding_attention layers; the shared cache supports full"):
             SharedCache(tiny_lm, 1)
+        config.layer_types = None  # a config that has a window and no layer types (Mistral, Phi-3)
+        config.sliding_window, config.use_sliding_window = 8, True
+        with pytest.raises(ValueError, match="sliding_attention layers; the shared cache supports full"):
+            SharedCache(tiny_lm, 1)
+        config.use_sliding_window = False  # Qwen2's: a window size, turned off
+        SharedCache(tiny_lm, 1)
     finally:
         config.layer_types = saved
+        config.sliding_window = None
+        config.use_sliding_window = False
 
 
 def test_a_failed_staging_fails_again_in_one_line_at_write_batch(tiny_lm, gsm8k_problems, tmp_path, monkeypatch):

@@ -30,33 +30,37 @@ def counter(monkeypatch):
     torch._dynamo.reset()
 
 
-def _prefills(lm, compiled: bool, logits: bool = False, batch: int = 2):
-    """Each prefill's output and, at the end, the cache's keys: prompts left padded in row 0."""
+def _prefills(lm, compiled: bool, logits: bool = False, batch: int = 2, packed: bool = True,
+              lengths: tuple[int, ...] = LENGTHS):
+    """Each prefill's output and, at the end, the cache's keys (zeros in padding slots): prompts left padded
+    in row 0 (forwards on their real tokens only unless not `packed`, `packed_prefill`)."""
     generator = torch.Generator().manual_seed(3)
-    shared = SharedCache(lm, batch, capacity=sum(LENGTHS) + 8, compiled=compiled)
+    shared = SharedCache(lm, batch, capacity=sum(lengths) + 8, compiled=compiled, packed=packed)
     outputs = []
-    for index, n in enumerate(LENGTHS):
+    for index, n in enumerate(lengths):
         ids = torch.randint(0, 100, (batch, n), generator=generator).to(lm.device)
         mask = torch.ones(batch, n, dtype=torch.bool, device=lm.device)
         mask[0, : index + 2] = False
         embeds = lm.model.get_input_embeddings()(ids)
         outputs.append(shared.extend(embeds, mask, ids, SegmentKey(f"agent{index}", "prompt"),
-                                     logits=logits and index == len(LENGTHS) - 1))
-    return outputs, [keys.clone() for keys in shared.layer_keys()]
+                                     logits=logits and index == len(lengths) - 1))
+    padding = ~shared.mask[:, None, :, None]  # its slots: zeros packed, the padding's keys padded; never read
+    return outputs, [keys.masked_fill(padding, 0) for keys in shared.layer_keys()]
 
 
+@pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("model", ["tiny_lm", "fused_lm"])
-def test_compiled_prefills_compute_what_eager_ones_do(request, counter, model):
+def test_compiled_prefills_compute_what_eager_ones_do(request, counter, model, packed):
     lm = request.getfixturevalue(model)
-    want, want_keys = _prefills(lm, compiled=False, logits=True)
-    got, got_keys = _prefills(lm, compiled=True, logits=True)
+    want, want_keys = _prefills(lm, compiled=False, logits=True, packed=packed)
+    got, got_keys = _prefills(lm, compiled=True, logits=True, packed=packed)
     assert got[-1].shape == (2, lm.model.config.vocab_size)  # the last one asked for logits
     for a, b in zip(got + got_keys, want + want_keys):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert counter.frame_count >= 1  # it was compiled
     assert not any("forward" in vars(layer) for layer in lm.model.model.layers)  # the layers' own forward again
     frames = counter.frame_count
-    _prefills(lm, compiled=True)
+    _prefills(lm, compiled=True, packed=packed, lengths=(7, 15, 10, 14))
     assert counter.frame_count == frames  # other lengths, same graphs
 
 

@@ -78,7 +78,7 @@ def test_capture_written_while_decoding_equals_written_after(cuda_lm, fake_probl
 @pytest.mark.parametrize("heads, kv_heads", [(32, 8), (4, 4)])
 def test_bf16_similarities_match_fp64_loops(heads, kv_heads):
     """The half-precision paths (fp32 products of bf16 inputs via `fp32_bmm`, fp32 norms) on CUDA."""
-    from test_similarity_modes import naive_attention, naive_query, random_case
+    from similarity_cases import naive_attention, naive_query, random_case
 
     from latentmas.similarity.maths import attention_received, query_similarities
 
@@ -105,7 +105,7 @@ def _rope_fp64(queries, cos, sin):
 def test_fused_query_similarities_match_fp64(batch, n, T, sliced, monkeypatch):
     """The torch.compile'd query reduction (RoPE, norms, products) on bf16 CUDA inputs, against fp64
     loops and against its own eager run."""
-    from test_similarity_modes import naive_query
+    from similarity_cases import naive_query
     from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb as rope
 
     from latentmas.similarity import maths as similarity
@@ -184,12 +184,14 @@ def test_fused_projections_compute_what_separate_ones_compute(cuda_lm, tiny_lm_c
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)])
-@pytest.mark.parametrize("grouped, compiled", [(False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("grouped, compiled, packed", [(False, True, False), (True, False, False), (True, True, False),
+                                                      (True, False, True), (True, True, True)])
 def test_inductor_compiled_prefills_compute_what_eager_ones_do(tiny_lm_cache_env, monkeypatch, dtype, atol, grouped,
-                                                               compiled):
-    """Prompt prefills through inductor-compiled decoder layers (`compiled_prefill`) and attending on the
-    unrepeated GQA keys (`prefill_attention`), left padding and logits included, against eager prefills
-    through transformers' SDPA path on the same cache contents."""
+                                                               compiled, packed):
+    """Prompt prefills through inductor-compiled decoder layers (`compiled_prefill`), attending on the
+    unrepeated GQA keys (`prefill_attention`) and on their real tokens only (`packed_prefill`), left padding
+    and logits included, against eager, padded prefills through transformers' SDPA path on the same cache
+    contents (the real columns: a packed prefill leaves zeros in padding slots)."""
     from test_compiled_prefill import _prefills
 
     from latentmas import shared_cache
@@ -199,9 +201,9 @@ def test_inductor_compiled_prefills_compute_what_eager_ones_do(tiny_lm_cache_env
     lm.model.to(dtype)
     with torch.no_grad():
         monkeypatch.setattr(shared_cache, "GROUPED_PREFILL", False)
-        want, want_keys = _prefills(lm, compiled=False, logits=True, batch=3)
+        want, want_keys = _prefills(lm, compiled=False, logits=True, batch=3, packed=False)
         monkeypatch.setattr(shared_cache, "GROUPED_PREFILL", grouped)
-        got, got_keys = _prefills(lm, compiled=compiled, logits=True, batch=3)
+        got, got_keys = _prefills(lm, compiled=compiled, logits=True, batch=3, packed=packed)
     for a, b in zip(got + got_keys, want + want_keys):
         torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=atol)
     assert want[-1].float().std() > 0.05

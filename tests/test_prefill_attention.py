@@ -73,11 +73,11 @@ def test_without_a_mask_it_is_transformers_path(monkeypatch):
 
 
 def _extends(lm, grouped: bool, monkeypatch):
-    """Three left-padded prefills on one cache: each one's output (the last one's logits) and every layer's
-    real cached keys and values."""
+    """Three left-padded prefills on one cache, padding included (not `packed_prefill`'s forward): each one's
+    output (the last one's logits) and every layer's real cached keys and values."""
     monkeypatch.setattr(shared_cache, "GROUPED_PREFILL", grouped)
     generator = torch.Generator().manual_seed(3)
-    shared = SharedCache(lm, 3, capacity=80)
+    shared = SharedCache(lm, 3, capacity=80, packed=False)
     outputs = []
     for index, n in enumerate((11, 17, 6)):
         ids = torch.randint(0, 200, (3, n), generator=generator)

@@ -10,9 +10,11 @@ enough new containers at large batch sizes to set one off now and then, in the m
 kept alive that was not: frozen objects still go when their reference count drops to zero; only a
 reference cycle among them that becomes garbage meanwhile waits until the run ends, when
 `survivors_frozen` puts them back (`gc.unfreeze`), so the collector and the interpreter's shutdown
-see them as before (frozen at exit, triton's bindings report their objects as leaked). A process that
-froze objects of its own before the run (a server that freezes before it forks) is left as it was:
-`gc.unfreeze` cannot tell its objects from ours, so then nothing is frozen or unfrozen.
+see them as before (frozen at exit, triton's bindings report their objects as leaked). Where the process
+had frozen objects of its own before the run, ours are frozen beside them and stay frozen after it:
+`gc.unfreeze` cannot tell its objects from ours, and unfreezing them is not ours to do. (Every bench
+process on an H100 lent in stop 29, torch 2.11, had objects frozen before its warm-up; with stop 28's
+rule, to freeze nothing then, the freeze never ran there.)
 """
 
 from __future__ import annotations
@@ -36,12 +38,11 @@ def freeze_survivors() -> float:
 @contextlib.contextmanager
 def survivors_frozen() -> Iterator[Callable[[], float]]:
     """Yields `freeze_survivors`, to call once the run is warm; on leaving, whatever it froze is back in
-    the collector's oldest generation. Where objects were frozen already, yields a freeze that does
-    nothing (returns 0.0) and leaves them frozen."""
-    if gc.get_freeze_count():
-        yield lambda: 0.0
-        return
+    the collector's oldest generation, unless objects were frozen before the block: then everything
+    frozen stays so."""
+    theirs = gc.get_freeze_count() > 0
     try:
         yield freeze_survivors
     finally:
-        gc.unfreeze()
+        if not theirs:
+            gc.unfreeze()

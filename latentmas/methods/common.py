@@ -101,7 +101,7 @@ def write_turn(lm, agent: str, prompts: list[Prompt], cfg, generators) -> list[A
     """An agent that writes text: prefill its prompt on a cache of its own and decode."""
     texts, ids, mask = encode(lm, prompts, thinking_of(cfg))
     shared = SharedCache(lm, len(prompts), capacity=ids.shape[1] + cfg.max_new_tokens,
-                         compiled=cfg.compile_prefill,
+                         compiled=cfg.compile_prefill, packed=cfg.packed_prefill,
                          graphed=use_fast(lm.device, cfg.fast_decode) and cfg.graph_prefill)
     return decode_turn(lm, shared, agent, texts, ids, mask, cfg, generators)
 

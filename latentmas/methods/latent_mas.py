@@ -127,7 +127,7 @@ def solve(lm, problems, task, cfg, observer: HandoffObserver | None = None):
                            for p in problems], thinking_of(cfg)) for agent in AGENTS]
     columns = sum(ids.shape[1] for _, ids, _ in encoded) + (len(AGENTS) - 1) * cfg.latent_steps + cfg.max_new_tokens
     shared = SharedCache(lm, len(problems), capacity=columns, compiled=cfg.compile_prefill,
-                         graphed=fast and cfg.graph_prefill)
+                         graphed=fast and cfg.graph_prefill, packed=cfg.packed_prefill)
     previous = None
     for index, (agent, (texts, ids, mask)) in enumerate(zip(AGENTS, encoded)):
         prompt_embeds = embed(ids)
