@@ -31,8 +31,6 @@ padded.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from transformers import AttentionInterface
@@ -108,16 +106,6 @@ def packable(shared, mask: torch.Tensor, logits: bool) -> bool:
             and not (logits and plain_head(model) is None) and not hooked(model) and not bool(mask.all()))
 
 
-@contextmanager
-def _attending(model: torch.nn.Module) -> Iterator[None]:
-    saved = model.config._attn_implementation
-    model.config._attn_implementation = NAME
-    try:
-        yield
-    finally:
-        model.config._attn_implementation = saved
-
-
 @torch.no_grad()
 def forward(shared, inputs_embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, logits: bool,
             compiled: bool, cache_kwarg: str) -> torch.Tensor:
@@ -139,6 +127,6 @@ def forward(shared, inputs_embeds: torch.Tensor, mask: torch.Tensor, positions: 
         COLUMNS: columns,
     }
     layers = compiled_layers(decoder) if compiled else contextlib.nullcontext()
-    with shared.cache.packed(rows, columns, mask.shape[1]), _attending(model), layers:
+    with shared.cache.packed(rows, columns, mask.shape[1]), step_attention.attending(model, NAME), layers:
         hidden = decoder(**kwargs).last_hidden_state[0, last]
     return plain_head(model)(hidden) if logits else hidden

@@ -27,8 +27,7 @@ transformers' own SDPA path.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import contextlib
 
 import torch
 from transformers import AttentionInterface
@@ -107,14 +106,9 @@ AttentionInterface.register(NAME, grouped_prefill_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, grouped_rows_mask)
 
 
-@contextmanager
-def grouped_prefill(model: torch.nn.Module) -> Iterator[None]:
+def grouped_prefill(model: torch.nn.Module):
     """Within this block, a `model` that attends through transformers' "sdpa" uses
     `grouped_prefill_attention`; any other implementation is left as it is."""
-    saved = model.config._attn_implementation
-    if saved == REPLACES:
-        model.config._attn_implementation = NAME
-    try:
-        yield
-    finally:
-        model.config._attn_implementation = saved
+    if model.config._attn_implementation != REPLACES:
+        return contextlib.nullcontext()
+    return step_attention.attending(model, NAME)

@@ -108,11 +108,17 @@ AttentionInterface.register(NAME, grouped_step_attention)
 
 
 @contextmanager
-def grouped_step(model: torch.nn.Module) -> Iterator[None]:
-    """Within this block, `model`'s attention layers use `grouped_step_attention`."""
+def attending(model: torch.nn.Module, name: str) -> Iterator[None]:
+    """Within this block, `model`'s attention layers use the implementation registered under `name`
+    (`AttentionInterface.register`); its own again after."""
     saved = model.config._attn_implementation
-    model.config._attn_implementation = NAME
+    model.config._attn_implementation = name
     try:
         yield
     finally:
         model.config._attn_implementation = saved
+
+
+def grouped_step(model: torch.nn.Module):
+    """Within this block, `model`'s attention layers use `grouped_step_attention`."""
+    return attending(model, NAME)

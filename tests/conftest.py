@@ -75,3 +75,24 @@ def workdir(tmp_path, monkeypatch, tiny_lm_cache_env):
     """Run in tmp_path (offline, tiny-qwen3 built) so captures/, charts/ and runs/ land there."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def compiled_graphs(monkeypatch):
+    """The FX graphs dynamo hands the compiled prefills' backend (`compiled_prefill.BACKEND`), which runs
+    them as they are; dynamo reset before and after."""
+    import torch
+
+    from latentmas import compiled_prefill
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(compiled_prefill, "BACKEND", backend)
+    monkeypatch.setattr(compiled_prefill, "_COMPILED", {})
+    torch._dynamo.reset()
+    yield graphs
+    torch._dynamo.reset()

@@ -71,26 +71,12 @@ def test_packed_prefills_compute_what_padded_ones_do(request, model, calls):
     assert lm.model.config._attn_implementation == "sdpa"  # given back
 
 
-def test_compiled_packed_prefills_attend_through_one_opaque_op(tiny_lm, monkeypatch):
+def test_compiled_packed_prefills_attend_through_one_opaque_op(tiny_lm, compiled_graphs):
     """Under torch.compile the packed attention is `latentmas::packed_rows_attention`, which the compiler
     does not look into, and the compiled packed prefill computes what the eager one does."""
-    from latentmas import compiled_prefill
-
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    monkeypatch.setattr(compiled_prefill, "BACKEND", backend)
-    monkeypatch.setattr(compiled_prefill, "_COMPILED", {})
-    torch._dynamo.reset()
-    try:
-        want, want_cached, _ = _extends(tiny_lm, packed=True)
-        got, got_cached, _ = _extends(tiny_lm, packed=True, compiled=True)
-    finally:
-        torch._dynamo.reset()
-    nodes = [node for gm in graphs for node in gm.graph.nodes]
+    want, want_cached, _ = _extends(tiny_lm, packed=True)
+    got, got_cached, _ = _extends(tiny_lm, packed=True, compiled=True)
+    nodes = [node for gm in compiled_graphs for node in gm.graph.nodes]
     assert any(node.target is torch.ops.latentmas.packed_rows_attention.default for node in nodes)
     assert not any("scaled_dot_product" in str(node.target) for node in nodes)
     for a, b in zip(got + got_cached, want + want_cached):

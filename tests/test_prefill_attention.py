@@ -121,29 +121,15 @@ def test_other_implementations_are_left_alone(tiny_lm, monkeypatch):
     assert tiny_lm.model.config._attn_implementation == "sdpa"
 
 
-def test_compiled_prefills_attend_through_one_opaque_op(tiny_lm, monkeypatch):
+def test_compiled_prefills_attend_through_one_opaque_op(tiny_lm, monkeypatch, compiled_graphs):
     """Under torch.compile the attention is `latentmas::grouped_rows_attention`, which the compiler does not
     look into, and the compiled prefill computes what the eager one does."""
-    from latentmas import compiled_prefill
-
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    monkeypatch.setattr(compiled_prefill, "BACKEND", backend)
-    monkeypatch.setattr(compiled_prefill, "_COMPILED", {})
-    torch._dynamo.reset()
-    try:
-        want = _extends(tiny_lm, grouped=True, monkeypatch=monkeypatch)
-        monkeypatch.setattr(SharedCache, "__init__", _compiled_init(SharedCache.__init__))
-        got = _extends(tiny_lm, grouped=True, monkeypatch=monkeypatch)
-    finally:
-        torch._dynamo.reset()
-    ops = [node for gm in graphs for node in gm.graph.nodes
-           if node.target is torch.ops.latentmas.grouped_rows_attention.default]
-    assert ops and not any("scaled_dot_product" in str(node.target) for gm in graphs for node in gm.graph.nodes)
+    want = _extends(tiny_lm, grouped=True, monkeypatch=monkeypatch)
+    monkeypatch.setattr(SharedCache, "__init__", _compiled_init(SharedCache.__init__))
+    got = _extends(tiny_lm, grouped=True, monkeypatch=monkeypatch)
+    nodes = [node for gm in compiled_graphs for node in gm.graph.nodes]
+    assert any(node.target is torch.ops.latentmas.grouped_rows_attention.default for node in nodes)
+    assert not any("scaled_dot_product" in str(node.target) for node in nodes)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
