@@ -43,7 +43,7 @@ def test_survivors_are_frozen_and_later_garbage_is_still_collected():
         del node
         gc.collect()
         assert later() is None
-        assert gc.get_freeze_count() == frozen
+        assert 0 < gc.get_freeze_count() <= frozen  # still frozen (a busy process may free a few meanwhile)
     assert gc.get_freeze_count() == 0
 
 

@@ -13,8 +13,8 @@ reference cycle among them that becomes garbage meanwhile waits until the run en
 see them as before (frozen at exit, triton's bindings report their objects as leaked). Where the process
 had frozen objects of its own before the run, ours are frozen beside them and stay frozen after it:
 `gc.unfreeze` cannot tell its objects from ours, and unfreezing them is not ours to do. (Every bench
-process on an H100 lent in stop 29, torch 2.11, had objects frozen before its warm-up; with stop 28's
-rule, to freeze nothing then, the freeze never ran there.)
+process on an H100 lent in stop 29, torch 2.11, had objects frozen by the end of its warm-up passes;
+with stop 28's rule, to freeze nothing then, the freeze never ran there.)
 """
 
 from __future__ import annotations
